@@ -1,0 +1,155 @@
+"""The decoder-only LM, top to bottom.
+
+    tokens -> embed -> [Block] * n_layers -> RMSNorm -> lm_head -> logits
+
+A Block is pre-norm attention plus a pre-norm FFN, dense or MoE. Consecutive layers of
+the same kind form a LayerStack whose weights are stacked on a leading 'layers' axis and
+applied with lax.scan, so compile time does not grow with depth. DeepSeekMoE 16B is two
+stacks: layer 0 (dense) and layers 1..27 (MoE).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe.config import ModelConfig
+from moe.layers import Attention, RMSNorm, SwiGLU, attention_mask, param
+from moe.moe_layer import AUX_LOSS_WEIGHTS, MoE
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
+    self.kind = kind
+    self.attn_norm = RMSNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg, rngs)
+    self.ffn = MoE(cfg, rngs) if kind == "moe" else SwiGLU(cfg, cfg.dense_ffn_width, rngs)
+
+  def __call__(self, x, positions, mask, token_ids, key):
+    """x: [B, S, d], positions, token_ids: [B, S], mask: [B, 1, S, S] -> (x, aux)."""
+    x = x + self.attn(self.attn_norm(x), positions, mask)
+    h = self.ffn_norm(x)
+    if self.kind != "moe":
+      return x + self.ffn(h), {}
+    b, s, d = h.shape
+    y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key)
+    return x + y.reshape(b, s, d), aux
+
+
+def layer_runs(cfg: ModelConfig) -> list[tuple[str, int]]:
+  """Consecutive layers of one kind, e.g. 16B: [('dense', 1), ('moe', 27)]."""
+  return [(kind, len(list(group))) for kind, group in itertools.groupby(cfg.layer_kinds)]
+
+
+class LayerStack(nnx.Module):
+  """`count` identical Blocks whose parameters are stacked on a leading 'layers' axis."""
+
+  def __init__(self, cfg: ModelConfig, kind: str, count: int, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.count = count
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(cfg, kind, rngs)
+
+    self.blocks = make(rngs)
+    for _, var in nnx.iter_graph(self.blocks):
+      if isinstance(var, nnx.Param):
+        var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+
+  def __call__(self, x, positions, mask, token_ids, key):
+    """x: [B, S, d] -> (x, aux with a leading [count] axis on every entry)."""
+    graphdef, state = nnx.split(self.blocks)
+    keys = None if key is None else jax.random.split(key, self.count)
+
+    def body(x, layer):
+      layer_state, layer_key = layer
+      return nnx.merge(graphdef, layer_state)(x, positions, mask, token_ids, layer_key)
+
+    if self.cfg.remat:
+      body = jax.checkpoint(body)
+    if self.cfg.scan_layers:
+      return jax.lax.scan(body, x, (state, keys))
+    auxes = []
+    for i in range(self.count):
+      layer = jax.tree.map(lambda a: a[i], (state, keys))
+      x, aux = body(x, layer)
+      auxes.append(aux)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    self.stacks = nnx.List([LayerStack(cfg, kind, n, rngs) for kind, n in layer_runs(cfg)])
+    self.final_norm = RMSNorm(cfg, rngs)
+    self.lm_head = param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+  def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                    positions: jax.Array | None = None, key: jax.Array | None = None):
+    """tokens: [B, S] int -> (final-norm hidden states [B, S, d_model], per-layer MoE aux).
+
+    segment_ids: [B, S] packed-document ids (attention stays within a document);
+    positions: [B, S] rotary positions (restart at each document); key: routing randomness.
+    """
+    b, s = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.zeros((b, s), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    mask = attention_mask(segment_ids)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    keys = [None] * len(self.stacks) if key is None else list(jax.random.split(key, len(self.stacks)))
+    moe_aux = []
+    for stack, k in zip(self.stacks, keys):
+      x, aux = stack(x, positions, mask, tokens, k)
+      if aux:
+        moe_aux.append(aux)
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux) if moe_aux else {}
+    return self.final_norm(x), stats
+
+  def __call__(self, tokens, segment_ids=None, positions=None, key=None):
+    """tokens: [B, S] -> (logits [B, S, vocab] fp32, aux).
+
+    aux['layers']: per MoE layer [n_moe_layers, ...] unweighted losses and routing stats;
+    aux['losses']: the auxiliary losses weighted by their alphas and summed over layers,
+    with their total under 'aux_loss'.
+    """
+    h, stats = self.hidden_states(tokens, segment_ids, positions, key)
+    logits = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...].astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits, {"layers": stats, "losses": weighted_aux_losses(self.cfg, stats)}
+
+
+def weighted_aux_losses(cfg: ModelConfig, stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  losses = {name: jnp.zeros((), jnp.float32) for name in AUX_LOSS_WEIGHTS}
+  for name, alpha_field in AUX_LOSS_WEIGHTS.items():
+    if name in stats:
+      losses[name] = getattr(cfg, alpha_field) * jnp.sum(stats[name])
+  losses["aux_loss"] = sum(losses[name] for name in AUX_LOSS_WEIGHTS)
+  return losses
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Mean next-token cross-entropy. logits: [B, S, V], targets, weights: [B, S]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  if weights is None:
+    return jnp.mean(nll)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def objective(model: Transformer, tokens, targets, weights=None, segment_ids=None,
+              positions=None, key=None):
+  """The training objective: LM loss plus weighted auxiliary losses -> (loss, metrics)."""
+  logits, aux = model(tokens, segment_ids, positions, key)
+  lm = lm_loss(logits, targets, weights)
+  metrics = {"lm_loss": lm, **aux["losses"], "layers": aux["layers"]}
+  return lm + aux["losses"]["aux_loss"], metrics
