@@ -1,0 +1,36 @@
+"""Print a preset's total and activated parameters and FLOPs per token.
+
+  python -m experiments.count_params --preset=deepseekmoe_16b
+"""
+
+from absl import app, flags
+
+from moe.config import PRESETS, get_preset
+from moe.params import count_params
+
+_PRESET = flags.DEFINE_string("preset", "tiny_deepseekmoe", f"one of {sorted(PRESETS)}")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "context length for attention FLOPs "
+                                "(default: the preset's max_seq_len)")
+
+
+def report(preset: str, seq_len: int | None = None) -> str:
+  cfg = get_preset(preset)
+  c = count_params(cfg, seq_len)
+  return "\n".join([
+      f"preset={cfg.name}",
+      f"total_params={c.total}",
+      f"activated_params={c.activated}",
+      f"train_flops_per_token={c.train_flops_per_token:.4g}",
+      f"forward_flops_per_token={c.forward_flops_per_token:.4g}",
+      f"seq_len={seq_len or cfg.max_seq_len}",
+  ])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  print(report(_PRESET.value, _SEQ_LEN.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,165 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe.config import get_preset
+from moe.model import Transformer, layer_runs, lm_loss, objective
+
+V = 64
+SMALL = dict(vocab_size=V, d_model=32, n_heads=4, n_layers=3, dense_ffn_width=48, max_seq_len=64)
+
+
+def small(preset="tiny_deepseekmoe", **kw):
+  cfg = get_preset(preset).replace(**SMALL)
+  if cfg.is_moe_model:
+    cfg = cfg.replace(expert_width=16 if preset == "tiny_deepseekmoe" else 48)
+  return cfg.replace(**kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(small(first_k_dense_replace=1), nnx.Rngs(0))
+
+
+@jax.jit
+def _logits(graphdef, state, tokens, segment_ids):
+  return nnx.merge(graphdef, state)(tokens, segment_ids)[0]
+
+
+def logits_of(model, tokens, segment_ids=None):
+  if segment_ids is None:
+    segment_ids = jnp.zeros_like(tokens)
+  return _logits(*nnx.split(model), tokens, segment_ids)
+
+
+def test_causal_future_tokens_do_not_change_earlier_logits(model):
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, V)
+  changed = tokens.at[:, 10:].set((tokens[:, 10:] + 7) % V)
+  a, b = logits_of(model, tokens), logits_of(model, changed)
+  np.testing.assert_array_equal(a[:, :10], b[:, :10])
+  assert np.max(np.abs(a[:, 10:] - b[:, 10:])) > 1e-4
+
+
+def test_packed_segments_do_not_leak(model):
+  # Two documents packed in one row; positions restart at each.
+  tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, V)
+  seg = jnp.array([[1] * 6 + [2] * 10])
+  pos = jnp.array([list(range(6)) + list(range(10))])
+  graphdef, state = nnx.split(model)
+  packed = nnx.merge(graphdef, state)(tokens, seg, pos)[0]
+  alone = nnx.merge(graphdef, state)(tokens[:, 6:])[0]
+  # Routing of the second document does not see the first (per-token routing); logits match.
+  np.testing.assert_allclose(packed[:, 6:], alone, rtol=1e-5, atol=1e-5)
+  other_first_doc = tokens.at[:, :6].set((tokens[:, :6] + 3) % V)
+  packed2 = nnx.merge(graphdef, state)(other_first_doc, seg, pos)[0]
+  np.testing.assert_allclose(packed[:, 6:], packed2[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_scan_equals_unrolled_loop(model):
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, V)
+  cfg = dataclasses.replace(model.cfg, scan_layers=False)
+  graphdef, state = nnx.split(model)
+  unrolled = Transformer(cfg, nnx.Rngs(1))
+  nnx.update(unrolled, state)
+  (a, aux_a), (b, aux_b) = model(tokens), unrolled(tokens)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(aux_a), jax.tree.leaves(aux_b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_stacks_and_scanned_aux_losses(model):
+  assert layer_runs(model.cfg) == [("dense", 1), ("moe", 2)]
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, V)
+  _, aux = model(tokens)
+  layers = aux["layers"]
+  assert layers["load"].shape == (2, model.cfg.n_routed_experts)
+  np.testing.assert_allclose(jnp.sum(layers["load"], -1), 1.0, rtol=1e-6)
+  # Every scanned layer contributes its own (distinct) balance loss; weighted sum reported.
+  assert float(jnp.abs(layers["expert_balance_loss"][0] - layers["expert_balance_loss"][1])) > 0
+  np.testing.assert_allclose(aux["losses"]["expert_balance_loss"],
+                             model.cfg.expert_balance_alpha * jnp.sum(layers["expert_balance_loss"]),
+                             rtol=1e-6)
+
+
+def test_objective_adds_weighted_aux_losses():
+  cfg = small(expert_balance_alpha=0.5, device_balance_alpha=0.25, n_device_groups=5,
+              router_z_loss_alpha=0.125)
+  m = Transformer(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, V)
+  loss, metrics = objective(m, tokens[:, :-1], tokens[:, 1:])
+  layers = metrics["layers"]
+  expected = (metrics["lm_loss"] + 0.5 * jnp.sum(layers["expert_balance_loss"])
+              + 0.25 * jnp.sum(layers["device_balance_loss"]) + 0.125 * jnp.sum(layers["z_loss"]))
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert float(metrics["aux_loss"]) > 0.5 * cfg.n_moe_layers * 0.99  # f.P >= ~1 per layer
+
+
+def test_balance_loss_gradient_reaches_router():
+  m = Transformer(small(expert_balance_alpha=1.0), nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, V)
+  grads = nnx.grad(lambda m: objective(m, tokens[:, :-1], tokens[:, 1:])[1]["aux_loss"])(m)
+  router_grad = grads["stacks"][0]["blocks"]["ffn"]["router"][...]
+  assert float(jnp.max(jnp.abs(router_grad))) > 0
+  # The LM head gets no gradient from the balance loss.
+  assert float(jnp.max(jnp.abs(grads["lm_head"][...]))) == 0
+
+
+def test_lm_loss_weights():
+  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+  targets = jnp.array([[0, 1]])
+  np.testing.assert_allclose(lm_loss(logits, targets, jnp.array([[1, 0]])), np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(lm_loss(logits, targets), (np.log(2) + np.log(10)) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny_gshard", "tiny_switch", "tiny_hash", "tiny_dense"])
+def test_baselines_run_and_report(preset):
+  cfg = small(preset)
+  m = Transformer(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, V)
+  loss, metrics = objective(m, tokens[:, :-1], tokens[:, 1:], key=jax.random.key(7))
+  assert np.isfinite(float(loss))
+  if cfg.is_moe_model:
+    frac = metrics["layers"]["dropped_fraction"]
+    assert frac.shape == (cfg.n_moe_layers,) and bool(jnp.all((frac >= 0) & (frac <= 1)))
+    if preset == "tiny_hash":
+      assert float(metrics["aux_loss"]) == 0.0 and float(jnp.sum(frac)) == 0.0
+
+
+def test_switch_drops_tokens_when_capacity_is_tight():
+  cfg = small("tiny_switch", capacity_factor=0.25)
+  m = Transformer(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(8), (2, 16), 0, V)
+  _, aux = m(tokens)
+  assert float(jnp.min(aux["layers"]["dropped_fraction"])) >= 0.75 - 1e-6
+
+
+def test_gshard_second_expert_is_random_only_with_key():
+  cfg = small("tiny_gshard", capacity_factor=8.0)
+  m = Transformer(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(9), (2, 16), 0, V)
+  a, b = m(tokens)[0], m(tokens)[0]
+  np.testing.assert_array_equal(a, b)
+  c, d = m(tokens, key=jax.random.key(1))[0], m(tokens, key=jax.random.key(2))[0]
+  assert float(jnp.max(jnp.abs(c - d))) > 0
+
+
+def test_bfloat16_compute_and_remat():
+  cfg = small(dtype="bfloat16", remat=True)
+  m = Transformer(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(10), (2, 12), 0, V)
+  loss, grads = nnx.value_and_grad(lambda m: objective(m, tokens[:, :-1], tokens[:, 1:])[0])(m)
+  assert np.isfinite(float(loss))
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+  assert m.embed[...].dtype == jnp.float32
+
+
+def test_parameters_carry_logical_axes(model):
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = var.get_metadata()["axes"]
+    assert len(axes) == var.ndim, path
+    if path[0] == "stacks":
+      assert axes[0] == "layers"
