@@ -48,7 +48,7 @@ class ModelConfig:
   moe_layer_freq: int = 1
   norm_topk_prob: bool = False
   capacity_factor: float = 1.0  # switch / gshard only
-  dispatch: str = "ragged_dot"  # dropless grouped-matmul backend: moe.experts.GROUPED_MATMULS
+  dispatch: str = "tiled"  # dropless grouped-matmul backend: moe.experts.GROUPED_MATMULS
 
   # Auxiliary losses, as weights on the training objective.
   expert_balance_alpha: float = 0.01

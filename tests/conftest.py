@@ -10,8 +10,6 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Compiled executables persist across runs (CPU compiles dominate this suite's time).
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("MOE_TEST_COMPILE_CACHE",
-                                 os.path.expanduser("~/.cache/deepseekmoe-jax/xla")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from moe.runtime import enable_compile_cache  # noqa: E402
+
+enable_compile_cache(os.environ.get("MOE_TEST_COMPILE_CACHE"))

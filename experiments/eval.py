@@ -1,0 +1,40 @@
+"""Evaluate a checkpoint: validation loss, perplexity and per-layer routing statistics.
+
+  python -m experiments.eval --workdir=workdirs/tiny_deepseekmoe [--step=200]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import gin_flags
+from moe import runtime, trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory", required=True)
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+
+
+def format_report(out: dict) -> str:
+  lines = [f"step {out['step']}: validation loss {out['eval_loss']:.4f} nats/token, "
+           f"perplexity {out['eval_perplexity']:.2f} (unigram entropy {out['unigram_entropy']:.4f})"]
+  layers = out["layers"]
+  if layers:
+    lines.append("layer  max/mean load  router entropy  dropped  expert balance")
+    for i in range(len(layers["max_over_mean_load"])):
+      lines.append(f"{i:5d}  {layers['max_over_mean_load'][i]:13.3f}  {layers['router_entropy'][i]:14.3f}"
+                   f"  {layers['dropped_fraction'][i]:7.3f}  {layers['expert_balance_loss'][i]:14.4f}")
+    lines.append("expert load (fraction of assignments), one row per MoE layer:")
+    lines.extend("  " + " ".join(f"{x:.3f}" for x in np.asarray(row)) for row in layers["load"])
+  return "\n".join(lines)
+
+
+def main(argv):
+  gin_flags.parse(argv)
+  logging.set_verbosity(logging.WARNING)
+  runtime.enable_compile_cache()
+  print(format_report(trainer.evaluate_checkpoint(_WORKDIR.value, _STEP.value)))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.flags_parser)

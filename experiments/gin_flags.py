@@ -1,0 +1,41 @@
+"""Shared gin flags for experiment scripts: --gin_file, --gin_bindings, --gin.NAME=VALUE."""
+
+from __future__ import annotations
+
+import sys
+
+import gin
+from absl import flags
+
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config file(s), applied in order")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s) 'NAME = VALUE'")
+
+_SHORTHAND: list[str] = []
+
+
+def flags_parser(argv: list[str]) -> list[str]:
+  """absl flags parser that also takes --gin.NAME=VALUE (as the binding NAME = VALUE)."""
+  rest = [argv[0]]
+  for arg in argv[1:]:
+    if arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        raise flags.Error(f"{arg!r}: write --gin.NAME=VALUE")
+      _SHORTHAND.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  try:
+    return flags.FLAGS(rest)
+  except flags.Error as e:
+    sys.exit(f"{e}\nPass --help for the flags.")
+
+
+def parse(argv: list[str]) -> None:
+  """Apply the gin files and bindings; unknown names and bad values fail with the binding named."""
+  if len(argv) > 1:
+    raise flags.Error(f"unexpected arguments: {argv[1:]}")
+  bindings = list(_GIN_BINDINGS.value) + _SHORTHAND
+  try:
+    gin.parse_config_files_and_bindings(_GIN_FILES.value, bindings)
+  except (ValueError, KeyError, SyntaxError, IOError) as e:
+    raise SystemExit(f"bad gin config ({e}); files: {_GIN_FILES.value}, bindings: {bindings}")

@@ -1,0 +1,38 @@
+"""Train a DeepSeekMoE LM. With no flags: the tiny preset on the embedded stdlib corpus.
+
+  python -m experiments.train
+  python -m experiments.train --workdir=/tmp/run --gin_file=experiments/configs/x.gin \
+      --gin.model_config.preset="'deepseekmoe_2b'" --gin.TrainConfig.steps=1000
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+
+from experiments import gin_flags
+from moe import runtime, trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: ./workdirs/<preset>)")
+_STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
+                                   "checkpoint and exit after this many steps; rerun to resume")
+
+
+def main(argv):
+  gin_flags.parse(argv)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  runtime.enable_compile_cache()
+  model_cfg = trainer.model_config()
+  workdir = _WORKDIR.value or os.path.join("workdirs", model_cfg.name)
+  print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}", flush=True)
+  result = trainer.train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value)
+  print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")
+  if result.eval:
+    print(f"validation loss {result.eval['eval_loss']:.4f} nats/token "
+          f"(perplexity {result.eval['eval_perplexity']:.1f}); "
+          f"unigram entropy of the training tokens {result.unigram_entropy:.4f} nats/token")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.flags_parser)

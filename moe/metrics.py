@@ -1,0 +1,100 @@
+"""Run output: metrics.jsonl, TensorBoard event files, and a progress line for people."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _jsonable(v: Any) -> Any:
+  a = np.asarray(v)
+  if a.ndim == 0:
+    x = a.item()
+    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
+  return [_jsonable(x) for x in a]
+
+
+def flatten_layers(layers: dict[str, Any]) -> dict[str, float]:
+  """Per-layer routing stats -> scalars 'moe/layer{i}/{name}' (expert loads summarised)."""
+  out = {}
+  for name, values in layers.items():
+    values = np.asarray(values)
+    if name == "load":
+      continue  # [n_layers, n_experts]: summarised by max_over_mean_load
+    for i, v in enumerate(values):
+      out[f"moe/layer{i}/{name}"] = float(v)
+  return out
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
+  TensorBoard (workdir/tensorboard), when TensorFlow is importable."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      import tensorflow as tf
+      tf.config.set_visible_devices([], "GPU")  # leave accelerators to JAX
+      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self.tb = None
+
+  def write(self, step: int, scalars: dict[str, Any], layers: dict[str, Any] | None = None) -> None:
+    record = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
+    if layers:
+      record["layers"] = {k: _jsonable(v) for k, v in layers.items()}
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      import tensorflow as tf
+      with self.tb.as_default(step=int(step)):
+        for k, v in {**scalars, **flatten_layers(layers or {})}.items():
+          if np.ndim(v) == 0:
+            tf.summary.scalar(k, float(v))
+      self.tb.flush()
+
+  def close(self) -> None:
+    self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+  """`step 120/300 [#####.....] loss 4.12 | 12.3k tok/s | ETA 2m13s`, redrawn in place on
+  a terminal, one line per update elsewhere (logs, notebooks)."""
+
+  def __init__(self, total_steps: int, start_step: int = 0, stream=None):
+    self.total, self.start = total_steps, start_step
+    self.stream = stream or sys.stdout
+    self.t0 = time.time()
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+  def update(self, step: int, loss: float, tokens_per_sec: float, extra: str = "") -> None:
+    done = step - self.start
+    rate = done / max(time.time() - self.t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    width = 20
+    filled = int(width * step / max(self.total, 1))
+    line = (f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
+            f"loss {loss:.4f} | {tokens_per_sec / 1000:.1f}k tok/s | "
+            f"ETA {_duration(eta) if math.isfinite(eta) else '?'}{extra}")
+    self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
