@@ -30,6 +30,7 @@ def default_data_dir() -> str:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   dataset: str = EMBEDDED    # the embedded corpus, or a tfds text dataset: 'c4/en', 'lm1b', ...
+  source_dir: str | None = None  # embedded corpus only: read these .py sources, not the stdlib
   data_dir: str | None = None  # None: $MOE_DATA_DIR or ~/.cache/deepseekmoe-jax/tfds
   text_key: str = "text"
   train_split: str = "train"
@@ -56,14 +57,32 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------
 # Documents.
 
+def _source_dir(cfg: DataConfig) -> tuple[str, str] | None:
+  """(absolute source_dir, a name for it) when the embedded corpus reads other sources."""
+  if not cfg.source_dir:
+    return None
+  src = os.path.abspath(os.path.expanduser(cfg.source_dir))
+  return src, "src_" + hashlib.sha256(src.encode()).hexdigest()[:10]
+
+
+def _dataset_key(cfg: DataConfig) -> str:
+  """A file-name-safe id of the dataset (and source dir) for cached tokenizers and rows."""
+  source = _source_dir(cfg)
+  return cfg.dataset.replace("/", "_") + (f"-{source[1]}" if source else "")
+
+
 def builder(cfg: DataConfig):
   """The prepared tfds builder (the embedded corpus prepares offline)."""
   import tensorflow_datasets as tfds  # heavy: import only when data is read
 
   if cfg.dataset == EMBEDDED:
-    from data.stdlib_corpus import PythonStdlib
-    b = PythonStdlib(data_dir=cfg.root)
+    from data.stdlib_corpus import PythonStdlib, StdlibConfig
+    source = _source_dir(cfg)
+    config = source and StdlibConfig(name=source[1], source_dir=source[0], version=PythonStdlib.VERSION)
+    b = PythonStdlib(data_dir=cfg.root, config=config)
   else:
+    if cfg.source_dir:
+      raise ValueError(f"DataConfig.source_dir applies to the embedded corpus only, not {cfg.dataset!r}")
     b = tfds.builder(cfg.dataset, data_dir=cfg.root)
   b.download_and_prepare()
   return b
@@ -86,8 +105,7 @@ def tokenizer_for(cfg: DataConfig) -> Tokenizer:
   """Load DataConfig.tokenizer_path, or train BPE on the train split once and cache it."""
   if cfg.tokenizer_path:
     return Tokenizer(os.path.expanduser(cfg.tokenizer_path))
-  path = os.path.join(cfg.root, "tokenizers",
-                      f"{cfg.dataset.replace('/', '_')}-bpe{cfg.vocab_size}.model")
+  path = os.path.join(cfg.root, "tokenizers", f"{_dataset_key(cfg)}-bpe{cfg.vocab_size}.model")
   if os.path.exists(path):
     return Tokenizer(path)
   return train_tokenizer(documents(cfg, cfg.train_split), path, cfg.vocab_size, cfg.tokenizer_lines)
@@ -110,8 +128,7 @@ def materialized_rows(cfg: DataConfig, tok: Tokenizer, split: str) -> Rows:
   """All packed rows of a split, cached as .npz keyed by the tokenizer's bytes and seq_len."""
   with open(tok.path, "rb") as f:
     tok_hash = hashlib.sha256(f.read()).hexdigest()[:12]
-  path = os.path.join(cfg.root, "packed",
-                      f"{cfg.dataset.replace('/', '_')}-{split}-{tok_hash}-s{cfg.seq_len}.npz")
+  path = os.path.join(cfg.root, "packed", f"{_dataset_key(cfg)}-{split}-{tok_hash}-s{cfg.seq_len}.npz")
   if os.path.exists(path):
     with np.load(path) as z:
       return Rows(z["tokens"], z["segment_ids"], z["positions"])

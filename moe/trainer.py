@@ -95,7 +95,8 @@ def train_step(graphdef, state, batch, key):
   model, optimizer = nnx.merge(graphdef, state)
   (loss, metrics), grads = nnx.value_and_grad(_objective, has_aux=True)(model, batch, key)
   optimizer.update(model, grads)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(nnx.state(model, nnx.Param)))
   return nnx.state((model, optimizer)), metrics
 
 
@@ -164,9 +165,13 @@ def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
   stop_after_steps: end this process after that many steps (with a checkpoint), as a
   time-sliced job would; a later call resumes exactly where it stopped.
   """
-  model_cfg = model_cfg or model_config()
-  data_cfg = data_cfg or DataConfig()
-  train_cfg = train_cfg or TrainConfig()
+  # SIGTERM from here on (data preparation and compilation included) ends the run cleanly.
+  with _StopFlag() as stop:
+    return _train(workdir, model_cfg or model_config(), data_cfg or DataConfig(),
+                  train_cfg or TrainConfig(), stop_after_steps, stream, stop)
+
+
+def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop) -> RunResult:
   write_operative_config(workdir)
   config_guard(workdir, {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
                          "train": dataclasses.asdict(train_cfg)})
@@ -182,6 +187,8 @@ def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
   writer = MetricWriter(workdir)
   progress = Progress(train_cfg.steps, step, stream)
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
+  schedule = optim.paper_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps,
+                                  train_cfg.decay_at, train_cfg.decay_factor)
   base_key = jax.random.key(train_cfg.seed)
   last_saved = step if ckpt.steps() else None
   status, loss, eval_out = "finished", float("nan"), None
@@ -194,39 +201,40 @@ def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
     last_saved = at_step
 
   try:
-    with _StopFlag() as stop:
-      while step < train_cfg.steps:
-        batch = next(data.train)
-        state, metrics = train_step(graphdef, state, batch, jax.random.fold_in(base_key, step))
-        step += 1
-        steps_since_log += 1
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-          ckpt.wait()
-          good = ckpt.path(last_saved) if last_saved is not None else "none"
-          raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. The last good "
-                                   f"checkpoint is {good}; nothing after it was saved")
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-          elapsed = time.time() - t_log
-          scalars = _scalars(metrics)
-          scalars["tokens_per_sec"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
-          scalars["learning_rate"] = float(optim.paper_schedule(
-              train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps,
-              train_cfg.decay_at, train_cfg.decay_factor)(step - 1))
-          if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-            eval_out = evaluate(graphdef, state, data.eval_batches)
-            scalars.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
-          writer.write(step, scalars, metrics["layers"])
-          extra = f" | eval {eval_out['eval_loss']:.3f}" if eval_out else ""
-          progress.update(step, loss, scalars["tokens_per_sec"], extra)
-          t_log, steps_since_log = time.time(), 0
-        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+    while step < train_cfg.steps:
+      if stop.requested:  # before the first step: nothing new to save
+        status = "preempted"
+        break
+      batch = next(data.train)
+      state, metrics = train_step(graphdef, state, batch, jax.random.fold_in(base_key, step))
+      step += 1
+      steps_since_log += 1
+      loss = float(metrics["loss"])
+      if not (math.isfinite(loss) and math.isfinite(float(metrics["param_norm"]))):
+        ckpt.wait()
+        good = ckpt.path(last_saved) if last_saved is not None else "none"
+        what = f"loss is {loss}" if not math.isfinite(loss) else "the updated parameters are not finite"
+        raise NonFiniteLossError(f"{what} at step {step}; stopping. The last good "
+                                 f"checkpoint is {good}; nothing after it was saved")
+      if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        elapsed = time.time() - t_log
+        scalars = _scalars(metrics)
+        scalars["tokens_per_sec"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+        scalars["learning_rate"] = float(schedule(step - 1))
+        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+          eval_out = evaluate(graphdef, state, data.eval_batches)
+          scalars.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
+        writer.write(step, scalars, metrics["layers"])
+        extra = f" | eval {eval_out['eval_loss']:.3f}" if eval_out else ""
+        progress.update(step, loss, scalars["tokens_per_sec"], extra)
+        t_log, steps_since_log = time.time(), 0
+      if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+        save(step)
+      if stop.requested or step == stop_at:
+        if last_saved != step:
           save(step)
-        if stop.requested or step == stop_at:
-          if last_saved != step:
-            save(step)
-          status = "preempted" if stop.requested else "stopped"
-          break
+        status = "preempted" if stop.requested else "stopped"
+        break
   finally:
     progress.close()
     writer.close()

@@ -13,3 +13,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from moe.runtime import enable_compile_cache  # noqa: E402
 
 enable_compile_cache(os.environ.get("MOE_TEST_COMPILE_CACHE"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+  """(source_dir, data_dir): a small local copy of stdlib modules and an empty tfds dir."""
+  from tests.data_fixtures import make_corpus
+
+  return (make_corpus(str(tmp_path_factory.mktemp("corpus_src"))),
+          str(tmp_path_factory.mktemp("tfds")))

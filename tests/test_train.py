@@ -1,0 +1,177 @@
+"""Training: schedule, a short run whose loss drops, exact resume, pre-emption, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe import optim, trainer
+from moe.checkpoint import CheckpointError
+from tests.data_fixtures import small_data_config, small_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_schedule_at_boundaries():
+  s = optim.paper_schedule(1.0, total_steps=100, warmup_steps=10)
+  assert float(s(0)) == pytest.approx(0.1)
+  assert float(s(9)) == pytest.approx(1.0)
+  assert float(s(79)) == pytest.approx(1.0)
+  assert float(s(80)) == pytest.approx(0.316)
+  assert float(s(89)) == pytest.approx(0.316)
+  assert float(s(90)) == pytest.approx(0.316 ** 2)
+  assert float(s(99)) == pytest.approx(0.316 ** 2)
+
+
+def test_weight_decay_skips_norm_scales():
+  mask = optim.decay_mask({"w": np.zeros((2, 2)), "scale": np.zeros(2)})
+  assert mask == {"w": True, "scale": False}
+
+
+def train_cfg(**kw):
+  return trainer.TrainConfig(**{**dict(steps=8, warmup_steps=2, learning_rate=3e-3, log_every=2,
+                                       eval_every=4, checkpoint_every=4, async_checkpoints=False), **kw})
+
+
+def run(workdir, corpus, stop_after=None, model=None, **kw):
+  return trainer.train_and_evaluate(str(workdir), model or small_model(), small_data_config(corpus),
+                                    train_cfg(**kw), stop_after_steps=stop_after)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir, step):
+  from moe.checkpoint import Checkpointer
+  graphdef, state = trainer.create_state(small_model(), train_cfg())
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  _, restored, data_state = ckpt.restore(step, nnx.to_pure_dict(state))
+  ckpt.close()
+  return restored, data_state
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, small_corpus):
+  workdir = tmp_path_factory.mktemp("straight")
+  result = run(workdir, small_corpus, steps=16, eval_every=8)
+  return workdir, result
+
+
+def test_short_run_learns_and_logs(straight_run):
+  workdir, result = straight_run
+  assert result.status == "finished" and result.step == 16
+  rows = metrics(workdir)
+  for key in ("step", "loss", "lm_loss", "balance_loss", "tokens_per_sec"):
+    assert key in rows[0], key
+  assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] - 0.5
+  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+  assert len(evals) == 2 and evals[-1] < evals[0]
+  assert len(rows[-1]["layers"]["router_entropy"]) == small_model().n_moe_layers
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.exists(os.path.join(workdir, "operative_config.gin"))
+  assert result.eval["eval_loss"] < result.unigram_entropy + 1.5
+
+
+def _train_subprocess(workdir, corpus, extra=()):
+  source_dir, data_dir = corpus
+  m = small_model()
+  args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
+          *[f"--gin.model_config.{k}={v!r}" for k, v in dict(
+              preset="tiny_deepseekmoe", vocab_size=m.vocab_size, d_model=m.d_model,
+              n_layers=m.n_layers, dense_ffn_width=m.dense_ffn_width, expert_width=m.expert_width,
+              max_seq_len=m.max_seq_len).items()],
+          f"--gin.DataConfig.source_dir={source_dir!r}", f"--gin.DataConfig.data_dir={data_dir!r}",
+          "--gin.DataConfig.vocab_size=512", "--gin.DataConfig.seq_len=64",
+          "--gin.DataConfig.batch_size=8", "--gin.DataConfig.eval_batches=2",
+          "--gin.TrainConfig.steps=16", "--gin.TrainConfig.warmup_steps=2",
+          "--gin.TrainConfig.log_every=2", "--gin.TrainConfig.eval_every=8",
+          "--gin.TrainConfig.checkpoint_every=4", *extra]
+  return args
+
+
+def test_resume_is_bit_exact(straight_run, tmp_path, small_corpus):
+  straight_dir, _ = straight_run
+  workdir = tmp_path / "resumed"
+  # Process 1 trains 8 of 16 steps and exits; process 2 resumes for the other 8.
+  for _ in range(2):
+    proc = subprocess.run(_train_subprocess(workdir, small_corpus, ["--stop_after_steps=8"]),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  a, data_a = final_params(str(straight_dir), 16)
+  b, data_b = final_params(str(workdir), 16)
+  assert data_a == data_b == {"step": 16}
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  la = [(r["step"], r["loss"], r.get("eval_loss")) for r in metrics(straight_dir)]
+  lb = [(r["step"], r["loss"], r.get("eval_loss")) for r in metrics(workdir)]
+  assert la == lb
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, small_corpus):
+  workdir = tmp_path / "preempt"
+  args = _train_subprocess(workdir, small_corpus, ["--gin.TrainConfig.steps=100000",
+                                                   "--gin.TrainConfig.checkpoint_every=100000"])
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  log = workdir / "metrics.jsonl"
+  while time.time() < deadline and not (log.exists() and log.read_text().strip()):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted at step" in out
+  steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path, small_corpus):
+  workdir = tmp_path / "nan"
+  run(workdir, small_corpus, steps=4, checkpoint_every=2)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"not finite at step 5.*last good checkpoint is .*checkpoints/4'?;"):
+    run(workdir, small_corpus, steps=40, checkpoint_every=2, learning_rate=float("inf"))
+  out = trainer.evaluate_checkpoint(str(workdir))
+  assert out["step"] == 4 and np.isfinite(out["eval_loss"])
+
+
+def test_corrupt_checkpoint_is_named_and_earlier_ones_stay_loadable(straight_run, tmp_path):
+  import shutil
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(straight_run[0], workdir)
+  ckpts = workdir / "checkpoints"
+  latest = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
+  for root, _, files in os.walk(ckpts / str(latest) / "state"):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  with pytest.raises(CheckpointError, match=rf"checkpoints/{latest}'.*cannot be restored.*earlier checkpoints"):
+    trainer.evaluate_checkpoint(str(workdir))
+  assert os.path.isdir(ckpts / str(latest))  # nothing deleted
+  out = trainer.evaluate_checkpoint(str(workdir), step=latest - 4)
+  assert np.isfinite(out["eval_loss"])
+  with pytest.raises(CheckpointError, match="no checkpoint for step 3"):
+    trainer.evaluate_checkpoint(str(workdir), step=3)
+  with pytest.raises(CheckpointError, match="no checkpoint directory"):
+    trainer.evaluate_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_workdir_of_another_model_is_refused(straight_run, small_corpus):
+  with pytest.raises(CheckpointError, match=r"different model config.*d_model"):
+    run(straight_run[0], small_corpus, model=small_model(d_model=32), steps=20)
+
+
+def test_unknown_gin_binding_is_a_clear_error(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
+                         "--gin.TrainConfig.stepz=3"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  assert "stepz" in proc.stderr and "bad gin config" in proc.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
