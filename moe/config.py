@@ -48,7 +48,7 @@ class ModelConfig:
   moe_layer_freq: int = 1
   norm_topk_prob: bool = False
   capacity_factor: float = 1.0  # switch / gshard only
-  dispatch: str = "tiled"  # dropless grouped-matmul backend: moe.experts.GROUPED_MATMULS
+  dispatch: str = "auto"  # dropless backend, a name in moe.backends.BACKENDS or "auto"
 
   # Auxiliary losses, as weights on the training objective.
   expert_balance_alpha: float = 0.01
@@ -164,11 +164,10 @@ def _validate(c: ModelConfig) -> None:
 
 
 def _validate_dispatch(c: ModelConfig) -> None:
-  from moe import experts  # local: experts imports nothing from here, but keep config light
+  from moe import backends  # local: keeps `import moe.config` free of kernel imports
 
-  if c.dispatch not in experts.GROUPED_MATMULS:
-    _fail("dispatch", c.dispatch, "unknown dropless dispatch backend",
-          f"use one of {sorted(experts.GROUPED_MATMULS)}")
+  if c.dispatch not in backends.names():
+    _fail("dispatch", c.dispatch, "unknown dropless dispatch backend", f"use one of {backends.names()}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Experts: SwiGLU FFNs over stacked expert weights, applied to grouped or slotted rows.
 
 A grouped matmul `gmm(lhs [m, k], rhs [G, k, n], group_sizes [G]) -> [m, n]` multiplies
-each contiguous block of rows by its group's matrix (rows past sum(group_sizes) give 0).
-Backends register in GROUPED_MATMULS; the MoE layer picks one by `ModelConfig.dispatch`.
+each contiguous block of rows by its group's matrix (rows past sum(group_sizes) give 0);
+moe.backends holds the implementations.
 """
 
 from __future__ import annotations
@@ -12,21 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moe import grouped_matmul
-
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-
-def ragged_dot_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """XLA's ragged dot: native grouped matmul on TPU, a masked dense batch on CPU."""
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
-                            preferred_element_type=jnp.float32).astype(lhs.dtype)
-
-
-GROUPED_MATMULS: dict[str, GroupedMatmul] = {
-    "tiled": grouped_matmul.gmm,     # loops over groups and row tiles: the fast CPU path
-    "ragged_dot": ragged_dot_gmm,
-}
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe import dispatch, experts, routing
+from moe import backends, dispatch, experts, routing
 from moe.config import ModelConfig
 from moe.layers import SwiGLU, param
 
@@ -94,14 +94,14 @@ class RoutedExperts(nnx.Module):
     return tuple(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
 
-def dropless_moe(x: jax.Array, route: Route, weights, gmm: experts.GroupedMatmul) -> tuple[jax.Array, jax.Array]:
+def dropless_moe(x: jax.Array, route: Route, weights, backend: backends.Backend) -> tuple[jax.Array, jax.Array]:
   """x: [T, d] -> (sum_k g_k expert_k(x) [T, d], number of dropped pairs = 0)."""
   n_experts = weights[0].shape[0]
   k = route.expert_idx.shape[-1]
   sorted_routing = dispatch.sort_by_expert(route.expert_idx, n_experts)
-  rows = dispatch.permute(x, sorted_routing, k)
-  out = experts.grouped_swiglu(rows, sorted_routing.group_sizes, *weights, gmm=gmm)
-  return dispatch.unpermute(out, sorted_routing, route.gates), jnp.zeros((), jnp.int32)
+  rows = backend.permute(x, sorted_routing, k)
+  out = experts.grouped_swiglu(rows, sorted_routing.group_sizes, *weights, gmm=backend.gmm)
+  return backend.combine(out, sorted_routing, route.gates), jnp.zeros((), jnp.int32)
 
 
 def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) -> tuple[jax.Array, jax.Array]:
@@ -137,7 +137,7 @@ class MoE(nnx.Module):
     route = spec.fn(RouteArgs(cfg, logits, token_ids, key))
     weights = self.experts.weights(x.dtype)
     if spec.dropless:
-      y, n_dropped = dropless_moe(x, route, weights, experts.GROUPED_MATMULS[cfg.dispatch])
+      y, n_dropped = dropless_moe(x, route, weights, backends.resolve(cfg.dispatch))
     else:
       y, n_dropped = capacity_moe(x, route, weights, cfg.capacity_factor)
     if self.shared is not None:
