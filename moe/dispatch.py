@@ -3,7 +3,8 @@
 Two layouts:
 - dropless, sort-based: every (token, choice) pair is a row, rows sorted by expert, so each
   expert's rows are contiguous and a grouped matmul processes them ([T*K', d] in total);
-- capacity: each expert gets a fixed [C, d] buffer, pairs past C are dropped (Switch, GShard).
+- capacity: each expert gets a fixed [C, d] buffer, pairs past C are dropped (Switch, GShard);
+  tokens move into and out of the buffers by index gathers.
 """
 
 from __future__ import annotations
@@ -53,38 +54,45 @@ def capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: float) -> i
 
 
 class CapacityRouting(NamedTuple):
-  dispatch: jax.Array   # [T, N', C] one-hot: token t fills slot c of expert e
-  combine: jax.Array    # [T, N', C] dispatch * gate
-  n_dropped: jax.Array  # scalar: (token, choice) pairs that found their expert full
+  slot_token: jax.Array  # [N'*C] token filling each slot, T for an empty slot
+  pair_slot: jax.Array   # [T, K'] slot of each (token, choice) pair, N'*C if not dispatched
+  n_dropped: jax.Array   # scalar: (token, choice) pairs that found their expert full
 
 
-def assign_slots(expert_idx: jax.Array, gates: jax.Array, n_experts: int, cap: int,
+def assign_slots(expert_idx: jax.Array, n_experts: int, cap: int,
                  keep: jax.Array | None = None) -> CapacityRouting:
-  """expert_idx, gates: [T, K']; keep: optional [T, K'] bool of pairs to route at all.
+  """expert_idx: [T, K']; keep: optional [T, K'] bool of pairs to route at all.
 
   Slots are filled in GShard's priority order: every token's first choice before any
-  second choice, tokens in sequence order within a choice.
+  second choice, tokens in sequence order within a choice. Only index arrays are built
+  (no [T, N', C] one-hot tensors), so memory stays O(T K' + N' C).
   """
   n_tokens, k = expert_idx.shape
   if keep is None:
     keep = jnp.ones_like(expert_idx, dtype=bool)
-  onehot = jax.nn.one_hot(expert_idx, n_experts, dtype=jnp.int32) * keep[..., None]  # [T, K', N']
-  by_priority = jnp.swapaxes(onehot, 0, 1).reshape(k * n_tokens, n_experts)       # choice-major
-  position = (jnp.cumsum(by_priority, axis=0) - 1) * by_priority                   # slot per pair
-  fits = by_priority * (position < cap)
-  n_dropped = jnp.sum(by_priority) - jnp.sum(fits)
-  slot = jax.nn.one_hot(position, cap, dtype=jnp.float32) * fits[..., None]        # [K'T, N', C]
-  slot = jnp.swapaxes(slot.reshape(k, n_tokens, n_experts, cap), 0, 1)             # [T, K', N', C]
-  dispatch = jnp.sum(slot, axis=1)
-  combine = jnp.einsum("tkec,tk->tec", slot, gates.astype(jnp.float32))
-  return CapacityRouting(dispatch, combine, n_dropped)
+  experts = jnp.swapaxes(expert_idx, 0, 1).reshape(-1)                     # [K'T], choice-major
+  wanted = jnp.swapaxes(keep, 0, 1).reshape(-1)
+  onehot = jax.nn.one_hot(experts, n_experts, dtype=jnp.int32) * wanted[:, None]
+  position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)   # rank within expert
+  fits = wanted & (position < cap)
+  empty = n_experts * cap
+  slot = jnp.where(fits, experts * cap + position, empty)
+  token = jnp.tile(jnp.arange(n_tokens, dtype=jnp.int32), k)
+  slot_token = jnp.full((empty + 1,), n_tokens, jnp.int32).at[slot].set(token)[:empty]
+  pair_slot = slot.reshape(k, n_tokens).T.astype(jnp.int32)
+  n_dropped = jnp.sum(wanted) - jnp.sum(fits)
+  return CapacityRouting(slot_token, pair_slot, n_dropped)
 
 
-def to_slots(x: jax.Array, routing: CapacityRouting) -> jax.Array:
+def to_slots(x: jax.Array, routing: CapacityRouting, n_experts: int) -> jax.Array:
   """x: [T, d] -> expert buffers [N', C, d] (empty slots are zero)."""
-  return jnp.einsum("tec,td->ecd", routing.dispatch.astype(x.dtype), x)
+  x = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+  return jnp.take(x, routing.slot_token, axis=0).reshape(n_experts, -1, x.shape[1])
 
 
-def from_slots(y: jax.Array, routing: CapacityRouting) -> jax.Array:
-  """y: [N', C, d] -> gate-weighted sum per token [T, d]."""
-  return jnp.einsum("tec,ecd->td", routing.combine.astype(y.dtype), y)
+def from_slots(y: jax.Array, routing: CapacityRouting, gates: jax.Array) -> jax.Array:
+  """y: [N', C, d], gates: [T, K'] -> sum of each token's kept choices' gate * output, [T, d]."""
+  d = y.shape[-1]
+  y = jnp.concatenate([y.reshape(-1, d), jnp.zeros((1, d), y.dtype)])
+  rows = jnp.take(y, routing.pair_slot, axis=0)                             # [T, K', d]
+  return jnp.einsum("tkd,tk->td", rows, gates.astype(y.dtype))

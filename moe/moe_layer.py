@@ -109,9 +109,9 @@ def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) ->
   n_experts = weights[0].shape[0]
   n_tokens, k = route.expert_idx.shape
   cap = dispatch.capacity(n_tokens, n_experts, k, capacity_factor)
-  slots = dispatch.assign_slots(route.expert_idx, route.gates, n_experts, cap, route.keep)
-  out = experts.slotted_swiglu(dispatch.to_slots(x, slots), *weights)
-  return dispatch.from_slots(out, slots), slots.n_dropped
+  slots = dispatch.assign_slots(route.expert_idx, n_experts, cap, route.keep)
+  out = experts.slotted_swiglu(dispatch.to_slots(x, slots, n_experts), *weights)
+  return dispatch.from_slots(out, slots, route.gates), slots.n_dropped
 
 
 class MoE(nnx.Module):

@@ -78,10 +78,6 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def _interpret_arg(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
-
-
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling = Tiling(),
         interpret: bool = False) -> jax.Array:
@@ -132,7 +128,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling =
           scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      interpret=_interpret_arg(interpret),
+      interpret=interpret,
   )(*visits, lhs_p, rhs_p)
   out = out[:m, :n]
   # Tiles no group touches are never written: define rows past the last group as zero.
@@ -185,7 +181,7 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, num_groups: int,
           scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=_interpret_arg(interpret),
+      interpret=interpret,
   )(*visits, lhs_p, dy_p)
   out = out[:, :k, :n]
   # Groups with no rows are never visited: their blocks are defined as zero here.

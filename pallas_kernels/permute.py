@@ -20,10 +20,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
-def _interpret_arg(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
-
-
 def _copy_rows(src_ref, x_hbm, buf, sem, base, count):
   """DMA rows x[src[base + i]] into buf[i] for i < count; all in flight, then waited."""
   def start(i, _):
@@ -59,7 +55,7 @@ def gather_rows(x: jax.Array, src: jax.Array, block_rows: int = 8, interpret: bo
           scratch_shapes=[pltpu.SemaphoreType.DMA],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=_interpret_arg(interpret),
+      interpret=interpret,
   )(src_p, x)
   return out[:n_out]
 
@@ -92,6 +88,6 @@ def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: i
           scratch_shapes=[pltpu.VMEM((block_rows * j, d), y.dtype), pltpu.SemaphoreType.DMA],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=_interpret_arg(interpret),
+      interpret=interpret,
   )(src_p, w_p, y)
   return out[:n_tok]

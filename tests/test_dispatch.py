@@ -88,8 +88,10 @@ def test_capacity_equals_loop_on_kept_pairs(capacity_factor, case):
 def test_capacity_priority_is_first_choice_first():
   # Expert 0 has one slot: token 1's first choice beats token 0's second choice.
   idx = jnp.array([[1, 0], [0, 1]])
-  slots = dispatch.assign_slots(idx, jnp.ones((2, 2)), 2, cap=1)
-  assert float(slots.dispatch[1, 0, 0]) == 1.0 and float(slots.dispatch[0, 0].sum()) == 0.0
+  slots = dispatch.assign_slots(idx, 2, cap=1)
+  # Slot 0 (expert 0) holds token 1, slot 1 (expert 1) holds token 0.
+  np.testing.assert_array_equal(slots.slot_token, [1, 0])
+  np.testing.assert_array_equal(slots.pair_slot, [[1, 2], [0, 2]])
   assert int(slots.n_dropped) == 2
 
 
