@@ -8,16 +8,14 @@ computes the same function (tests/test_dispatch.py checks each against a loop re
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moe import dispatch, grouped_matmul
+from moe.experts import GroupedMatmul
 from pallas_kernels import ops as pallas_ops
-
-GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class Backend(NamedTuple):

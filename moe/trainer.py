@@ -75,12 +75,16 @@ class RunResult(NamedTuple):
 # ---------------------------------------------------------------------------------------
 # State and steps.
 
+def schedule_of(train_cfg: TrainConfig):
+  return optim.paper_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps,
+                              train_cfg.decay_at, train_cfg.decay_factor)
+
+
 def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
   """(graphdef, state) of (model, optimizer); state is what checkpoints hold."""
   model = Transformer(model_cfg, nnx.Rngs(train_cfg.seed))
-  schedule = optim.paper_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps,
-                                  train_cfg.decay_at, train_cfg.decay_factor)
-  tx = optim.adamw(schedule, train_cfg.b1, train_cfg.b2, train_cfg.weight_decay, train_cfg.clip_norm)
+  tx = optim.adamw(schedule_of(train_cfg), train_cfg.b1, train_cfg.b2, train_cfg.weight_decay,
+                   train_cfg.clip_norm)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   return nnx.split((model, optimizer))
 
@@ -187,8 +191,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   writer = MetricWriter(workdir)
   progress = Progress(train_cfg.steps, step, stream)
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
-  schedule = optim.paper_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps,
-                                  train_cfg.decay_at, train_cfg.decay_factor)
+  schedule = schedule_of(train_cfg)
   base_key = jax.random.key(train_cfg.seed)
   last_saved = step if ckpt.steps() else None
   status, loss, eval_out = "finished", float("nan"), None
