@@ -149,6 +149,14 @@ def to_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray)
           "segment_ids": segment_ids, "positions": positions}
 
 
+def host_slice(batch_size: int, shard_index: int, shard_count: int) -> slice:
+  """This host's contiguous rows of every global batch."""
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size={batch_size} does not split over {shard_count} hosts")
+  per_host = batch_size // shard_count
+  return slice(shard_index * per_host, (shard_index + 1) * per_host)
+
+
 class ArrayBatches:
   """Batches from rows held in memory; batch n is a pure function of (seed, n).
 
@@ -158,11 +166,8 @@ class ArrayBatches:
 
   def __init__(self, rows: Rows, batch_size: int, seed: int, shuffle: bool = True,
                shard_index: int = 0, shard_count: int = 1):
-    if batch_size % shard_count:
-      raise ValueError(f"batch_size={batch_size} does not split over {shard_count} hosts")
     self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
-    self.local = slice(shard_index * batch_size // shard_count,
-                       (shard_index + 1) * batch_size // shard_count)
+    self.local = host_slice(batch_size, shard_index, shard_count)
     self.step = 0
     self._perm: tuple[int, np.ndarray] | None = None
 
@@ -203,11 +208,8 @@ class StreamBatches:
 
   def __init__(self, make_rows: Callable[[], Iterator[packing.Packed]], batch_size: int,
                shard_index: int = 0, shard_count: int = 1):
-    if batch_size % shard_count:
-      raise ValueError(f"batch_size={batch_size} does not split over {shard_count} hosts")
     self.make_rows, self.batch_size = make_rows, batch_size
-    self.local = slice(shard_index * batch_size // shard_count,
-                       (shard_index + 1) * batch_size // shard_count)
+    self.local = host_slice(batch_size, shard_index, shard_count)
     self.step = 0
     self._it = self._batches()
 
