@@ -100,7 +100,7 @@ def layer_rows(t, d, e, f, k, s, reps, interpret) -> list[Row]:
   dense_w = tuple(0.02 * jax.random.normal(kk, shape) for kk, shape in
                   zip(ks[2:5], [(d, width), (d, width), (width, d)]))
   dense = measure(f"dense SwiGLU width {width} (limit)", lambda x, w: experts.swiglu(x, *w), (x, dense_w), reps)
-  default_name = {"tpu": "pallas", "gpu": "ragged_dot"}.get(jax.default_backend(), "tiled")
+  default_name = backends.AUTO.get(jax.default_backend(), "tiled")
   rows = [dense]
   args = (x, w_router, routed, shared)
   for name in ("tiled", "ragged_dot"):

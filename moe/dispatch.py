@@ -84,15 +84,18 @@ def assign_slots(expert_idx: jax.Array, n_experts: int, cap: int,
   return CapacityRouting(slot_token, pair_slot, n_dropped)
 
 
+def _rows_or_zero(a: jax.Array, idx: jax.Array) -> jax.Array:
+  """a: [R, d] -> a[idx], where idx == R (the sentinel for "none") gives a zero row."""
+  a = jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)])
+  return jnp.take(a, idx, axis=0)
+
+
 def to_slots(x: jax.Array, routing: CapacityRouting, n_experts: int) -> jax.Array:
   """x: [T, d] -> expert buffers [N', C, d] (empty slots are zero)."""
-  x = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-  return jnp.take(x, routing.slot_token, axis=0).reshape(n_experts, -1, x.shape[1])
+  return _rows_or_zero(x, routing.slot_token).reshape(n_experts, -1, x.shape[1])
 
 
 def from_slots(y: jax.Array, routing: CapacityRouting, gates: jax.Array) -> jax.Array:
   """y: [N', C, d], gates: [T, K'] -> sum of each token's kept choices' gate * output, [T, d]."""
-  d = y.shape[-1]
-  y = jnp.concatenate([y.reshape(-1, d), jnp.zeros((1, d), y.dtype)])
-  rows = jnp.take(y, routing.pair_slot, axis=0)                             # [T, K', d]
+  rows = _rows_or_zero(y.reshape(-1, y.shape[-1]), routing.pair_slot)      # [T, K', d]
   return jnp.einsum("tkd,tk->td", rows, gates.astype(y.dtype))

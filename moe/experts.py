@@ -15,7 +15,6 @@ import jax.numpy as jnp
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
   """x: [..., d] with w_gate, w_up: [d, f] and w_down: [f, d] -> [..., d]."""
   return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down

@@ -63,16 +63,18 @@ def combine(y, order, gates, interpret: bool = False):
 
 
 def _combine_fwd(y, order, gates, interpret):
-  return combine(y, order, gates, interpret), (y, order, gates)
+  inverse = jnp.argsort(order)
+  out = permute_kernels.combine_rows(y, inverse, gates, interpret=interpret)
+  return out, (y, order, inverse, gates)
 
 
 def _combine_bwd(interpret, res, d_out):
-  y, order, gates = res
+  y, order, inverse, gates = res
   k = gates.shape[1]
   # d y[i] = gate of pair order[i] * d_out[its token]; d gates[t, j] = <d_out[t], y[row of (t, j)]>.
   d_y = permute_kernels.gather_rows(d_out, order // k, interpret=interpret)
   d_y = d_y * gates.reshape(-1)[order][:, None].astype(d_y.dtype)
-  y_by_token = permute_kernels.gather_rows(y, jnp.argsort(order), interpret=interpret)
+  y_by_token = permute_kernels.gather_rows(y, inverse, interpret=interpret)
   d_gates = jnp.einsum("tjd,td->tj", y_by_token.reshape(*gates.shape, -1).astype(jnp.float32),
                        d_out.astype(jnp.float32))
   return d_y, None, d_gates.astype(gates.dtype)
