@@ -3,30 +3,44 @@
   python -m experiments.train
   python -m experiments.train --workdir=/tmp/run --gin_file=experiments/configs/x.gin \
       --gin.model_config.preset="'deepseekmoe_2b'" --gin.TrainConfig.steps=1000
+  python -m experiments.train --mesh=fsdp:2,expert:4     # 8 devices, experts split 4 ways
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 
 from experiments import gin_flags
-from moe import runtime, trainer
+from moe import runtime, sharding, trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: ./workdirs/<preset>)")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "checkpoint and exit after this many steps; rerun to resume")
+_MESH = flags.DEFINE_string("mesh", None, "device mesh, e.g. data:-1 or fsdp:4,expert:8 "
+                            "(default: gin's MeshConfig.shape; empty = one device)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "multi-host: call jax.distributed.initialize() first (TPU pods)")
 
 
 def main(argv):
+  if _DISTRIBUTED.value:
+    runtime.initialize_distributed()
   gin_flags.parse(argv)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   runtime.enable_compile_cache()
   model_cfg = trainer.model_config()
+  mesh_cfg = sharding.MeshConfig(_MESH.value) if _MESH.value is not None else sharding.MeshConfig()
+  if not mesh_cfg.shape and jax.device_count() > 1 and jax.default_backend() != "cpu":
+    logging.warning("using 1 of %d devices: pass --mesh=data:-1 (or another layout) to use all",
+                    jax.device_count())
   workdir = _WORKDIR.value or os.path.join("workdirs", model_cfg.name)
-  print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}", flush=True)
-  result = trainer.train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value)
+  print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}  mesh: {mesh_cfg.shape or 'one device'}",
+        flush=True)
+  result = trainer.train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
+                                      mesh_cfg=mesh_cfg)
   print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")
   if result.eval:
     print(f"validation loss {result.eval['eval_loss']:.4f} nats/token "

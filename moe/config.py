@@ -49,11 +49,14 @@ class ModelConfig:
   norm_topk_prob: bool = False
   capacity_factor: float = 1.0  # switch / gshard only
   dispatch: str = "auto"  # dropless backend, a name in moe.backends.BACKENDS or "auto"
+  # Expert parallelism (a mesh is active): rows per destination block of the all_to_all
+  # buffers, as a multiple of the balanced share; 0 = dropless (static worst case).
+  expert_capacity_factor: float = 0.0
 
   # Auxiliary losses, as weights on the training objective.
   expert_balance_alpha: float = 0.01
   device_balance_alpha: float = 0.0
-  n_device_groups: int = 1  # D in the device-level balance loss
+  n_device_groups: int = 0  # D in the device-level balance loss; 0: the mesh's expert shards
   router_z_loss_alpha: float = 0.0
 
   # Numerics and compilation.
@@ -105,12 +108,12 @@ def _fail(field: str, value: Any, problem: str, fix: str) -> None:
 
 def _validate(c: ModelConfig) -> None:
   for field in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_width",
-                "moe_layer_freq", "n_device_groups"):
+                "moe_layer_freq"):
     if getattr(c, field) <= 0:
       _fail(field, getattr(c, field), "must be positive", "set it to an integer >= 1")
   for field in ("n_routed_experts", "n_shared_experts", "n_activated_experts", "expert_width",
                 "first_k_dense_replace", "expert_balance_alpha", "device_balance_alpha",
-                "router_z_loss_alpha"):
+                "router_z_loss_alpha", "n_device_groups", "expert_capacity_factor"):
     if getattr(c, field) < 0:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
@@ -154,7 +157,7 @@ def _validate(c: ModelConfig) -> None:
           "set n_activated_experts = 2")
   if c.router in ("switch", "gshard") and c.capacity_factor <= 0:
     _fail("capacity_factor", c.capacity_factor, "must be positive", "use e.g. 1.0 or 1.25")
-  if c.n_routed_experts % c.n_device_groups:
+  if c.n_device_groups and c.n_routed_experts % c.n_device_groups:
     _fail("n_device_groups", c.n_device_groups,
           f"does not divide n_routed_experts={c.n_routed_experts}",
           "pick a divisor of the routed expert count")

@@ -16,9 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe import sharding
 from moe.config import ModelConfig
 from moe.layers import Attention, RMSNorm, SwiGLU, attention_mask, param
 from moe.moe_layer import AUX_LOSS_WEIGHTS, MoE
+
+
+ACTIVATIONS = ("batch", "length", "act_embed")  # logical axes of the residual stream [B, S, d]
 
 
 class Block(nnx.Module):
@@ -34,10 +38,10 @@ class Block(nnx.Module):
     x = x + self.attn(self.attn_norm(x), positions, mask)
     h = self.ffn_norm(x)
     if self.kind != "moe":
-      return x + self.ffn(h), {}
+      return sharding.constrain(x + self.ffn(h), ACTIVATIONS), {}
     b, s, d = h.shape
     y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key)
-    return x + y.reshape(b, s, d), aux
+    return sharding.constrain(x + y.reshape(b, s, d), ACTIVATIONS), aux
 
 
 def layer_runs(cfg: ModelConfig) -> list[tuple[str, int]]:
@@ -86,7 +90,7 @@ class LayerStack(nnx.Module):
 class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    self.embed = param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ("embed_vocab", "embed"))
     self.stacks = nnx.List([LayerStack(cfg, kind, n, rngs) for kind, n in layer_runs(cfg)])
     self.final_norm = RMSNorm(cfg, rngs)
     self.lm_head = param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
@@ -104,7 +108,10 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     mask = attention_mask(segment_ids)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    # FSDP: gather the table whole before the row lookup, as for every other weight.
+    table = sharding.constrain(self.embed[...], ("embed_vocab", "act_embed"))
+    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    x = sharding.constrain(x, ACTIVATIONS)
     keys = [None] * len(self.stacks) if key is None else list(jax.random.split(key, len(self.stacks)))
     moe_aux = []
     for stack, k in zip(self.stacks, keys):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe import backends, dispatch, experts, routing
+from moe import backends, dispatch, experts, routing, sharding
+from moe.expert_parallel import expert_parallel_moe
 from moe.config import ModelConfig
 from moe.layers import SwiGLU, param
 
@@ -136,9 +137,14 @@ class MoE(nnx.Module):
     logits = routing.router_logits(x, self.router[...]) if self.router is not None else None
     route = spec.fn(RouteArgs(cfg, logits, token_ids, key))
     weights = self.experts.weights(x.dtype)
-    if spec.dropless:
+    mesh = sharding.active_mesh()
+    if spec.dropless and mesh is not None:
+      y, n_dropped = expert_parallel_moe(x, route.gates, route.expert_idx, weights,
+                                         backends.resolve(cfg.dispatch), mesh,
+                                         cfg.expert_capacity_factor)
+    elif spec.dropless:
       y, n_dropped = dropless_moe(x, route, weights, backends.resolve(cfg.dispatch))
-    else:
+    else:  # capacity routers keep global (single-device) semantics; XLA partitions them
       y, n_dropped = capacity_moe(x, route, weights, cfg.capacity_factor)
     if self.shared is not None:
       y = y + self.shared(x)
@@ -151,8 +157,9 @@ def moe_aux(cfg: ModelConfig, route: Route, n_dropped: jax.Array) -> dict[str, j
   aux = {"expert_balance_loss": zero, "device_balance_loss": zero, "z_loss": zero}
   if route.scores is not None:
     aux["expert_balance_loss"] = routing.expert_balance_loss(route.scores, route.expert_idx)
-    aux["device_balance_loss"] = routing.device_balance_loss(route.scores, route.expert_idx,
-                                                             cfg.n_device_groups)
+    # Default groups: the expert-parallel shards of the active mesh (1 without one).
+    groups = cfg.n_device_groups or sharding.axis_size(sharding.active_mesh(), "expert")
+    aux["device_balance_loss"] = routing.device_balance_loss(route.scores, route.expert_idx, groups)
     aux["z_loss"] = routing.z_loss(route.logits)
   aux.update(routing.routing_stats(route.expert_idx, cfg.n_routed_experts, n_dropped, route.scores))
   return aux

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -14,7 +15,8 @@ def paper_schedule(peak_lr: float, total_steps: int, warmup_steps: int,
   lr(step) for step in [0, warmup): peak * (step + 1) / warmup, so the first update is
   not zero; afterwards peak * factor ** (number of boundaries <= step).
   """
-  boundaries = jnp.array([int(f * total_steps) for f in decay_at], jnp.int32)
+  # numpy, not jnp: the schedule may be built under a trace (abstract state for AOT plans).
+  boundaries = np.array([int(f * total_steps) for f in decay_at], np.int32)
 
   def schedule(step):
     step = jnp.asarray(step, jnp.int32)

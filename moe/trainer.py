@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from data.input_pipeline import DataConfig, make_datasets
-from moe import optim
+from moe import optim, sharding
 from moe.checkpoint import CheckpointError, Checkpointer, config_guard, load_run_configs
 from moe.config import ModelConfig, model_config
 from moe.metrics import MetricWriter, Progress
@@ -89,35 +90,99 @@ def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
   return nnx.split((model, optimizer))
 
 
+def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """(graphdef, state of ShapeDtypeStructs): nothing is allocated."""
+  graphdefs = []
+
+  def init():
+    graphdef, state = create_state(model_cfg, train_cfg)
+    graphdefs.append(graphdef)
+    return state
+
+  state = jax.eval_shape(init)
+  return graphdefs[0], state
+
+
+def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None):
+  """(graphdef, state): on one device, or created directly in its shards on the mesh."""
+  if mesh is None:
+    return create_state(model_cfg, train_cfg)
+  graphdef, abstract = abstract_state(model_cfg, train_cfg)
+  shardings = sharding.state_shardings(abstract, mesh)
+  return graphdef, jax.jit(lambda: create_state(model_cfg, train_cfg)[1], out_shardings=shardings)()
+
+
 def _objective(model, batch, key):
   return objective(model, batch["inputs"], batch["targets"], batch["weights"],
                    batch["segment_ids"], batch["positions"], key)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _train_step(graphdef, mesh, state, batch, key):
+  with sharding.use_mesh(mesh):
+    model, optimizer = nnx.merge(graphdef, state)
+    (loss, metrics), grads = nnx.value_and_grad(_objective, has_aux=True)(model, batch, key)
+    optimizer.update(model, grads)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(nnx.state(model, nnx.Param)))
+    return nnx.state((model, optimizer)), metrics
+
+
+def _eval_step(graphdef, mesh, state, batch):
+  with sharding.use_mesh(mesh):
+    model, _ = nnx.merge(graphdef, state)
+    _, metrics = _objective(model, batch, None)
+    n = jnp.sum(batch["weights"])
+    return metrics["lm_loss"] * n, n, metrics["layers"]
+
+
+class Steps(NamedTuple):
+  """Jitted steps for one (model, mesh). train(state, batch, key) -> (state, metrics)
+  donates the state; eval(state, batch) -> (sum of weighted NLL, sum of weights, layer stats)."""
+  train: Any
+  eval: Any
+  mesh: Mesh | None
+  state_shardings: Any
+
+
+def make_steps(graphdef, state, mesh: Mesh | None = None) -> Steps:
+  """Train/eval steps; on a mesh with the state's shardings (from the rules) in and out,
+  the batch split over the batch axes, metrics replicated. `state` may be abstract."""
+  train = functools.partial(_train_step, graphdef, mesh)
+  evaluate_ = functools.partial(_eval_step, graphdef, mesh)
+  if mesh is None:
+    return Steps(jax.jit(train, donate_argnums=0), jax.jit(evaluate_), None, None)
+  state_sh = sharding.state_shardings(state, mesh)
+  batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return Steps(
+      jax.jit(train, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+              donate_argnums=0),
+      jax.jit(evaluate_, in_shardings=(state_sh, batch_sh), out_shardings=rep),
+      mesh, state_sh)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None):
+  """This host's rows of the global batch -> arrays split over the mesh's batch axes."""
+  if mesh is None:
+    return batch
+  batch_sh = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+
+
 def train_step(graphdef, state, batch, key):
-  model, optimizer = nnx.merge(graphdef, state)
-  (loss, metrics), grads = nnx.value_and_grad(_objective, has_aux=True)(model, batch, key)
-  optimizer.update(model, grads)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                 param_norm=optax.tree.norm(nnx.state(model, nnx.Param)))
-  return nnx.state((model, optimizer)), metrics
+  """One single-device step (benchmarks, notebooks); donates `state`."""
+  return _single_device_steps(graphdef).train(state, batch, key)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def eval_step(graphdef, state, batch):
-  """-> (sum of weighted NLL, sum of weights, per-layer routing stats) of one batch."""
-  model, _ = nnx.merge(graphdef, state)
-  _, metrics = _objective(model, batch, None)
-  n = jnp.sum(batch["weights"])
-  return metrics["lm_loss"] * n, n, metrics["layers"]
+@functools.lru_cache(maxsize=8)
+def _single_device_steps(graphdef) -> Steps:
+  return make_steps(graphdef, None)
 
 
-def evaluate(graphdef, state, batches) -> dict[str, Any]:
+def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
   total = count = 0.0
   layers = []
   for batch in batches:
-    nll, n, stats = eval_step(graphdef, state, batch)
+    nll, n, stats = steps.eval(state, put_batch(batch, steps.mesh))
     total, count = total + float(nll), count + float(n)
     layers.append(stats)
   loss = total / max(count, 1.0)
@@ -163,24 +228,29 @@ def write_operative_config(workdir: str) -> None:
 
 def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
                        data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
-                       stop_after_steps: int | None = None, stream=None) -> RunResult:
+                       stop_after_steps: int | None = None, stream=None,
+                       mesh_cfg: sharding.MeshConfig | None = None) -> RunResult:
   """Train (or resume) in workdir. Configs default to what gin binds.
 
+  mesh_cfg: the device mesh (default: gin's MeshConfig; its default is one device).
   stop_after_steps: end this process after that many steps (with a checkpoint), as a
   time-sliced job would; a later call resumes exactly where it stopped.
   """
   # SIGTERM from here on (data preparation and compilation included) ends the run cleanly.
   with _StopFlag() as stop:
     return _train(workdir, model_cfg or model_config(), data_cfg or DataConfig(),
-                  train_cfg or TrainConfig(), stop_after_steps, stream, stop)
+                  train_cfg or TrainConfig(), stop_after_steps, stream, stop,
+                  sharding.make_mesh(mesh_cfg or sharding.MeshConfig()))
 
 
-def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop) -> RunResult:
+def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh) -> RunResult:
+  sharding.check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
   write_operative_config(workdir)
   config_guard(workdir, {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
                          "train": dataclasses.asdict(train_cfg)})
   data = make_datasets(data_cfg, model_cfg.vocab_size, jax.process_index(), jax.process_count())
-  graphdef, state = create_state(model_cfg, train_cfg)
+  graphdef, state = init_state(model_cfg, train_cfg, mesh)
+  steps = make_steps(graphdef, state, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), train_cfg.keep_checkpoints,
                       train_cfg.async_checkpoints)
   step = 0
@@ -209,7 +279,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         status = "preempted"
         break
       batch = next(data.train)
-      state, metrics = train_step(graphdef, state, batch, jax.random.fold_in(base_key, step))
+      state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
       step += 1
       steps_since_log += 1
       loss = float(metrics["loss"])
@@ -225,7 +295,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         scalars["tokens_per_sec"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
         scalars["learning_rate"] = float(schedule(step - 1))
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-          eval_out = evaluate(graphdef, state, data.eval_batches)
+          eval_out = evaluate(steps, state, data.eval_batches)
           scalars.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
         writer.write(step, scalars, metrics["layers"])
         extra = f" | eval {eval_out['eval_loss']:.3f}" if eval_out else ""
@@ -263,7 +333,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   finally:
     ckpt.close()
   nnx.replace_by_pure_dict(state, restored)
-  out = evaluate(graphdef, state, data.eval_batches)
+  out = evaluate(make_steps(graphdef, state), state, data.eval_batches)
   out.update(step=step, unigram_entropy=data.unigram_entropy)
   return out
 

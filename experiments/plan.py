@@ -1,0 +1,82 @@
+"""Will a preset fit a TPU slice? Compile its sharded train step ahead of time on a simulated
+CPU mesh of that many devices (abstract shapes only: nothing is allocated) and print
+per-device memory, all_to_all traffic and compile time.
+
+  python -m experiments.plan --preset=deepseekmoe_16b --mesh=fsdp:16,expert:4 --batch=64
+  python -m experiments.plan --preset=deepseekmoe_145b --mesh=fsdp:32,expert:8 \
+      --batch=256 --expert_capacity_factor=2
+
+Model fields can be overridden with gin (--gin.model_config.n_layers=4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+from absl import app, flags
+
+from experiments import gin_flags
+from moe import aot, sharding, trainer
+from moe.config import model_config
+from moe.sharding import MeshConfig, MeshError
+
+_PRESET = flags.DEFINE_string("preset", "deepseekmoe_16b", "model preset")
+_MESH = flags.DEFINE_string("mesh", None, "mesh, e.g. data:2,fsdp:16,expert:8 (sizes multiply "
+                            "to the simulated device count)", required=True)
+_BATCH = flags.DEFINE_integer("batch", None, "global batch in sequences (default: one per device)")
+_SEQ = flags.DEFINE_integer("seq_len", None, "sequence length (default: the preset's max_seq_len)")
+_REMAT = flags.DEFINE_bool("remat", True, "rematerialise each layer in the backward pass")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype (parameters stay float32)")
+_CF = flags.DEFINE_float("expert_capacity_factor", 0.0,
+                         "all_to_all block size as a multiple of the balanced share; 0 = dropless")
+_JSON = flags.DEFINE_string("json_out", None, "append the row as one JSON line to this file")
+
+CHIPS_GIB = {"v4": 32, "v5e": 16, "v5p": 95}  # HBM per chip
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def main(argv):
+  gin_flags.parse(argv)
+  sizes = [part.split(":")[-1] for part in _MESH.value.split(",")]
+  if any(s.strip() == "-1" for s in sizes):
+    raise MeshError("--mesh: give every axis size (no -1): the size sets the simulated device count")
+  n_devices = math.prod(int(s) for s in sizes)
+  # Simulated devices must be requested before JAX starts its CPU backend (importing JAX
+  # does not start it).
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n_devices)
+  if len(jax.devices()) != n_devices:
+    raise MeshError(f"JAX already started with {len(jax.devices())} devices; run the plan in a "
+                    f"fresh process (and without --xla_force_host_platform_device_count)")
+
+  mesh = sharding.make_mesh(MeshConfig(_MESH.value))
+  cfg = model_config(preset=_PRESET.value).replace(
+      remat=_REMAT.value, dtype=_DTYPE.value, expert_capacity_factor=_CF.value)
+  batch = _BATCH.value or math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  seq = _SEQ.value or cfg.max_seq_len
+  p = aot.plan(cfg, trainer.TrainConfig(), mesh, batch, seq)
+
+  fits = ", ".join(f"{chip}: {'yes' if p.peak_bytes <= gib * 2**30 else 'no'}"
+                   for chip, gib in CHIPS_GIB.items())
+  print(f"{cfg.name} on {n_devices} devices, mesh {dict(mesh.shape)}, batch {batch} x {seq} "
+        f"({p.tokens_per_device} tokens/device), dtype {cfg.dtype}, remat {cfg.remat}, "
+        f"expert_capacity_factor {cfg.expert_capacity_factor}")
+  print("| params GiB | optimizer GiB | temporaries GiB | peak GiB | all_to_all GiB/step | compile s | fits |")
+  print("|---:|---:|---:|---:|---:|---:|---|")
+  print(f"| {_gib(p.param_bytes)} | {_gib(p.optimizer_bytes)} | {_gib(p.temp_bytes)} | "
+        f"{_gib(p.peak_bytes)} | {_gib(p.all_to_all_bytes)} | {p.compile_seconds:.1f} | {fits} |")
+  print("(per device; temporaries from XLA:CPU's memory analysis of the compiled step)")
+  if _JSON.value:
+    with open(_JSON.value, "a") as f:
+      f.write(json.dumps(dict(preset=cfg.name, mesh=_MESH.value, batch=batch, seq_len=seq,
+                              expert_capacity_factor=cfg.expert_capacity_factor,
+                              **p._asdict())) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.flags_parser)
