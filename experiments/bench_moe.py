@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from moe import backends, dispatch, experts, moe_layer, routing
+from experiments.timing import time_ms
+from moe import backends, experts, moe_layer, routing
 from moe.config import ModelConfig, get_preset
 
 _T = flags.DEFINE_integer("tokens", 4096, "tokens per batch (T)")
@@ -48,16 +47,6 @@ class Row:
   default: bool = False
 
 
-def _time(fn, args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times) * 1e3
-
-
 def _temp_bytes(fn, args) -> int:
   analysis = fn.lower(*args).compile().memory_analysis()
   return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
@@ -68,7 +57,7 @@ def measure(path: str, layer: Callable, args, reps: int) -> Row:
   fwd = jax.jit(layer)
   cot = jnp.ones_like(jax.eval_shape(layer, *args), dtype=jnp.float32) * 1e-3
   fwd_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(layer(*a) * cot), argnums=tuple(range(len(args)))))
-  return Row(path, _time(fwd, args, reps), _time(fwd_bwd, args, reps), _temp_bytes(fwd_bwd, args))
+  return Row(path, time_ms(fwd, args, reps), time_ms(fwd_bwd, args, reps), _temp_bytes(fwd_bwd, args))
 
 
 def layer_rows(t, d, e, f, k, s, reps, interpret) -> list[Row]:
@@ -144,7 +133,7 @@ def model_rows(reps: int) -> list[Row]:
       box[0], metrics = train_step(graphdef, box[0], batch, jax.random.key(0))
       return metrics["loss"]
 
-    ms = _time(lambda: step(), (), reps)
+    ms = time_ms(lambda: step(), (), reps)
     rows.append(Row(name, float("nan"), ms, -1, default=cfg is moe_cfg))
   for row in rows:
     row.ratio_to_dense = row.fwd_bwd_ms / rows[0].fwd_bwd_ms

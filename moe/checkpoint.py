@@ -14,8 +14,9 @@ class CheckpointError(RuntimeError):
   pass
 
 
-def config_guard(workdir: str, configs: dict[str, Any]) -> None:
-  """Record the run's configs in workdir/run_config.json; refuse a workdir of another model."""
+def config_guard(workdir: str, configs: dict[str, Any], write: bool = True) -> None:
+  """Record the run's configs in workdir/run_config.json (if `write`: the first host of a
+  multi-host job); refuse a workdir of another model."""
   path = os.path.join(workdir, "run_config.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -26,6 +27,8 @@ def config_guard(workdir: str, configs: dict[str, Any]) -> None:
       raise CheckpointError(
           f"workdir {workdir!r} holds a run of a different model config (fields differ: {diff}); "
           f"use a new --workdir, or the same model config to resume it")
+    return
+  if not write:
     return
   os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"

@@ -34,9 +34,13 @@ def flatten_layers(layers: dict[str, Any]) -> dict[str, float]:
 
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
-  TensorBoard (workdir/tensorboard), when TensorFlow is importable."""
+  TensorBoard (workdir/tensorboard), when TensorFlow is importable. Disabled (every call
+  a no-op) on all but the first host of a multi-host job."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
@@ -47,6 +51,8 @@ class MetricWriter:
       self.tb = None
 
   def write(self, step: int, scalars: dict[str, Any], layers: dict[str, Any] | None = None) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
     if layers:
       record["layers"] = {k: _jsonable(v) for k, v in layers.items()}
@@ -61,6 +67,8 @@ class MetricWriter:
       self.tb.flush()
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self.jsonl.close()
     if self.tb is not None:
       self.tb.close()

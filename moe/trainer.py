@@ -245,9 +245,11 @@ def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
 
 def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh) -> RunResult:
   sharding.check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
-  write_operative_config(workdir)
+  primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
+  if primary:
+    write_operative_config(workdir)
   config_guard(workdir, {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
-                         "train": dataclasses.asdict(train_cfg)})
+                         "train": dataclasses.asdict(train_cfg)}, write=primary)
   data = make_datasets(data_cfg, model_cfg.vocab_size, jax.process_index(), jax.process_count())
   graphdef, state = init_state(model_cfg, train_cfg, mesh)
   steps = make_steps(graphdef, state, mesh)
@@ -258,7 +260,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     step, restored, data_state = ckpt.restore(None, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)
     data.train.set_state(data_state)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, enabled=primary)
   progress = Progress(train_cfg.steps, step, stream)
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
   schedule = schedule_of(train_cfg)

@@ -1,6 +1,5 @@
 """Every dispatch path against the one-expert-at-a-time loop reference."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,72 @@
+"""What expert parallelism costs: train-step time of a tiny DeepSeekMoE on one device and
+on meshes of simulated CPU devices; prints a table.
+
+  python -m experiments.bench_mesh                          # 8 simulated devices
+  python -m experiments.bench_mesh --mesh=expert:8 --mesh=data:8
+
+Simulated devices share this machine's cores and their collectives are memory copies, so
+the ratios say what the sharded program adds in work, not how a TPU slice would scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from experiments.timing import time_ms
+from moe import sharding, trainer
+from moe.config import get_preset
+
+_MESHES = flags.DEFINE_multi_string(
+    "mesh", ["data:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2", "expert:8"],
+    "mesh layouts, every size given (repeat the flag)")
+_REPS = flags.DEFINE_integer("reps", 5, "timed steps (median reported)")
+_BATCH = flags.DEFINE_integer("batch", 16, "global batch (sequences)")
+_SEQ = flags.DEFINE_integer("seq_len", 128, "sequence length")
+
+
+def step_ms(cfg, mesh, batch, reps: int) -> float:
+  graphdef, state = trainer.init_state(cfg, trainer.TrainConfig(), mesh)
+  steps = trainer.make_steps(graphdef, state, mesh)
+  box = [state]
+  data = trainer.put_batch(batch, mesh)
+
+  def step():
+    box[0], metrics = steps.train(box[0], data, jax.random.key(0))
+    return metrics["loss"]
+
+  return time_ms(step, (), reps)
+
+
+def _size(shape: str) -> int:
+  return math.prod(int(part.split(":")[1]) for part in shape.split(","))
+
+
+def main(argv):
+  del argv
+  n = max(_size(shape) for shape in _MESHES.value)
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)  # before the backend starts
+  cfg = get_preset("tiny_deepseekmoe").replace(n_routed_experts=16)  # 16 splits 2/4/8 ways
+  b, s = _BATCH.value, _SEQ.value
+  tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1)).astype(np.int32)
+  batch = dict(inputs=tok[:, :-1], targets=tok[:, 1:], weights=np.ones((b, s), np.float32),
+               segment_ids=np.zeros((b, s), np.int32),
+               positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)))
+  single = step_ms(cfg, None, batch, _REPS.value)
+  print(f"train step, {cfg.name} with 16 routed experts, batch {b} x {s}; "
+        f"{len(jax.devices())} simulated CPU devices on {jax.local_devices()[0].device_kind}")
+  print("| layout | step ms | ratio to one device |")
+  print("|---|---:|---:|")
+  print(f"| one device | {single:.1f} | 1.00 |")
+  for shape in _MESHES.value:
+    mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:_size(shape)])
+    ms = step_ms(cfg, mesh, batch, _REPS.value)
+    print(f"| {shape} | {ms:.1f} | {ms / single:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
