@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import gin
@@ -11,6 +12,8 @@ _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config file(s), appl
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s) 'NAME = VALUE'")
 
 _SHORTHAND: list[str] = []
+# `include 'experiments/configs/...'` in gin files resolves against the repository root too.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def flags_parser(argv: list[str]) -> list[str]:
@@ -35,6 +38,8 @@ def parse(argv: list[str]) -> None:
   if len(argv) > 1:
     raise flags.Error(f"unexpected arguments: {argv[1:]}")
   bindings = list(_GIN_BINDINGS.value) + _SHORTHAND
+  if REPO_ROOT not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (gin has no getter)
+    gin.add_config_file_search_path(REPO_ROOT)
   try:
     gin.parse_config_files_and_bindings(_GIN_FILES.value, bindings)
   except (ValueError, KeyError, SyntaxError, IOError) as e:

@@ -183,6 +183,28 @@ _LARGE = dict(vocab_size=102400, max_seq_len=4096)
 _TINY = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
              dense_ffn_width=384)
 
+def _cpu_scale() -> list[ModelConfig]:
+  """The 2B comparisons' arithmetic at CPU scale: d_model 128, 4 layers, standard FFN width
+  F = 2.75 d = 352, 16 F of expert width per MoE layer; 'cpu_' + the 2B preset's name."""
+  f = 352
+  base = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
+              dense_ffn_width=f, expert_balance_alpha=0.01)
+  moe = lambda name, router, n, shared, k, width: ModelConfig(
+      name=name, **base, router=router, n_routed_experts=n, n_shared_experts=shared,
+      n_activated_experts=k, expert_width=width)
+  return [
+      ModelConfig(name="cpu_dense", **base),
+      ModelConfig(name="cpu_dense_x16", **{**base, "dense_ffn_width": 16 * f}),
+      moe("cpu_hash", "hash", 16, 0, 1, f),
+      moe("cpu_switch", "switch", 16, 0, 1, f),
+      moe("cpu_gshard", "gshard", 16, 0, 2, f),
+      moe("cpu_gshard_x1.5", "gshard", 16, 0, 2, f * 3 // 2),
+      moe("cpu_ladder_shared", "topk", 15, 1, 1, f),
+      moe("cpu_ladder_fine", "topk", 31, 1, 3, f // 2),
+      moe("cpu_deepseekmoe", "topk", 63, 1, 7, f // 4),
+  ]
+
+
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in [
@@ -208,6 +230,14 @@ PRESETS: dict[str, ModelConfig] = {
         ModelConfig(name="gshard_x1.5_2b", **_2B, router="gshard", n_routed_experts=16,
                     n_activated_experts=2, expert_width=5280),
         ModelConfig(name="dense_x16_2b", **{**_2B, "dense_ffn_width": 16 * 3520}),
+        # The ablation ladder (paper Figure 3), equal total and activated parameters:
+        # gshard_2b (0 + 2 of 16) -> shared (1 + 1 of 15) -> fine (1 + 3 of 31) -> finer =
+        # deepseekmoe_2b (1 + 7 of 63).
+        ModelConfig(name="ladder_shared_2b", **_2B, n_routed_experts=15, n_shared_experts=1,
+                    n_activated_experts=1, expert_width=3520),
+        ModelConfig(name="ladder_fine_2b", **_2B, n_routed_experts=31, n_shared_experts=1,
+                    n_activated_experts=3, expert_width=1760),
+        *_cpu_scale(),
         # CPU scale, same expert arithmetic: F = 384; DeepSeekMoE holds 16 x F/4 = 4F of
         # expert width and activates 8 x F/4 = 2F, as GShard's top-2 of 4 experts of width F.
         ModelConfig(name="tiny_deepseekmoe", **_TINY, n_routed_experts=15, n_shared_experts=1,

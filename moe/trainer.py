@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -260,6 +261,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     step, restored, data_state = ckpt.restore(None, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)
     data.train.set_state(data_state)
+  start_step = step
   writer = MetricWriter(workdir, enabled=primary)
   progress = Progress(train_cfg.steps, step, stream)
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
@@ -314,7 +316,23 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     progress.close()
     writer.close()
     ckpt.close()
-  return RunResult(step, status, loss, eval_out, data.unigram_entropy)
+  result = RunResult(step, status, loss, eval_out, data.unigram_entropy)
+  if primary and step > start_step:  # a rerun of a finished run keeps its result
+    write_result(workdir, result)
+  return result
+
+
+def write_result(workdir: str, result: RunResult) -> None:
+  """workdir/result.json: how the last process of the run ended (sweeps read it)."""
+  record = {"step": result.step, "status": result.status, "train_loss": result.train_loss,
+            "unigram_entropy": result.unigram_entropy}
+  if result.eval:
+    record.update(eval_loss=result.eval["eval_loss"], eval_perplexity=result.eval["eval_perplexity"],
+                  layers={k: np.asarray(v).tolist() for k, v in result.eval["layers"].items()})
+  tmp = os.path.join(workdir, "result.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, "result.json"))
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None,

@@ -1,0 +1,53 @@
+"""Run a sweep: every variant in its own sub-workdir, then a results table.
+
+  python -m experiments.sweep --sweep=experiments/sweeps/ladder_cpu.json --workdir=/tmp/ladder
+  python -m experiments.sweep --sweep=... --workdir=... --print_commands   # for a cluster
+  python -m experiments.sweep --sweep=... --workdir=... --collect_only
+
+Finished variants (result.json with status 'finished') are skipped on a re-run; the others
+start or resume from their latest checkpoint. Results: WORKDIR/results.md and results.csv.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from experiments import gin_flags
+from moe import sweep
+
+_SWEEP = flags.DEFINE_string("sweep", None, "sweep file (JSON)", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "parent directory of the variants' workdirs",
+                               required=True)
+_PRINT = flags.DEFINE_bool("print_commands", False, "print one launch command per variant, run nothing")
+_COLLECT = flags.DEFINE_bool("collect_only", False, "only collect the results table")
+_ONLY = flags.DEFINE_multi_string("only", [], "run only these variants")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  variants = sweep.load_sweep(_SWEEP.value)
+  if _ONLY.value:
+    unknown = sorted(set(_ONLY.value) - {v.name for v in variants})
+    if unknown:
+      raise app.UsageError(f"--only {unknown}: not in the sweep; variants: {[v.name for v in variants]}")
+    variants = [v for v in variants if v.name in _ONLY.value]
+  if _PRINT.value:
+    for v in variants:
+      print(sweep.shell_command(v, _WORKDIR.value))
+    return
+  workdir = os.path.abspath(_WORKDIR.value)
+  # Runs start in the repository root, where the sweep files' config paths point.
+  failed = [] if _COLLECT.value else sweep.run_sweep(variants, workdir, cwd=gin_flags.REPO_ROOT)
+  rows = sweep.collect(variants, workdir)
+  md, csv_path = sweep.write_results(rows, workdir)
+  print(sweep.markdown(rows))
+  print(f"written: {md}, {csv_path}")
+  if failed:
+    raise SystemExit(f"variants failed: {failed}")
+
+
+if __name__ == "__main__":
+  app.run(main)
