@@ -62,7 +62,10 @@ def token_categories(sp, source: str) -> tuple[np.ndarray, np.ndarray]:
   cats = char_categories(source)
   # SentencePiece offsets count UTF-8 bytes: map each byte to its character.
   char_of_byte = np.repeat(np.arange(len(source)), [len(c.encode("utf-8")) for c in source])
-  proto = sp.encode(source, out_type="immutable_proto")
+  try:
+    proto = sp.encode(source, return_type="proto")  # sentencepiece >= 0.2.1
+  except TypeError:
+    proto = sp.encode(source, out_type="immutable_proto")
   ids, out = [], []
   for piece in proto.pieces:
     ids.append(piece.id)

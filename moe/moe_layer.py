@@ -9,6 +9,7 @@ with capacity (Switch, GShard), as the router asks.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple
 
 import jax
@@ -115,6 +116,45 @@ def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) ->
   return dispatch.from_slots(out, slots, route.gates), slots.n_dropped
 
 
+# ---------------------------------------------------------------------------------------
+# Evaluation-time interventions (the paper's analyses), read when the model is traced.
+
+class Intervention(NamedTuple):
+  mask_top: int = 0                # disable each token's this many highest-scoring routed experts
+  n_activated: int | None = None   # route each token to this many experts (None: the config's K')
+  drop_shared: bool = False        # switch the shared experts off
+  capture: bool = False            # add each token's chosen experts to aux ('expert_idx' [T, K'])
+
+
+_INTERVENTIONS: list[Intervention] = [Intervention()]
+
+
+@contextlib.contextmanager
+def intervene(intervention: Intervention):
+  """Trace the model with this intervention (jit a fresh function inside the block)."""
+  _INTERVENTIONS.append(intervention)
+  try:
+    yield intervention
+  finally:
+    _INTERVENTIONS.pop()
+
+
+def rerouted(cfg: ModelConfig, route: Route, iv: Intervention) -> Route:
+  """Top-K from the scores once each token's `mask_top` best experts are ruled out; gates
+  stay the original probabilities (renormalised only where the router renormalises)."""
+  if route.scores is None:
+    raise ValueError(f"router {cfg.router!r} has no scores to re-route by")
+  k = iv.n_activated or route.expert_idx.shape[-1]
+  scores = route.scores
+  if iv.mask_top:
+    _, top = jax.lax.top_k(scores, iv.mask_top)
+    ruled_out = jnp.zeros_like(scores, dtype=bool).at[jnp.arange(scores.shape[0])[:, None], top].set(True)
+    scores = jnp.where(ruled_out, -1.0, scores)  # probabilities are >= 0
+  normalize = cfg.norm_topk_prob or cfg.router == "gshard"
+  gates, idx = routing.top_k(scores, k, normalize=normalize)
+  return Route(gates, idx, route.scores, route.logits)
+
+
 class MoE(nnx.Module):
   """DeepSeekMoE FFN (and, with another router, the paper's Switch/GShard/Hash baselines)."""
 
@@ -136,6 +176,9 @@ class MoE(nnx.Module):
     spec = ROUTERS[cfg.router]
     logits = routing.router_logits(x, self.router[...]) if self.router is not None else None
     route = spec.fn(RouteArgs(cfg, logits, token_ids, key))
+    iv = _INTERVENTIONS[-1]
+    if iv.mask_top or iv.n_activated:
+      route = rerouted(cfg, route, iv)
     weights = self.experts.weights(x.dtype)
     mesh = sharding.active_mesh()
     if spec.dropless and mesh is not None:
@@ -146,9 +189,12 @@ class MoE(nnx.Module):
       y, n_dropped = dropless_moe(x, route, weights, backends.resolve(cfg.dispatch))
     else:  # capacity routers keep global (single-device) semantics; XLA partitions them
       y, n_dropped = capacity_moe(x, route, weights, cfg.capacity_factor)
-    if self.shared is not None:
+    if self.shared is not None and not iv.drop_shared:
       y = y + self.shared(x)
-    return y, moe_aux(cfg, route, n_dropped)
+    aux = moe_aux(cfg, route, n_dropped)
+    if iv.capture:
+      aux["expert_idx"] = route.expert_idx
+    return y, aux
 
 
 def moe_aux(cfg: ModelConfig, route: Route, n_dropped: jax.Array) -> dict[str, jax.Array]:

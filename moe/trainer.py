@@ -335,17 +335,21 @@ def write_result(workdir: str, result: RunResult) -> None:
   os.replace(tmp, os.path.join(workdir, "result.json"))
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None,
-                        data_cfg: DataConfig | None = None) -> dict[str, Any]:
-  """Restore a checkpoint of workdir (default: the latest) with the run's own model config
-  and evaluate it on the held-out split (default: the run's data config)."""
+class RestoredRun(NamedTuple):
+  model_cfg: ModelConfig
+  data_cfg: DataConfig
+  graphdef: Any
+  state: Any  # (model, optimizer) state of the checkpoint
+  step: int
+
+
+def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
+  """A training run's checkpoint (default: the latest), with the run's own configs."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoint directory {ckpt_dir!r}: is {workdir!r} a training workdir?")
   configs = load_run_configs(workdir)
-  model_cfg = ModelConfig(**configs["model"])
-  data_cfg = data_cfg or DataConfig(**configs["data"])
-  data = make_datasets(data_cfg, model_cfg.vocab_size)
+  model_cfg = ModelConfig(**_tuples(configs["model"]))
   graphdef, state = create_state(model_cfg, TrainConfig(**_tuples(configs["train"])))
   ckpt = Checkpointer(ckpt_dir, async_save=False)
   try:
@@ -353,8 +357,17 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   finally:
     ckpt.close()
   nnx.replace_by_pure_dict(state, restored)
-  out = evaluate(make_steps(graphdef, state), state, data.eval_batches)
-  out.update(step=step, unigram_entropy=data.unigram_entropy)
+  return RestoredRun(model_cfg, DataConfig(**_tuples(configs["data"])), graphdef, state, step)
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None,
+                        data_cfg: DataConfig | None = None) -> dict[str, Any]:
+  """Restore a checkpoint of workdir (default: the latest) with the run's own model config
+  and evaluate it on the held-out split (default: the run's data config)."""
+  run = restore_run(workdir, step)
+  data = make_datasets(data_cfg or run.data_cfg, run.model_cfg.vocab_size)
+  out = evaluate(make_steps(run.graphdef, run.state), run.state, data.eval_batches)
+  out.update(step=run.step, unigram_entropy=data.unigram_entropy)
   return out
 
 
