@@ -1,0 +1,142 @@
+"""Experiment configs and sweeps: every gin file builds, the ladder keeps parameters equal,
+a sweep runs its variants, skips finished ones and tabulates the results."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from moe import sweep
+from moe.config import model_config
+from moe.params import count_params
+from tests.data_fixtures import small_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "**", "*.gin"), recursive=True))
+
+
+def build(path):
+  from data.input_pipeline import DataConfig
+  from moe.trainer import TrainConfig
+
+  gin.clear_config()
+  gin.add_config_file_search_path(ROOT)
+  try:
+    gin.parse_config_file(path)
+    return model_config(), DataConfig(), TrainConfig()
+  finally:
+    gin.clear_config()
+
+
+def test_there_are_configs_for_every_model_of_the_comparisons():
+  names = {os.path.relpath(p, os.path.join(ROOT, "experiments", "configs")) for p in CONFIGS}
+  for scale in ("paper", "cpu"):
+    for model in ("dense", "hash", "switch", "gshard", "gshard_x1.5", "dense_x16", "deepseekmoe",
+                  "ladder_shared", "ladder_fine"):
+      assert f"{scale}/{model}.gin" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_config_file_parses_and_builds(path):
+  cfg, data, train = build(path)
+  if "base" not in os.path.basename(path):
+    assert cfg.name.startswith("cpu_" if "/cpu/" in path else "")
+  count_params(cfg)  # builds the abstract model
+  assert train.steps > 0 and data.seq_len > 0
+
+
+@pytest.mark.parametrize("scale", ["paper", "cpu"])
+def test_ablation_ladder_keeps_total_and_activated_params(scale):
+  counts = [count_params(build(os.path.join(ROOT, "experiments", "configs", scale, f"{m}.gin"))[0])
+            for m in ("gshard", "ladder_shared", "ladder_fine", "deepseekmoe")]
+  for c in counts[1:]:
+    assert c.total == pytest.approx(counts[0].total, rel=0.005)
+    assert c.activated == pytest.approx(counts[0].activated, rel=0.01)
+
+
+def test_cpu_scale_keeps_the_paper_arithmetic():
+  for m in ("hash", "switch", "gshard", "ladder_shared", "ladder_fine", "deepseekmoe"):
+    cfg = build(os.path.join(ROOT, "experiments", "configs", "cpu", f"{m}.gin"))[0]
+    paper = build(os.path.join(ROOT, "experiments", "configs", "paper", f"{m}.gin"))[0]
+    assert (cfg.n_routed_experts, cfg.n_shared_experts, cfg.n_activated_experts, cfg.router) == \
+           (paper.n_routed_experts, paper.n_shared_experts, paper.n_activated_experts, paper.router)
+    f = cfg.dense_ffn_width
+    assert (cfg.n_routed_experts + cfg.n_shared_experts) * cfg.expert_width == 16 * f
+
+
+# ---------------------------------------------------------------------------------------
+# Sweep files.
+
+def write(tmp_path, spec, name="s.json"):
+  path = tmp_path / name
+  path.write_text(json.dumps(spec) if not isinstance(spec, str) else spec)
+  return str(path)
+
+
+def test_sweep_variants_and_product(tmp_path):
+  path = write(tmp_path, {"base": ["b.gin"], "bindings": ["X.y = 1"],
+                          "variants": {"a": {"gin_files": ["a.gin"]}, "b": {"bindings": ["Z.w = 2"]}},
+                          "product": {"model_config.expert_balance_alpha": [0.0, 0.01],
+                                      "model_config.router": ["topk"]}})
+  vs = sweep.load_sweep(path)
+  assert [v.name for v in vs] == ["a,expert_balance_alpha=0.0,router=topk",
+                                  "a,expert_balance_alpha=0.01,router=topk",
+                                  "b,expert_balance_alpha=0.0,router=topk",
+                                  "b,expert_balance_alpha=0.01,router=topk"]
+  assert vs[0].gin_files == ("b.gin", "a.gin")
+  assert vs[3].bindings == ("X.y = 1", "Z.w = 2", "model_config.expert_balance_alpha = 0.01",
+                            "model_config.router = 'topk'")
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("{not json", "cannot read sweep file"),
+    ({"variantz": {}}, "expected a JSON object with keys"),
+    ({"product": {"a.b": []}}, "needs a non-empty list"),
+    ({"variants": {"a": {"gin_file": ["x"]}}}, "variant 'a' must be an object"),
+    ({"bindings": "X.y = 1"}, "'bindings' must be a list of strings"),
+])
+def test_bad_sweep_file_is_a_clear_error(tmp_path, spec, error):
+  with pytest.raises(sweep.SweepError, match=error):
+    sweep.load_sweep(write(tmp_path, spec))
+
+
+def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
+  source_dir, data_dir = small_corpus
+  m = small_model()
+  common = [f"model_config.{k} = {v!r}" for k, v in dict(
+      preset="tiny_deepseekmoe", vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+      dense_ffn_width=m.dense_ffn_width, expert_width=m.expert_width, max_seq_len=m.max_seq_len).items()]
+  common += [f"DataConfig.source_dir = {source_dir!r}", f"DataConfig.data_dir = {data_dir!r}",
+             "DataConfig.vocab_size = 512", "DataConfig.seq_len = 64", "DataConfig.batch_size = 8",
+             "DataConfig.eval_batches = 1", "TrainConfig.steps = 2", "TrainConfig.warmup_steps = 1",
+             "TrainConfig.log_every = 1", "TrainConfig.eval_every = 2", "TrainConfig.checkpoint_every = 2"]
+  path = write(tmp_path, {"bindings": common,
+                          "product": {"model_config.n_activated_experts": [1, 3]}})
+  workdir = tmp_path / "sweep"
+  args = [sys.executable, "-m", "experiments.sweep", f"--sweep={path}", f"--workdir={workdir}"]
+  first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["variant"] for r in rows] == ["n_activated_experts=1", "n_activated_experts=3"]
+  for r in rows:
+    assert r["status"] == "finished" and r["step"] == "2"
+    assert 0 < float(r["eval_loss"]) < 10 and float(r["max_over_mean_load"]) >= 1.0
+  assert int(rows[1]["activated_params"]) > int(rows[0]["activated_params"])
+  assert rows[0]["total_params"] == rows[1]["total_params"]
+  assert "| variant |" in (workdir / "results.md").read_text()
+
+  again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0
+  assert again.stdout.count("finished earlier: skipped") == 2
+
+  printed = subprocess.run(args + ["--print_commands"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+  lines = printed.stdout.strip().splitlines()
+  assert len(lines) == 2 and all(l.startswith("python -m experiments.train --workdir=") for l in lines)
+  assert "'--gin_bindings=model_config.n_activated_experts = 3'" in lines[1]
