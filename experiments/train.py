@@ -39,8 +39,11 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("workdirs", model_cfg.name)
   print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}  mesh: {mesh_cfg.shape or 'one device'}",
         flush=True)
-  result = trainer.train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
-                                      mesh_cfg=mesh_cfg)
+  try:
+    result = trainer.train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
+                                        mesh_cfg=mesh_cfg)
+  except sharding.MeshError as e:
+    raise SystemExit(f"bad mesh: {e}") from None
   print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")
   if result.eval:
     print(f"validation loss {result.eval['eval_loss']:.4f} nats/token "
