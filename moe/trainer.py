@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from data.input_pipeline import DataConfig, make_datasets
@@ -244,6 +245,17 @@ def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
                   sharding.make_mesh(mesh_cfg or sharding.MeshConfig()))
 
 
+def _datasets(data_cfg: DataConfig, vocab_size: int, primary: bool):
+  """This host's datasets. With several hosts, the first prepares (tfds, tokenizer, packed
+  rows) while the others wait, then they read what it built."""
+  args = (data_cfg, vocab_size, jax.process_index(), jax.process_count())
+  if jax.process_count() == 1:
+    return make_datasets(*args)
+  data = make_datasets(*args) if primary else None
+  multihost_utils.sync_global_devices("input pipeline prepared")
+  return data or make_datasets(*args)
+
+
 def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh) -> RunResult:
   sharding.check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
   primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
@@ -251,7 +263,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     write_operative_config(workdir)
   config_guard(workdir, {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
                          "train": dataclasses.asdict(train_cfg)}, write=primary)
-  data = make_datasets(data_cfg, model_cfg.vocab_size, jax.process_index(), jax.process_count())
+  data = _datasets(data_cfg, model_cfg.vocab_size, primary)
   graphdef, state = init_state(model_cfg, train_cfg, mesh)
   steps = make_steps(graphdef, state, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), train_cfg.keep_checkpoints,

@@ -1,0 +1,60 @@
+"""Two processes x 4 CPU devices, joined by jax.distributed, train on one 8-device mesh: per-host
+data slices, sharded orbax checkpoints written and restored by both processes, and the same
+losses as one process with 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from moe import sharding, trainer
+from tests.data_fixtures import small_data_config, small_model
+from tests.test_train import ROOT, _train_subprocess, train_cfg
+
+MODEL = dict(n_routed_experts=16, expert_width=16)
+MESH = "data:2,expert:4"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_hosts(workdir, corpus, extra):
+  port = _free_port()
+  args = _train_subprocess(workdir, corpus, [
+      "--distributed", f"--mesh={MESH}", "--gin.TrainConfig.steps=4",
+      "--gin.TrainConfig.checkpoint_every=2", "--gin.TrainConfig.eval_every=4",
+      *[f"--gin.model_config.{k}={v}" for k, v in MODEL.items()], *extra])
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def test_two_processes_train_and_resume_like_one(tmp_path, small_corpus):
+  workdir = tmp_path / "two_hosts"
+  first = _two_hosts(workdir, small_corpus, ["--stop_after_steps=2"])
+  assert all("stopped at step 2" in out for out, _ in first)
+  second = _two_hosts(workdir, small_corpus, [])
+  assert all("finished at step 4" in out for out, _ in second)
+  with open(workdir / "result.json") as f:
+    two = json.load(f)
+
+  one = trainer.train_and_evaluate(
+      str(tmp_path / "one_host"), small_model(**MODEL), small_data_config(small_corpus),
+      train_cfg(steps=4, log_every=2, eval_every=4, checkpoint_every=2),
+      mesh_cfg=sharding.MeshConfig(MESH))
+  assert two["train_loss"] == pytest.approx(one.train_loss, rel=1e-5)
+  assert two["eval_loss"] == pytest.approx(one.eval["eval_loss"], rel=1e-5)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
