@@ -4,6 +4,7 @@
   to the next K' best; a model whose experts are less redundant loses more;
 - shared experts off, one more routed expert on (Section 5.3: 1.808 -> 2.414 on the Pile);
 - activated routed experts varied at evaluation (Figure 5);
+- capacity routers (Switch, GShard) evaluated without token dropping;
 - expert load per layer;
 - specialization by token category (comment, docstring, identifier, ... of the embedded
   Python corpus): mutual information between a token's category and its chosen experts,
@@ -25,7 +26,7 @@ from flax import nnx
 from data import input_pipeline
 from data.code_categories import CATEGORIES, token_categories
 from moe import trainer
-from moe.moe_layer import Intervention, intervene
+from moe.moe_layer import ROUTERS, Intervention, intervene
 from moe.trainer import RestoredRun
 
 
@@ -219,7 +220,7 @@ def lift(counts: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # All of it, for one or more runs: a JSON-able dict, a markdown report and PNG plots.
 
-ANALYSES = ("redundancy", "shared", "topk", "load", "categories")
+ANALYSES = ("redundancy", "shared", "topk", "load", "categories", "drops")
 
 
 def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_tokens: int = 20_000,
@@ -251,6 +252,10 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
         r["redundancy"] = disable_top_experts(run, batches)
       if "shared" in analyses and cfg.n_shared_experts:
         r["shared"] = without_shared_experts(run, batches)
+      if "drops" in analyses and not ROUTERS[cfg.router].dropless:
+        # A factor of N' gives every expert room for every token: nothing is dropped.
+        r["drops"] = {"loss": base["loss"], "loss_without_dropping": evaluate_with(
+            run, batches, Intervention(capacity_factor=float(cfg.n_routed_experts)))["loss"]}
       if "topk" in analyses and cfg.router == "topk":
         r["topk"] = vary_activated(run, batches)
       if "categories" in analyses and run.data_cfg.dataset == input_pipeline.EMBEDDED:
@@ -296,6 +301,10 @@ def report(results: dict[str, Any]) -> str:
     if "shared" in r:
       lines.append(f"{n}: shared experts on {r['shared']['loss']:.3f} -> off with one more routed "
                    f"expert {r['shared']['loss_without_shared']:.3f}")
+  for n, r in results.items():
+    if "drops" in r:
+      lines.append(f"{n}: with capacity-factor token dropping at evaluation {r['drops']['loss']:.3f}, "
+                   f"without {r['drops']['loss_without_dropping']:.3f}")
   for n, r in results.items():
     if "topk" in r:
       lines += ["", f"{n}: activated routed experts at evaluation:", "",

@@ -124,6 +124,7 @@ class Intervention(NamedTuple):
   n_activated: int | None = None   # route each token to this many experts (None: the config's K')
   drop_shared: bool = False        # switch the shared experts off
   capture: bool = False            # add each token's chosen experts to aux ('expert_idx' [T, K'])
+  capacity_factor: float | None = None  # capacity routers: this factor instead of the config's
 
 
 _INTERVENTIONS: list[Intervention] = [Intervention()]
@@ -188,7 +189,7 @@ class MoE(nnx.Module):
     elif spec.dropless:
       y, n_dropped = dropless_moe(x, route, weights, backends.resolve(cfg.dispatch))
     else:  # capacity routers keep global (single-device) semantics; XLA partitions them
-      y, n_dropped = capacity_moe(x, route, weights, cfg.capacity_factor)
+      y, n_dropped = capacity_moe(x, route, weights, iv.capacity_factor or cfg.capacity_factor)
     if self.shared is not None and not iv.drop_shared:
       y = y + self.shared(x)
     aux = moe_aux(cfg, route, n_dropped)

@@ -111,3 +111,24 @@ def test_analyze_writes_tables_and_plots(trained, tmp_path):
   json.dumps(results)  # JSON-able
   with pytest.raises(ValueError, match="unknown analyses"):
     analysis.analyze({"run": trained}, str(out), analyses=("nope",))
+
+
+def test_capacity_intervention_stops_token_dropping():
+  from moe.config import get_preset
+  cfg = get_preset("tiny_gshard").replace(vocab_size=64, d_model=32, n_layers=2, dense_ffn_width=48,
+                                          expert_width=48, capacity_factor=0.5)
+  graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+
+  def run(iv):
+    @jax.jit
+    def f(state, tokens):
+      with intervene(iv):
+        return nnx.merge(graphdef, state)(tokens)
+    return f(state, tokens)
+
+  dropped_logits, dropped = run(Intervention())
+  full_logits, full = run(Intervention(capacity_factor=float(cfg.n_routed_experts)))
+  assert float(jnp.min(dropped["layers"]["dropped_fraction"])) > 0
+  assert float(jnp.max(full["layers"]["dropped_fraction"])) == 0
+  assert float(jnp.max(jnp.abs(full_logits - dropped_logits))) > 1e-4
