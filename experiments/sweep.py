@@ -5,7 +5,8 @@
   python -m experiments.sweep --sweep=... --workdir=... --collect_only
 
 Finished variants (result.json with status 'finished') are skipped on a re-run; the others
-start or resume from their latest checkpoint. Results: WORKDIR/results.md and results.csv.
+start or resume from their latest checkpoint. Results: WORKDIR/results.md, results.csv and
+results.png (validation loss during training).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv):
   # Runs start in the repository root, where the sweep files' config paths point.
   failed = [] if _COLLECT.value else sweep.run_sweep(variants, workdir, cwd=gin_flags.REPO_ROOT)
   rows = sweep.collect(variants, workdir)
-  md, csv_path = sweep.write_results(rows, workdir)
+  md, csv_path = sweep.write_results(rows, workdir, sweep.eval_curves(variants, workdir))
   print(sweep.markdown(rows))
   print(f"written: {md}, {csv_path}")
   if failed:

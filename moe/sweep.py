@@ -183,8 +183,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_results(rows: list[dict[str, Any]], workdir: str) -> tuple[str, str]:
-  """workdir/results.md and workdir/results.csv; returns their paths."""
+def eval_curves(variants: list[Variant], workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """{variant: [(step, validation loss)]} from each run's metrics.jsonl."""
+  curves = {}
+  for v in variants:
+    path = os.path.join(workdir, v.name, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+      points = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
+      if points:
+        curves[v.name] = points
+  return curves
+
+
+def write_results(rows: list[dict[str, Any]], workdir: str,
+                  curves: dict[str, list[tuple[int, float]]] | None = None) -> tuple[str, str]:
+  """workdir/results.md and workdir/results.csv (and results.png, the validation-loss
+  curves, when given); returns the table paths."""
+  if curves:
+    from moe.analysis import plot_lines
+    plot_lines(os.path.join(workdir, "results.png"), curves, "step", "validation loss",
+               "validation loss during training")
   md, csv_path = os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")
   with open(md, "w") as f:
     f.write(markdown(rows) + "\n")

@@ -130,6 +130,7 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   assert int(rows[1]["activated_params"]) > int(rows[0]["activated_params"])
   assert rows[0]["total_params"] == rows[1]["total_params"]
   assert "| variant |" in (workdir / "results.md").read_text()
+  assert os.path.getsize(workdir / "results.png") > 1000
 
   again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0
