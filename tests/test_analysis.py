@@ -38,18 +38,24 @@ def test_rerouting_skips_the_masked_experts_and_keeps_their_probabilities():
   np.testing.assert_array_equal(r.expert_idx, [[3, 2, 4], [1, 0, 3]])
 
 
-def test_interventions_change_the_model_only_when_asked():
-  cfg = small_model(n_layers=2)
-  model = Transformer(cfg, nnx.Rngs(0))
+def forward_under(cfg):
+  """iv -> (logits, aux) of a fresh model of cfg on fixed tokens, traced under iv."""
+  graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
-  graphdef, state = nnx.split(model)
 
-  def logits(iv):
-    @jax.jit
+  def run(iv):
+    @jax.jit  # a new function per call: the intervention is read when tracing
     def f(state, tokens):
       with intervene(iv):
         return nnx.merge(graphdef, state)(tokens)
     return f(state, tokens)
+
+  return run
+
+
+def test_interventions_change_the_model_only_when_asked():
+  cfg = small_model(n_layers=2)
+  logits = forward_under(cfg)
 
   base, _ = logits(Intervention())
   same, aux = logits(Intervention(n_activated=cfg.n_activated_experts, capture=True))
@@ -117,16 +123,7 @@ def test_capacity_intervention_stops_token_dropping():
   from moe.config import get_preset
   cfg = get_preset("tiny_gshard").replace(vocab_size=64, d_model=32, n_layers=2, dense_ffn_width=48,
                                           expert_width=48, capacity_factor=0.5)
-  graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
-  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
-
-  def run(iv):
-    @jax.jit
-    def f(state, tokens):
-      with intervene(iv):
-        return nnx.merge(graphdef, state)(tokens)
-    return f(state, tokens)
-
+  run = forward_under(cfg)
   dropped_logits, dropped = run(Intervention())
   full_logits, full = run(Intervention(capacity_factor=float(cfg.n_routed_experts)))
   assert float(jnp.min(dropped["layers"]["dropped_fraction"])) > 0
