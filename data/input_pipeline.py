@@ -149,6 +149,13 @@ def to_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray)
           "segment_ids": segment_ids, "positions": positions}
 
 
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> Batch:
+  """Uniform random tokens, one document per row: for benchmarks and tests."""
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
+  return to_batch(tokens, np.ones_like(tokens), positions)
+
+
 def host_slice(batch_size: int, shard_index: int, shard_count: int) -> slice:
   """This host's contiguous rows of every global batch."""
   if batch_size % shard_count:

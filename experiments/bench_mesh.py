@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
 from absl import app, flags
 
+from data.input_pipeline import random_batch
 from experiments.timing import time_ms
 from moe import sharding, trainer
 from moe.config import get_preset
@@ -52,10 +52,7 @@ def main(argv):
   jax.config.update("jax_num_cpu_devices", n)  # before the backend starts
   cfg = get_preset("tiny_deepseekmoe").replace(n_routed_experts=16)  # 16 splits 2/4/8 ways
   b, s = _BATCH.value, _SEQ.value
-  tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, s + 1)).astype(np.int32)
-  batch = dict(inputs=tok[:, :-1], targets=tok[:, 1:], weights=np.ones((b, s), np.float32),
-               segment_ids=np.zeros((b, s), np.int32),
-               positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)))
+  batch = random_batch(b, s, cfg.vocab_size)
   single = step_ms(cfg, None, batch, _REPS.value)
   print(f"train step, {cfg.name} with 16 routed experts, batch {b} x {s}; "
         f"{len(jax.devices())} simulated CPU devices on {jax.local_devices()[0].device_kind}")

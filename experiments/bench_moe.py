@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from data.input_pipeline import random_batch
 from experiments.timing import time_ms
 from moe import backends, experts, moe_layer, routing
 from moe.config import ModelConfig, get_preset
@@ -123,10 +124,7 @@ def model_rows(reps: int) -> list[Row]:
   rows = []
   for name, cfg in (("tiny dense, equal activated width", dense_cfg), ("tiny_deepseekmoe", moe_cfg)):
     graphdef, state = create_state(cfg, TrainConfig())
-    b, s = 16, 128
-    tokens = jax.random.randint(jax.random.key(0), (b, s), 0, cfg.vocab_size)
-    batch = dict(inputs=tokens, targets=tokens, weights=jnp.ones((b, s)),
-                 segment_ids=jnp.ones((b, s), jnp.int32), positions=jnp.broadcast_to(jnp.arange(s), (b, s)))
+    batch = random_batch(16, 128, cfg.vocab_size)
     box = [state]
 
     def step():

@@ -19,7 +19,6 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,23 +30,17 @@ from moe.trainer import RestoredRun
 
 
 def evaluate_with(run: RestoredRun, batches, iv: Intervention = Intervention()) -> dict[str, Any]:
-  """Held-out loss (nats/token) and expert load [n_moe_layers, N'] under an intervention."""
+  """Held-out loss (nats/token) and expert load [n_moe_layers, N'] (None for a dense model)
+  under an intervention: trainer.evaluate with its eval step traced inside intervene()."""
 
-  @jax.jit  # a new function each call: the intervention is read when tracing
   def step(state, batch):
     with intervene(iv):
-      model, _ = nnx.merge(run.graphdef, state)
-      _, metrics = trainer._objective(model, batch, None)
-      n = jnp.sum(batch["weights"])
-      return metrics["lm_loss"] * n, n, metrics["layers"].get("load", jnp.zeros((0,)))
+      return trainer.eval_step(run.graphdef, None, state, batch)
 
-  total = count = 0.0
-  loads = []
-  for batch in batches:
-    nll, n, load = step(run.state, batch)
-    total, count = total + float(nll), count + float(n)
-    loads.append(np.asarray(load))
-  return {"loss": total / max(count, 1.0), "load": np.mean(loads, axis=0)}
+  # A new jitted function each call: the intervention is read when tracing.
+  steps = trainer.Steps(train=None, eval=jax.jit(step), mesh=None, state_shardings=None)
+  out = trainer.evaluate(steps, run.state, batches)
+  return {"loss": out["eval_loss"], "load": out["layers"].get("load")}
 
 
 def _require_moe(run: RestoredRun, what: str) -> None:

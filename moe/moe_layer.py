@@ -9,7 +9,6 @@ with capacity (Switch, GShard), as the router asks.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ from moe import backends, dispatch, experts, routing, sharding
 from moe.expert_parallel import expert_parallel_moe
 from moe.config import ModelConfig
 from moe.layers import SwiGLU, param
+from moe.trace_setting import TraceSetting
 
 
 class Route(NamedTuple):
@@ -127,17 +127,12 @@ class Intervention(NamedTuple):
   capacity_factor: float | None = None  # capacity routers: this factor instead of the config's
 
 
-_INTERVENTIONS: list[Intervention] = [Intervention()]
+_INTERVENTION: TraceSetting[Intervention] = TraceSetting(Intervention())
 
 
-@contextlib.contextmanager
 def intervene(intervention: Intervention):
   """Trace the model with this intervention (jit a fresh function inside the block)."""
-  _INTERVENTIONS.append(intervention)
-  try:
-    yield intervention
-  finally:
-    _INTERVENTIONS.pop()
+  return _INTERVENTION.use(intervention)
 
 
 def rerouted(cfg: ModelConfig, route: Route, iv: Intervention) -> Route:
@@ -177,7 +172,7 @@ class MoE(nnx.Module):
     spec = ROUTERS[cfg.router]
     logits = routing.router_logits(x, self.router[...]) if self.router is not None else None
     route = spec.fn(RouteArgs(cfg, logits, token_ids, key))
-    iv = _INTERVENTIONS[-1]
+    iv = _INTERVENTION.value
     if iv.mask_top or iv.n_activated:
       route = rerouted(cfg, route, iv)
     weights = self.experts.weights(x.dtype)

@@ -13,16 +13,17 @@ run expert parallelism with shard_map.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import gin
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe.trace_setting import TraceSetting
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # tokens are split over every non-tensor axis
@@ -166,18 +167,13 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 # The active mesh, read at trace time by the model.
 
-_ACTIVE: list[Mesh | None] = [None]
+_MESH: TraceSetting[Mesh | None] = TraceSetting(None)
 
 
 def active_mesh() -> Mesh | None:
-  return _ACTIVE[-1]
+  return _MESH.value
 
 
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
+def use_mesh(mesh: Mesh | None):
   """Trace the model under this mesh (None: single device). Functions jitted inside see it."""
-  _ACTIVE.append(mesh)
-  try:
-    yield mesh
-  finally:
-    _ACTIVE.pop()
+  return _MESH.use(mesh)

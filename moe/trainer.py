@@ -129,7 +129,8 @@ def _train_step(graphdef, mesh, state, batch, key):
     return nnx.state((model, optimizer)), metrics
 
 
-def _eval_step(graphdef, mesh, state, batch):
+def eval_step(graphdef, mesh, state, batch):
+  """-> (sum of weighted NLL, sum of weights, per-layer routing stats) of one batch."""
   with sharding.use_mesh(mesh):
     model, _ = nnx.merge(graphdef, state)
     _, metrics = _objective(model, batch, None)
@@ -150,7 +151,7 @@ def make_steps(graphdef, state, mesh: Mesh | None = None) -> Steps:
   """Train/eval steps; on a mesh with the state's shardings (from the rules) in and out,
   the batch split over the batch axes, metrics replicated. `state` may be abstract."""
   train = functools.partial(_train_step, graphdef, mesh)
-  evaluate_ = functools.partial(_eval_step, graphdef, mesh)
+  evaluate_ = functools.partial(eval_step, graphdef, mesh)
   if mesh is None:
     return Steps(jax.jit(train, donate_argnums=0), jax.jit(evaluate_), None, None)
   state_sh = sharding.state_shardings(state, mesh)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data.input_pipeline import random_batch
 from moe import backends, sharding, trainer
 from moe.config import ModelConfig
 from moe.expert_parallel import all_to_all_bytes, block_rows, expert_parallel_moe
@@ -30,12 +31,8 @@ def mesh_of(shape):
   return sharding.make_mesh(sharding.MeshConfig(shape))
 
 
-def make_batch(b=8, s=16, vocab=256, seed=0):
-  rng = np.random.default_rng(seed)
-  tok = rng.integers(0, vocab, (b, s + 1)).astype(np.int32)
-  return dict(inputs=tok[:, :-1], targets=tok[:, 1:], weights=np.ones((b, s), np.float32),
-              segment_ids=np.zeros((b, s), np.int32),
-              positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)))
+def make_batch():
+  return random_batch(8, 16, CFG.vocab_size)
 
 
 def loss_and_grads(cfg, mesh, batch):
