@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable
+import statistics
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,13 @@ _E = flags.DEFINE_integer("experts", 64, "routed experts")
 _F = flags.DEFINE_integer("expert_width", 128, "expert FFN width")
 _K = flags.DEFINE_integer("top_k", 6, "routed experts per token")
 _S = flags.DEFINE_integer("shared", 2, "shared experts")
-_REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
+_REPS = flags.DEFINE_integer("reps", 7, "timed repetitions (median reported)")
 _INTERPRET = flags.DEFINE_integer("interpret_tokens", 256,
                                    "tokens for the interpret-mode Pallas row, which is timed against "
                                    "its own dense limit at that size (0: skip; it is slow)")
+PATHS = ("fused", "tiled", "capacity", "ragged_dot", "pallas")
+_PATHS = flags.DEFINE_list("paths", list(PATHS), f"layer paths to time, from {PATHS} "
+                           "(pallas only on TPU)")
 _MODEL = flags.DEFINE_bool("model", False, "time training steps of tiny models instead")
 _JSON = flags.DEFINE_string("json_out", None, "also write the rows as JSON here")
 
@@ -53,15 +57,55 @@ def _temp_bytes(fn, args) -> int:
   return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
 
 
-def measure(path: str, layer: Callable, args, reps: int) -> Row:
-  """Forward and forward+backward (all inputs differentiated) of layer(*args) -> [T, d]."""
-  fwd = jax.jit(layer)
-  cot = jnp.ones_like(jax.eval_shape(layer, *args), dtype=jnp.float32) * 1e-3
-  fwd_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(layer(*a) * cot), argnums=tuple(range(len(args)))))
-  return Row(path, time_ms(fwd, args, reps), time_ms(fwd_bwd, args, reps), _temp_bytes(fwd_bwd, args))
+class Path(NamedTuple):
+  name: str
+  layer: Callable  # (*args) -> [T, d]
+  args: tuple
+  default: bool = False
 
 
-def layer_rows(t, d, e, f, k, s, reps, interpret) -> list[Row]:
+def _compiled(path: Path):
+  """Forward, and forward+backward w.r.t. every input. The output cotangent is an argument,
+  as in training: a constant one would let XLA fold it into the backward pass."""
+  cot = 1e-3 * jnp.ones(jax.eval_shape(path.layer, *path.args).shape, jnp.float32)
+  grad = jax.jit(jax.grad(lambda cot, *a: jnp.sum(path.layer(*a) * cot),
+                          argnums=tuple(range(1, len(path.args) + 1))))
+  return jax.jit(path.layer), path.args, grad, (cot, *path.args)
+
+
+def _time_round_robin(compiled, reps: int) -> list[tuple[list[float], list[float]]]:
+  """Forward and forward+backward times of each compiled path, the paths taking turns within
+  every repetition, so a slow spell of the machine hits them alike."""
+  for fwd, fwd_args, grad, grad_args in compiled:  # compile and warm up
+    jax.block_until_ready((fwd(*fwd_args), grad(*grad_args)))
+  times = [([], []) for _ in compiled]
+  for _ in range(reps):
+    for (fwd, fwd_args, grad, grad_args), (t_fwd, t_grad) in zip(compiled, times):
+      t_fwd.append(time_ms(fwd, fwd_args, 1, warmup=False))
+      t_grad.append(time_ms(grad, grad_args, 1, warmup=False))
+  return times
+
+
+def measure(limit: Path, paths: list[Path], reps: int) -> list[Row]:
+  """Rows for the limit and each path; every path is timed in turns with the limit, and
+  its ratio_to_dense is its median forward+backward time over the limit's in that window
+  (so one path's huge buffers, e.g. ragged_dot's on CPU, do not slow the others' windows)."""
+  limit_compiled = _compiled(limit)
+  limit_times, rows = ([], []), []
+  for path in paths:
+    compiled = _compiled(path)
+    (l_fwd, l_grad), (t_fwd, t_grad) = _time_round_robin([limit_compiled, compiled], reps)
+    limit_times[0].extend(l_fwd)
+    limit_times[1].extend(l_grad)
+    rows.append(Row(path.name, statistics.median(t_fwd), statistics.median(t_grad),
+                    _temp_bytes(compiled[2], compiled[3]),
+                    statistics.median(t_grad) / statistics.median(l_grad), path.default))
+  limit_row = Row(limit.name, statistics.median(limit_times[0]), statistics.median(limit_times[1]),
+                  _temp_bytes(limit_compiled[2], limit_compiled[3]), 1.0)
+  return [limit_row, *rows]
+
+
+def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
   ks = jax.random.split(jax.random.key(0), 8)
   x = jax.random.normal(ks[0], (t, d))
   w_router = 0.02 * jax.random.normal(ks[1], (d, e))
@@ -89,28 +133,27 @@ def layer_rows(t, d, e, f, k, s, reps, interpret) -> list[Row]:
   width = (s + k) * f
   dense_w = tuple(0.02 * jax.random.normal(kk, shape) for kk, shape in
                   zip(ks[2:5], [(d, width), (d, width), (width, d)]))
-  dense = measure(f"dense SwiGLU width {width} (limit)", lambda x, w: experts.swiglu(x, *w), (x, dense_w), reps)
-  default_name = backends.AUTO.get(jax.default_backend(), "tiled")
-  rows = [dense]
+  dense = lambda x, w: experts.swiglu(x, *w)
   args = (x, w_router, routed, shared)
-  for name in ("tiled", "ragged_dot"):
-    row = measure(f"dropless sort + {name}", dropless(backends.BACKENDS[name]), args, reps)
-    row.default = name == default_name
-    rows.append(row)
-  rows.append(measure("capacity einsum cf=1.0 (drops tokens)", capacity, args, reps))
-  if jax.default_backend() == "tpu":
-    row = measure("dropless Pallas (Mosaic)", dropless(backends.BACKENDS["pallas"]), args, reps)
-    row.default = True
-    rows.append(row)
-  for row in rows:
-    row.ratio_to_dense = row.fwd_bwd_ms / dense.fwd_bwd_ms
+  default = backends.default_name()
+  limit = Path(f"dense SwiGLU width {width} (limit)", dense, (x, dense_w))
+  labels = {"fused": "dropless fused XLA loop (sort, gather, SwiGLU, scatter per chunk)",
+            "tiled": "dropless sort + permute + tiled gmm loop + combine",
+            "capacity": "capacity einsum cf=1.0 (drops tokens)",
+            "ragged_dot": "dropless sort + permute + jax.lax.ragged_dot + combine",
+            "pallas": "dropless Pallas kernels (Mosaic)"}
+  paths = []
+  for name in PATHS:  # ragged_dot late: on CPU its 12 GiB of buffers disturb what follows
+    if name not in only or (name == "pallas" and jax.default_backend() != "tpu"):
+      continue
+    layer = capacity if name == "capacity" else dropless(backends.BACKENDS[name])
+    paths.append(Path(labels[name], layer, args, name == default))
+  rows = measure(limit, paths, reps)
   if interpret:
-    small = [a[:interpret] if a is x else a for a in args]
-    dense_small = measure("", lambda x, w: experts.swiglu(x, *w), (small[0], dense_w), 1)
-    row = measure(f"dropless Pallas interpret (reference; T={interpret})",
-                  dropless(backends.BACKENDS["pallas_interpret"]), small, 1)
-    row.ratio_to_dense = row.fwd_bwd_ms / dense_small.fwd_bwd_ms
-    rows.append(row)
+    small = (x[:interpret], *args[1:])
+    rows += measure(Path("", dense, (small[0], dense_w)),
+                    [Path(f"dropless Pallas interpret (reference; T={interpret})",
+                          dropless(backends.BACKENDS["pallas_interpret"]), small)], 1)[1:]
   return rows
 
 
@@ -155,8 +198,11 @@ def main(argv):
     rows = model_rows(_REPS.value)
     header = "training step, tiny models, batch 16 x 128 (fwd+bwd ms = one optimizer step)"
   else:
+    unknown = set(_PATHS.value) - set(PATHS)
+    if unknown:
+      raise app.UsageError(f"--paths: unknown {sorted(unknown)}; choose from {PATHS}")
     rows = layer_rows(_T.value, _D.value, _E.value, _F.value, _K.value, _S.value, _REPS.value,
-                      _INTERPRET.value)
+                      _INTERPRET.value, tuple(_PATHS.value))
     header = (f"MoE layer: T={_T.value} d_model={_D.value} {_S.value} shared + {_E.value} routed "
               f"experts of width {_F.value}, {_K.value} active")
   print(f"{header}; backend {jax.default_backend()}, {jax.devices()[0].device_kind}")

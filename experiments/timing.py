@@ -8,9 +8,10 @@ import time
 import jax
 
 
-def time_ms(fn, args, reps: int) -> float:
+def time_ms(fn, args, reps: int, warmup: bool = True) -> float:
   """Median milliseconds of fn(*args) over reps calls, after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
+  if warmup:
+    jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
     t = time.perf_counter()

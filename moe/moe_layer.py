@@ -98,12 +98,8 @@ class RoutedExperts(nnx.Module):
 
 def dropless_moe(x: jax.Array, route: Route, weights, backend: backends.Backend) -> tuple[jax.Array, jax.Array]:
   """x: [T, d] -> (sum_k g_k expert_k(x) [T, d], number of dropped pairs = 0)."""
-  n_experts = weights[0].shape[0]
-  k = route.expert_idx.shape[-1]
-  sorted_routing = dispatch.sort_by_expert(route.expert_idx, n_experts)
-  rows = backend.permute(x, sorted_routing, k)
-  out = experts.grouped_swiglu(rows, sorted_routing.group_sizes, *weights, gmm=backend.gmm)
-  return backend.combine(out, sorted_routing, route.gates), jnp.zeros((), jnp.int32)
+  sorted_routing = dispatch.sort_by_expert(route.expert_idx, weights[0].shape[0])
+  return backend.experts(x, sorted_routing, route.gates, weights), jnp.zeros((), jnp.int32)
 
 
 def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) -> tuple[jax.Array, jax.Array]:
