@@ -31,7 +31,7 @@ _E = flags.DEFINE_integer("experts", 64, "routed experts")
 _F = flags.DEFINE_integer("expert_width", 128, "expert FFN width")
 _K = flags.DEFINE_integer("top_k", 6, "routed experts per token")
 _S = flags.DEFINE_integer("shared", 2, "shared experts")
-_REPS = flags.DEFINE_integer("reps", 7, "timed repetitions (median reported)")
+_REPS = flags.DEFINE_integer("reps", 9, "timed repetitions (median reported)")
 _INTERPRET = flags.DEFINE_integer("interpret_tokens", 256,
                                    "tokens for the interpret-mode Pallas row, which is timed against "
                                    "its own dense limit at that size (0: skip; it is slow)")

@@ -94,6 +94,26 @@ def _rows(a: jax.Array, r0, rows: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(a, r0, rows)
 
 
+def _gather(a: jax.Array, idx: jax.Array) -> jax.Array:
+  """a[idx] for indices known to be in range: no bounds checks in the gather."""
+  return a.at[idx].get(mode="promise_in_bounds")
+
+
+def _store_index(tok, r0, rows: int, n_valid, chunk: int, n_tokens: int) -> jax.Array:
+  """Token of each of a chunk's `chunk` output rows, n_tokens (dropped) past its n_valid.
+
+  Within one expert a token appears once and in increasing order (the sort is stable), so
+  the valid indices are unique and sorted, and the scatter may skip collision handling.
+  """
+  idx = jnp.where(jnp.arange(rows) < n_valid, _rows(tok, r0, rows), n_tokens)
+  return jnp.pad(idx, (0, chunk - rows), constant_values=n_tokens)
+
+
+def _add_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+  """buf[idx] += rows, rows with idx out of range dropped; idx unique and sorted."""
+  return buf.at[idx].add(rows, mode="drop", unique_indices=True, indices_are_sorted=True)
+
+
 def _pad_to(a: jax.Array, rows: int) -> jax.Array:
   return a if a.shape[0] == rows else jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
@@ -129,20 +149,21 @@ def _no_acc(g, carry, acc):
 def _forward(x, tok, gate, w_gate, w_up, w_down, group_sizes, c: Chunking):
   """-> (out [T, d] f32, ab [m + chunk, 2f]: the saved gate/up pre-activations)."""
   m, f = tok.shape[0], w_gate.shape[2]
+  n_tokens = x.shape[0]
   tok, gate = _pad(tok, c.chunk), _pad(gate, c.chunk)
 
   def chunk(rows, r0, n_valid, weights):
     w_gu, w_d = weights
     g_r = jnp.where(jnp.arange(rows) < n_valid, _rows(gate, r0, rows), 0)[:, None]
-    ab = _dot(jnp.take(x, _rows(tok, r0, rows), axis=0), w_gu)
+    ab = _dot(_gather(x, _rows(tok, r0, rows)), w_gu)
     h = g_r * jax.nn.silu(ab[:, :f]) * ab[:, f:]
-    return _pad_to(ab.astype(x.dtype), c.chunk), _pad_to(_dot(h.astype(w_d.dtype), w_d), c.chunk)
+    y = _pad_to(_dot(h.astype(w_d.dtype), w_d), c.chunk)
+    return _pad_to(ab.astype(x.dtype), c.chunk), y, _store_index(tok, r0, rows, n_valid, c.chunk, n_tokens)
 
   def store(r0, outputs, state):
     (out, ab_all), acc = state
-    ab, y = outputs
-    out = out.at[_rows(tok, r0, c.chunk)].add(y)
-    return (out, jax.lax.dynamic_update_slice_in_dim(ab_all, ab, r0, 0)), acc
+    ab, y, idx = outputs
+    return (_add_rows(out, idx, y), jax.lax.dynamic_update_slice_in_dim(ab_all, ab, r0, 0)), acc
 
   start = lambda g: ((_gate_up(w_gate, w_up, g), w_down[g]), ())
   carry = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((m + c.chunk, 2 * f), x.dtype))
@@ -151,7 +172,7 @@ def _forward(x, tok, gate, w_gate, w_up, w_down, group_sizes, c: Chunking):
 
 def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c: Chunking):
   m, f = tok.shape[0], w_gate.shape[2]
-  d = x.shape[1]
+  n_tokens, d = x.shape
   tok, gate = _pad(tok, c.chunk), _pad(gate, c.chunk)
   d_out = d_out.astype(x.dtype)
 
@@ -160,8 +181,8 @@ def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c:
     valid = jnp.arange(rows) < n_valid
     t = _rows(tok, r0, rows)
     g_r = jnp.where(valid, _rows(gate, r0, rows), 0)[:, None]
-    xt = jnp.take(x, t, axis=0)
-    dy = jnp.take(d_out, t, axis=0)
+    xt = _gather(x, t)
+    dy = _gather(d_out, t)
     ab = _rows(ab_all, r0, rows).astype(jnp.float32)
     a, b = ab[:, :f], ab[:, f:]
     sig = jax.nn.sigmoid(a)
@@ -171,12 +192,14 @@ def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c:
     d_gate = jnp.where(valid, jnp.sum(dhs * h, 1), 0)
     dh = g_r * dhs
     dab = jnp.concatenate([dh * b * sig * (1 + a * (1 - sig)), dh * a * sig], axis=1).astype(x.dtype)
-    return d_wd, _dot_tn(xt, dab), _pad_to(d_gate, c.chunk), _pad_to(_dot_t(dab, w_gu), c.chunk)
+    dx_r = _pad_to(_dot_t(dab, w_gu), c.chunk)
+    idx = _store_index(tok, r0, rows, n_valid, c.chunk, n_tokens)
+    return d_wd, _dot_tn(xt, dab), _pad_to(d_gate, c.chunk), dx_r, idx
 
   def store(r0, outputs, state):
     (dx, d_gate, d_wg, d_wu, d_wd), (acc_gu, acc_d) = state
-    d_wd_g, d_wgu_g, d_gate_r, dx_r = outputs
-    dx = dx.at[_rows(tok, r0, c.chunk)].add(dx_r)
+    d_wd_g, d_wgu_g, d_gate_r, dx_r, idx = outputs
+    dx = _add_rows(dx, idx, dx_r)
     d_gate = jax.lax.dynamic_update_slice_in_dim(d_gate, d_gate_r, r0, 0)
     return (dx, d_gate, d_wg, d_wu, d_wd), (acc_gu + d_wgu_g, acc_d + d_wd_g)
 
@@ -222,7 +245,8 @@ def fused_swiglu_experts(x: jax.Array, routing: SortedRouting, gates: jax.Array,
   """x: [T, d], gates: [T, K'], w_gate/w_up: [E, d, f], w_down: [E, f, d] -> [T, d].
 
   sum over each token's K' choices of gate * SwiGLU_expert(x), rows in `routing` order.
-  chunking: None fits it to the average rows per expert.
+  A token's K' experts must be distinct (top-k routing gives that): output rows are
+  scattered with unique indices. chunking: None fits it to the average rows per expert.
   """
   k = gates.shape[1]
   chunking = chunking or Chunking.fit(routing.order.shape[0], w_gate.shape[0])
