@@ -35,9 +35,10 @@ _REPS = flags.DEFINE_integer("reps", 9, "timed repetitions (median reported)")
 _INTERPRET = flags.DEFINE_integer("interpret_tokens", 256,
                                    "tokens for the interpret-mode Pallas row, which is timed against "
                                    "its own dense limit at that size (0: skip; it is slow)")
-PATHS = ("fused", "tiled", "capacity", "ragged_dot", "pallas")
+PATHS = ("fused", "tiled", "floor", "capacity", "ragged_dot", "pallas")
 _PATHS = flags.DEFINE_list("paths", list(PATHS), f"layer paths to time, from {PATHS} "
-                           "(pallas only on TPU)")
+                           "(pallas only on TPU; floor: the routed FLOPs as one dense matmul "
+                           "chain, and the shared experts alone)")
 _MODEL = flags.DEFINE_bool("model", False, "time training steps of tiny models instead")
 _JSON = flags.DEFINE_string("json_out", None, "also write the rows as JSON here")
 
@@ -146,6 +147,11 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
   for name in PATHS:  # ragged_dot late: on CPU its 12 GiB of buffers disturb what follows
     if name not in only or (name == "pallas" and jax.default_backend() != "tpu"):
       continue
+    if name == "floor":  # what free dispatch would cost: the same matmul shapes, unrouted
+      paths += [Path(f"floor: routed FLOPs as one SwiGLU on [T*K', d], width {f}", dense,
+                     (jnp.tile(x, (k, 1)), tuple(w[0] for w in routed))),
+                Path(f"floor: shared experts alone (width {s * f})", dense, (x, shared))]
+      continue
     layer = capacity if name == "capacity" else dropless(backends.BACKENDS[name])
     paths.append(Path(labels[name], layer, args, name == default))
   rows = measure(limit, paths, reps)
@@ -192,6 +198,15 @@ def format_table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
+def write_json(rows: list[Row], path: str) -> None:
+  """The rows as a JSON list of {path, fwd_ms, fwd_bwd_ms, peak_temp_bytes, ratio_to_dense,
+  default}; times in milliseconds, ratio_to_dense of forward+backward."""
+  with open(path, "w") as fh:
+    json.dump([{"path": r.path, "fwd_ms": r.fwd_ms, "fwd_bwd_ms": r.fwd_bwd_ms,
+                "peak_temp_bytes": r.peak_temp_bytes, "ratio_to_dense": r.ratio_to_dense,
+                "default": r.default} for r in rows], fh, indent=2)
+
+
 def main(argv):
   del argv
   if _MODEL.value:
@@ -208,10 +223,7 @@ def main(argv):
   print(f"{header}; backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
   print(format_table(rows))
   if _JSON.value:
-    with open(_JSON.value, "w") as fh:
-      json.dump([{"path": r.path, "fwd_ms": r.fwd_ms, "fwd_bwd_ms": r.fwd_bwd_ms,
-                  "peak_temp_bytes": r.peak_temp_bytes, "ratio_to_dense": r.ratio_to_dense,
-                  "default": r.default} for r in rows], fh, indent=2)
+    write_json(rows, _JSON.value)
 
 
 if __name__ == "__main__":

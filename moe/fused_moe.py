@@ -9,9 +9,9 @@ at a time, so no [T*K', d] array exists:
         [a | b] = x[t_r] @ [W_gate_g | W_up_g]          # one matmul for both projections
         out[t_r] += (g_r * silu(a) * b) @ W_down_g      # gate folded in before W_down
 
-Chunks are `chunk` rows; a group's tail is rounded up to a multiple of `quantum` rows and
-run by the branch of that static size (lax.switch), so at most quantum - 1 rows per group
-are wasted. Forward saves only [a | b] ([T*K', 2f]); the backward pass re-gathers x and
+Chunks are `chunk` rows (by default about an average group, Chunking.fit); a group's tail
+is rounded up to a multiple of `quantum` rows and run by the branch of that static size
+(lax.switch), so at most quantum - 1 rows per group are wasted. Forward saves only [a | b] ([T*K', 2f]); the backward pass re-gathers x and
 d_out rows per chunk and accumulates weight gradients per group in f32. Empty experts
 get exactly zero gradient.
 """

@@ -1,0 +1,27 @@
+"""The dispatch benchmark runs end to end at a tiny shape and reports what it promises."""
+
+import json
+import math
+
+from experiments import bench_moe
+
+
+def test_layer_benchmark_rows_and_json(tmp_path):
+  rows = bench_moe.layer_rows(t=32, d=16, e=4, f=8, k=2, s=1, reps=1, interpret=8,
+                              only=("fused", "tiled", "floor", "capacity", "ragged_dot"))
+  names = [r.path for r in rows]
+  assert names[0].startswith("dense SwiGLU width 24")
+  assert any("fused" in n for n in names) and any("ragged_dot" in n for n in names)
+  assert sum("floor" in n for n in names) == 2 and "interpret" in names[-1]
+  assert [r.default for r in rows].count(True) == 1, "exactly one row is the model's default path"
+  assert "fused" in next(r.path for r in rows if r.default)
+  for r in rows:
+    assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and math.isfinite(r.ratio_to_dense), r
+    assert r.peak_temp_bytes >= 0, r
+  assert rows[0].ratio_to_dense == 1.0
+  out = tmp_path / "bench.json"
+  bench_moe.write_json(rows, str(out))
+  data = json.loads(out.read_text())
+  assert [d["path"] for d in data] == names
+  assert set(data[0]) == {"path", "fwd_ms", "fwd_bwd_ms", "peak_temp_bytes", "ratio_to_dense", "default"}
+  assert "| path | fwd ms |" in bench_moe.format_table(rows)
