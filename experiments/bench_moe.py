@@ -65,13 +65,20 @@ class Path(NamedTuple):
   default: bool = False
 
 
-def _compiled(path: Path):
+class Jitted(NamedTuple):
+  fwd: Callable
+  fwd_args: tuple
+  grad: Callable
+  grad_args: tuple
+
+
+def _compiled(path: Path) -> Jitted:
   """Forward, and forward+backward w.r.t. every input. The output cotangent is an argument,
   as in training: a constant one would let XLA fold it into the backward pass."""
   cot = 1e-3 * jnp.ones(jax.eval_shape(path.layer, *path.args).shape, jnp.float32)
   grad = jax.jit(jax.grad(lambda cot, *a: jnp.sum(path.layer(*a) * cot),
                           argnums=tuple(range(1, len(path.args) + 1))))
-  return jax.jit(path.layer), path.args, grad, (cot, *path.args)
+  return Jitted(jax.jit(path.layer), path.args, grad, (cot, *path.args))
 
 
 def _time_round_robin(compiled, reps: int) -> list[tuple[list[float], list[float]]]:
@@ -99,10 +106,10 @@ def measure(limit: Path, paths: list[Path], reps: int) -> list[Row]:
     limit_times[0].extend(l_fwd)
     limit_times[1].extend(l_grad)
     rows.append(Row(path.name, statistics.median(t_fwd), statistics.median(t_grad),
-                    _temp_bytes(compiled[2], compiled[3]),
+                    _temp_bytes(compiled.grad, compiled.grad_args),
                     statistics.median(t_grad) / statistics.median(l_grad), path.default))
   limit_row = Row(limit.name, statistics.median(limit_times[0]), statistics.median(limit_times[1]),
-                  _temp_bytes(limit_compiled[2], limit_compiled[3]), 1.0)
+                  _temp_bytes(limit_compiled.grad, limit_compiled.grad_args), 1.0)
   return [limit_row, *rows]
 
 

@@ -11,9 +11,9 @@ at a time, so no [T*K', d] array exists:
 
 Chunks are `chunk` rows (by default about an average group, Chunking.fit); a group's tail
 is rounded up to a multiple of `quantum` rows and run by the branch of that static size
-(lax.switch), so at most quantum - 1 rows per group are wasted. Forward saves only [a | b] ([T*K', 2f]); the backward pass re-gathers x and
-d_out rows per chunk and accumulates weight gradients per group in f32. Empty experts
-get exactly zero gradient.
+(lax.switch), so at most quantum - 1 rows per group are wasted. Forward saves only
+[a | b] ([T*K', 2f]); the backward pass re-gathers x and d_out rows per chunk and
+accumulates weight gradients per group in f32. Empty experts get exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class Chunking(NamedTuple):
     so 4 to 8 compiled tail sizes per pass."""
     chunk = min(512, max(8, 1 << max(0, math.ceil(math.log2(max(1, n_rows / n_groups))))))
     return cls(chunk, min(64, chunk // 4))
-
-
-def _pad(a: jax.Array, n: int) -> jax.Array:
-  return jnp.concatenate([a, jnp.zeros((n,) + a.shape[1:], a.dtype)])
 
 
 class GroupLoop(NamedTuple):
@@ -139,8 +135,9 @@ def _dot_tn(a, b):
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _gate_up(w_gate, w_up, g):
-  return jnp.concatenate([w_gate[g], w_up[g]], axis=1)                     # [d, 2f]
+def _expert_weights(w_gate, w_up, w_down):
+  """g -> (W_gate_g | W_up_g [d, 2f], W_down_g [f, d]), sliced once per expert."""
+  return lambda g: (jnp.concatenate([w_gate[g], w_up[g]], axis=1), w_down[g])
 
 
 def _no_acc(g, carry, acc):
@@ -151,7 +148,7 @@ def _forward(x, tok, gate, w_gate, w_up, w_down, group_sizes, c: Chunking):
   """-> (out [T, d] f32, ab [m + chunk, 2f]: the saved gate/up pre-activations)."""
   m, f = tok.shape[0], w_gate.shape[2]
   n_tokens = x.shape[0]
-  tok, gate = _pad(tok, c.chunk), _pad(gate, c.chunk)
+  tok, gate = _pad_to(tok, m + c.chunk), _pad_to(gate, m + c.chunk)
 
   def chunk(rows, r0, n_valid, weights):
     w_gu, w_d = weights
@@ -166,7 +163,8 @@ def _forward(x, tok, gate, w_gate, w_up, w_down, group_sizes, c: Chunking):
     ab, y, idx = outputs
     return (_add_rows(out, idx, y), jax.lax.dynamic_update_slice_in_dim(ab_all, ab, r0, 0)), acc
 
-  start = lambda g: ((_gate_up(w_gate, w_up, g), w_down[g]), ())
+  weights = _expert_weights(w_gate, w_up, w_down)
+  start = lambda g: (weights(g), ())
   carry = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((m + c.chunk, 2 * f), x.dtype))
   return _for_each_chunk(group_sizes, c, GroupLoop(start, chunk, store, _no_acc), carry)
 
@@ -174,7 +172,7 @@ def _forward(x, tok, gate, w_gate, w_up, w_down, group_sizes, c: Chunking):
 def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c: Chunking):
   m, f = tok.shape[0], w_gate.shape[2]
   n_tokens, d = x.shape
-  tok, gate = _pad(tok, c.chunk), _pad(gate, c.chunk)
+  tok, gate = _pad_to(tok, m + c.chunk), _pad_to(gate, m + c.chunk)
   d_out = d_out.astype(x.dtype)
 
   def chunk(rows, r0, n_valid, weights):
@@ -204,9 +202,10 @@ def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c:
     d_gate = jax.lax.dynamic_update_slice_in_dim(d_gate, d_gate_r, r0, 0)
     return (dx, d_gate, d_wg, d_wu, d_wd), (acc_gu + d_wgu_g, acc_d + d_wd_g)
 
+  weights = _expert_weights(w_gate, w_up, w_down)
+
   def start(g):
-    zeros = (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
-    return (_gate_up(w_gate, w_up, g), w_down[g]), zeros
+    return weights(g), (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
 
   def finish(g, carry, acc):
     dx, d_gate, d_wg, d_wu, d_wd = carry
