@@ -38,7 +38,7 @@ _INTERPRET = flags.DEFINE_integer("interpret_tokens", 256,
 PATHS = ("fused", "tiled", "floor", "capacity", "ragged_dot", "pallas")
 _PATHS = flags.DEFINE_list("paths", list(PATHS), f"layer paths to time, from {PATHS} "
                            "(pallas only on TPU; floor: the routed FLOPs as one dense matmul "
-                           "chain, and the shared experts alone)")
+                           "chain, the same one expert at a time, and the shared experts alone)")
 _MODEL = flags.DEFINE_bool("model", False, "time training steps of tiny models instead")
 _JSON = flags.DEFINE_string("json_out", None, "also write the rows as JSON here")
 
@@ -155,8 +155,11 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
     if name not in only or (name == "pallas" and jax.default_backend() != "tpu"):
       continue
     if name == "floor":  # what free dispatch would cost: the same matmul shapes, unrouted
+      per_expert = lambda rows, w: jax.lax.map(lambda a: experts.swiglu(*a), (rows, *w))
       paths += [Path(f"floor: routed FLOPs as one SwiGLU on [T*K', d], width {f}", dense,
                      (jnp.tile(x, (k, 1)), tuple(w[0] for w in routed))),
+                Path("floor: routed FLOPs one expert at a time (lax.map, equal contiguous groups)",
+                     per_expert, (jnp.tile(x, (k, 1)).reshape(e, -1, d), routed)),
                 Path(f"floor: shared experts alone (width {s * f})", dense, (x, shared))]
       continue
     layer = capacity if name == "capacity" else dropless(backends.BACKENDS[name])

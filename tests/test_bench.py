@@ -12,7 +12,7 @@ def test_layer_benchmark_rows_and_json(tmp_path):
   names = [r.path for r in rows]
   assert names[0].startswith("dense SwiGLU width 24")
   assert any("fused" in n for n in names) and any("ragged_dot" in n for n in names)
-  assert sum("floor" in n for n in names) == 2 and "interpret" in names[-1]
+  assert sum("floor" in n for n in names) == 3 and "interpret" in names[-1]
   assert [r.default for r in rows].count(True) == 1, "exactly one row is the model's default path"
   assert "fused" in next(r.path for r in rows if r.default)
   for r in rows:
