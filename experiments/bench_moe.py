@@ -143,7 +143,7 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
                   zip(ks[2:5], [(d, width), (d, width), (width, d)]))
   dense = lambda x, w: experts.swiglu(x, *w)
   args = (x, w_router, routed, shared)
-  default = backends.default_name()
+  default = backends.concrete_name("auto", t * k, routed[0])
   limit = Path(f"dense SwiGLU width {width} (limit)", dense, (x, dense_w))
   labels = {"fused": "dropless fused XLA loop (sort, gather, SwiGLU, scatter per chunk)",
             "tiled": "dropless sort + permute + tiled gmm loop + combine",

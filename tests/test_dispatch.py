@@ -1,5 +1,6 @@
 """Every dispatch path against the one-expert-at-a-time loop reference."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,28 @@ def test_capacity_equals_loop_on_kept_pairs(capacity_factor, case):
   assert int(n_dropped) == int(np.sum(np.asarray(keep)) - np.sum(np.asarray(fits)))
   if capacity_factor == 4.0 and case == "random":
     assert int(n_dropped) == 0
+
+
+def test_by_size_picks_by_ragged_dot_expansion():
+  by_size = backends.BACKENDS["by_size"]
+  x, w = make_weights()
+  idx, gates = routings(1)["random"]
+  expansion = backends.ragged_dot_bytes(T * K, w[0])
+  assert expansion == E * T * K * D * 4
+  assert by_size.pick(T * K, w[0]) is backends.BACKENDS["ragged_dot"]
+  assert backends.concrete_name("by_size", T * K, w[0]) == "ragged_dot"
+  large = dataclasses.replace(by_size, limit_bytes=expansion - 1)
+  assert large.pick(T * K, w[0]) is backends.BACKENDS["fused"]
+  # Expert parallelism's grouped matmul follows the same rule.
+  calls = []
+  spy = lambda tag: backends.Backend(gmm=lambda lhs, rhs, gs: calls.append(tag), permute=None, combine=None)
+  rule = backends.BySizeBackend(gmm=None, permute=None, combine=None, small=spy("small"),
+                                large=spy("large"), limit_bytes=expansion)
+  rule.gmm(jnp.zeros((T * K, D)), w[0], None)
+  dataclasses.replace(rule, limit_bytes=expansion - 1).gmm(jnp.zeros((T * K, D)), w[0], None)
+  assert calls == ["small", "large"]
+  y = dropless_moe(x, Route(gates, idx, None, None), w, large)[0]
+  np.testing.assert_allclose(y, loop_moe(x, idx, gates, *w), rtol=1e-5, atol=1e-5)
 
 
 def test_capacity_priority_is_first_choice_first():
