@@ -3,7 +3,9 @@
 import json
 import math
 
-from experiments import bench_moe
+import pytest
+
+from experiments import bench_moe, probe_ragged_dot
 
 
 def test_layer_benchmark_rows_and_json(tmp_path):
@@ -25,3 +27,14 @@ def test_layer_benchmark_rows_and_json(tmp_path):
   assert [d["path"] for d in data] == names
   assert set(data[0]) == {"path", "fwd_ms", "fwd_bwd_ms", "peak_temp_bytes", "ratio_to_dense", "default"}
   assert "| path | fwd ms |" in bench_moe.format_table(rows)
+
+
+def test_ragged_dot_probe_reports_the_dense_expansion():
+  result = probe_ragged_dot.probe(rows=64, k=16, n=8, groups=4, dtype="float32", reps=1)
+  assert set(result) == {"fwd_ms", "fwd_bwd_ms", "dense_fwd_ms", "fwd_temp_mib", "fwd_bwd_temp_mib",
+                         "dense_expansion_mib"}
+  assert all(v > 0 for v in result.values()), result
+  # XLA:CPU expands ragged_dot densely: what backends.ragged_dot_bytes (by_size's rule) predicts.
+  assert result["fwd_temp_mib"] >= 0.9 * result["dense_expansion_mib"], result
+  with pytest.raises(ValueError, match="multiple of --groups"):
+    probe_ragged_dot.probe(rows=63, k=16, n=8, groups=4, dtype="float32", reps=1)

@@ -1,0 +1,66 @@
+"""Does this platform run jax.lax.ragged_dot as a grouped GEMM, or expand it densely?
+
+  python -m experiments.probe_ragged_dot                       # the DeepSeekMoE-16B shape
+  python -m experiments.probe_ragged_dot --dtype=float32 --rows=4096 --k=512 --n=128
+
+Prints forward and forward+backward time of ragged_dot([rows, k], [groups, k, n]) with
+equal groups, one dense matmul of the same FLOPs, and the compiled temporaries. A dense
+expansion shows as temporaries near backends.ragged_dot_bytes (groups x rows x max(k, n))
+and a time far above the dense matmul's; `by_size` on GPU assumes it (docs/bench_moe_gpu.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments.timing import time_ms
+from moe import backends
+
+def _temp_mib(fn, *args) -> float:
+  analysis = fn.lower(*args).compile().memory_analysis()
+  return analysis.temp_size_in_bytes / 2**20 if analysis is not None else float("nan")
+
+
+def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict[str, float]:
+  if rows % groups:
+    raise ValueError(f"--rows={rows} must be a multiple of --groups={groups} (equal groups)")
+  keys = jax.random.split(jax.random.key(0), 2)
+  lhs = jax.random.normal(keys[0], (rows, k), dtype)
+  rhs = 0.02 * jax.random.normal(keys[1], (groups, k, n), dtype)
+  sizes = jnp.full((groups,), rows // groups, jnp.int32)
+  ragged = lambda a, b: jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32)
+  fwd = jax.jit(ragged)
+  grad = jax.jit(jax.grad(lambda a, b: jnp.sum(ragged(a, b)), argnums=(0, 1)))
+  dense = jax.jit(lambda a, b: jnp.dot(a, b[0], preferred_element_type=jnp.float32))
+  return {"fwd_ms": time_ms(fwd, (lhs, rhs), reps), "fwd_bwd_ms": time_ms(grad, (lhs, rhs), reps),
+          "dense_fwd_ms": time_ms(dense, (lhs, rhs), reps),
+          "fwd_temp_mib": _temp_mib(fwd, lhs, rhs), "fwd_bwd_temp_mib": _temp_mib(grad, lhs, rhs),
+          "dense_expansion_mib": backends.ragged_dot_bytes(rows, rhs) / 2**20}
+
+
+def _define_flags() -> None:
+  # Defined only when run as a script: its --reps would clash with bench_moe's on import.
+  flags.DEFINE_integer("rows", 49152, "rows (tokens x K')")
+  flags.DEFINE_integer("k", 2048, "contraction width (d_model)")
+  flags.DEFINE_integer("n", 1408, "output width (expert width)")
+  flags.DEFINE_integer("groups", 64, "groups (experts)")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "input dtype")
+  flags.DEFINE_integer("reps", 10, "timed repetitions (median)")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  result = probe(f.rows, f.k, f.n, f.groups, f.dtype, f.reps)
+  print(f"ragged_dot [{f.rows}, {f.k}] x [{f.groups}, {f.k}, {f.n}] {f.dtype} on "
+        f"{jax.devices()[0].device_kind}")
+  for name, value in result.items():
+    print(f"  {name:20s} {value:10.2f}")
+  print(f"  forward over dense: {result['fwd_ms'] / result['dense_fwd_ms']:.1f}x")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
