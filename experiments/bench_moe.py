@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from data.input_pipeline import random_batch
-from experiments.timing import time_ms
+from experiments.timing import temp_bytes, time_ms
 from moe import backends, experts, moe_layer, routing
 from moe.config import ModelConfig, get_preset
 
@@ -51,11 +51,6 @@ class Row:
   peak_temp_bytes: int
   ratio_to_dense: float = float("nan")
   default: bool = False
-
-
-def _temp_bytes(fn, args) -> int:
-  analysis = fn.lower(*args).compile().memory_analysis()
-  return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
 
 
 class Path(NamedTuple):
@@ -106,10 +101,10 @@ def measure(limit: Path, paths: list[Path], reps: int) -> list[Row]:
     limit_times[0].extend(l_fwd)
     limit_times[1].extend(l_grad)
     rows.append(Row(path.name, statistics.median(t_fwd), statistics.median(t_grad),
-                    _temp_bytes(compiled.grad, compiled.grad_args),
+                    temp_bytes(compiled.grad, compiled.grad_args),
                     statistics.median(t_grad) / statistics.median(l_grad), path.default))
   limit_row = Row(limit.name, statistics.median(limit_times[0]), statistics.median(limit_times[1]),
-                  _temp_bytes(limit_compiled.grad, limit_compiled.grad_args), 1.0)
+                  temp_bytes(limit_compiled.grad, limit_compiled.grad_args), 1.0)
   return [limit_row, *rows]
 
 

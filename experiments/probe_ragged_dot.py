@@ -15,13 +15,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.timing import time_ms
+from experiments.timing import temp_bytes, time_ms
 from moe import backends
-
-def _temp_mib(fn, *args) -> float:
-  analysis = fn.lower(*args).compile().memory_analysis()
-  return analysis.temp_size_in_bytes / 2**20 if analysis is not None else float("nan")
-
 
 def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict[str, float]:
   if rows % groups:
@@ -36,7 +31,8 @@ def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict
   dense = jax.jit(lambda a, b: jnp.dot(a, b[0], preferred_element_type=jnp.float32))
   return {"fwd_ms": time_ms(fwd, (lhs, rhs), reps), "fwd_bwd_ms": time_ms(grad, (lhs, rhs), reps),
           "dense_fwd_ms": time_ms(dense, (lhs, rhs), reps),
-          "fwd_temp_mib": _temp_mib(fwd, lhs, rhs), "fwd_bwd_temp_mib": _temp_mib(grad, lhs, rhs),
+          "fwd_temp_mib": temp_bytes(fwd, (lhs, rhs)) / 2**20,
+          "fwd_bwd_temp_mib": temp_bytes(grad, (lhs, rhs)) / 2**20,
           "dense_expansion_mib": backends.ragged_dot_bytes(rows, rhs) / 2**20}
 
 

@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by the benchmark scripts."""
+"""Wall-clock timing and compiled memory shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def time_ms(fn, args, reps: int, warmup: bool = True) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
   return statistics.median(times) * 1e3
+
+
+def temp_bytes(fn, args) -> int:
+  """Temporary bytes of jitted fn's compiled executable for args (-1 where XLA reports none)."""
+  analysis = fn.lower(*args).compile().memory_analysis()
+  return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
