@@ -22,7 +22,7 @@ from absl import app, flags
 
 from data.input_pipeline import random_batch
 from experiments.timing import temp_bytes, time_ms
-from moe import backends, experts, moe_layer, routing
+from moe import backends, cpu_ffi, experts, moe_layer, routing
 from moe.config import ModelConfig, get_preset
 
 _T = flags.DEFINE_integer("tokens", 4096, "tokens per batch (T)")
@@ -35,7 +35,7 @@ _REPS = flags.DEFINE_integer("reps", 9, "timed repetitions (median reported)")
 _INTERPRET = flags.DEFINE_integer("interpret_tokens", 256,
                                    "tokens for the interpret-mode Pallas row, which is timed against "
                                    "its own dense limit at that size (0: skip; it is slow)")
-PATHS = ("fused", "tiled", "floor", "capacity", "ragged_dot", "pallas")
+PATHS = ("fused", "cpu_ffi", "tiled", "floor", "capacity", "ragged_dot", "pallas")
 _PATHS = flags.DEFINE_list("paths", list(PATHS), f"layer paths to time, from {PATHS} "
                            "(pallas only on TPU; floor: the routed FLOPs as one dense matmul "
                            "chain, the same one expert at a time, and the shared experts alone)")
@@ -141,6 +141,7 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
   default = backends.concrete_name("auto", t * k, routed[0])
   limit = Path(f"dense SwiGLU width {width} (limit)", dense, (x, dense_w))
   labels = {"fused": "dropless fused XLA loop (sort, gather, SwiGLU, scatter per chunk)",
+            "cpu_ffi": "dropless C++ FFI kernel, whole experts per CPU thread",
             "tiled": "dropless sort + permute + tiled gmm loop + combine",
             "capacity": "capacity einsum cf=1.0 (drops tokens)",
             "ragged_dot": "dropless sort + permute + jax.lax.ragged_dot + combine",
@@ -148,6 +149,8 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
   paths = []
   for name in PATHS:  # ragged_dot late: on CPU its 12 GiB of buffers disturb what follows
     if name not in only or (name == "pallas" and jax.default_backend() != "tpu"):
+      continue
+    if name == "cpu_ffi" and (jax.default_backend() != "cpu" or not cpu_ffi.available()):
       continue
     if name == "floor":  # what free dispatch would cost: the same matmul shapes, unrouted
       per_expert = lambda rows, w: jax.lax.map(lambda a: experts.swiglu(*a), (rows, *w))

@@ -1,8 +1,9 @@
 """Dropless dispatch backends: how (token, choice) rows are permuted into expert order,
 multiplied by their expert's weights, and combined back with the gates.
 
-`ModelConfig.dispatch` names one; "auto" picks the Pallas kernels on TPU, the fused XLA
-loop (moe.fused_moe) on CPU, and on GPU "by_size": XLA's ragged dot for small layers, the
+`ModelConfig.dispatch` names one; "auto" picks the Pallas kernels on TPU, on CPU the C++
+FFI kernel (moe.cpu_ffi) where it builds and the fused XLA loop (moe.fused_moe) where not,
+and on GPU "by_size": XLA's ragged dot for small layers, the
 fused loop for large ones (JAX 0.11's XLA:GPU expands ragged_dot into a dense product per
 group, like XLA:CPU; docs/bench_moe_gpu.md). Every backend computes the same function
 (tests/test_dispatch.py checks each against a loop reference).
@@ -16,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moe import dispatch, experts, fused_moe, grouped_matmul
+from moe import cpu_ffi, dispatch, experts, fused_moe, grouped_matmul
 from moe.experts import GroupedMatmul
 from pallas_kernels import ops as pallas_ops
 
@@ -41,6 +42,16 @@ class FusedBackend(Backend):
 
   def experts(self, x, routing, gates, weights):
     return fused_moe.fused_swiglu_experts(x, routing, gates, *weights)
+
+
+class CpuFfiBackend(Backend):
+  """The routed experts as one C++ XLA FFI call per pass, experts spread over CPU threads
+  (moe.cpu_ffi); f32 only, other dtypes run the fused loop."""
+
+  def experts(self, x, routing, gates, weights):
+    if x.dtype != jnp.float32 or any(w.dtype != jnp.float32 for w in weights):
+      return fused_moe.fused_swiglu_experts(x, routing, gates, *weights)
+    return cpu_ffi.ffi_swiglu_experts(x, routing, gates, *weights)
 
 
 def ragged_dot_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -91,6 +102,7 @@ _XLA_MOVES = dict(permute=dispatch.permute, combine=dispatch.unpermute)
 
 BACKENDS: dict[str, Backend] = {
     "fused": FusedBackend(gmm=grouped_matmul.gmm, **_XLA_MOVES),
+    "cpu_ffi": CpuFfiBackend(gmm=grouped_matmul.gmm, **_XLA_MOVES),
     "tiled": Backend(gmm=grouped_matmul.gmm, **_XLA_MOVES),
     "ragged_dot": Backend(gmm=ragged_dot_gmm, **_XLA_MOVES),
     "pallas": _pallas(interpret=False),
@@ -98,7 +110,7 @@ BACKENDS: dict[str, Backend] = {
 }
 BACKENDS["by_size"] = BySizeBackend(gmm=None, small=BACKENDS["ragged_dot"], large=BACKENDS["fused"],
                                     **_XLA_MOVES)
-AUTO = {"tpu": "pallas", "gpu": "by_size", "cpu": "fused"}
+AUTO = {"tpu": "pallas", "gpu": "by_size", "cpu": "cpu_ffi"}
 
 
 def resolve(name: str) -> Backend:
@@ -109,8 +121,12 @@ def resolve(name: str) -> Backend:
 
 
 def default_name() -> str:
-  """The backend "auto" picks on this machine's default JAX platform."""
-  return AUTO.get(jax.default_backend(), "fused")
+  """The backend "auto" picks on this machine's default JAX platform; on CPU the C++ FFI
+  kernel where it builds (moe.cpu_ffi.status() says why not), else the fused loop."""
+  name = AUTO.get(jax.default_backend(), "fused")
+  if name == "cpu_ffi" and not cpu_ffi.available():
+    return "fused"
+  return name
 
 
 def concrete_name(name: str, n_rows: int, rhs: jax.Array) -> str:

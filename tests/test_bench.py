@@ -6,17 +6,19 @@ import math
 import pytest
 
 from experiments import bench_moe, probe_ragged_dot
+from moe import cpu_ffi
 
 
 def test_layer_benchmark_rows_and_json(tmp_path):
   rows = bench_moe.layer_rows(t=32, d=16, e=4, f=8, k=2, s=1, reps=1, interpret=8,
-                              only=("fused", "tiled", "floor", "capacity", "ragged_dot"))
+                              only=("fused", "cpu_ffi", "tiled", "floor", "capacity", "ragged_dot"))
   names = [r.path for r in rows]
   assert names[0].startswith("dense SwiGLU width 24")
   assert any("fused" in n for n in names) and any("ragged_dot" in n for n in names)
   assert sum("floor" in n for n in names) == 3 and "interpret" in names[-1]
   assert [r.default for r in rows].count(True) == 1, "exactly one row is the model's default path"
-  assert "fused" in next(r.path for r in rows if r.default)
+  default_row = next(r.path for r in rows if r.default)
+  assert ("FFI" in default_row) if cpu_ffi.available() else ("fused" in default_row), default_row
   for r in rows:
     assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and math.isfinite(r.ratio_to_dense), r
     assert r.peak_temp_bytes >= 0, r

@@ -1,0 +1,178 @@
+// Routed SwiGLU experts on CPU as one XLA FFI call per pass, experts spread over threads.
+//
+// XLA:CPU splits every small per-expert matmul over all cores, and at DeepSeekMoE's expert
+// sizes that scales poorly; here each thread takes whole experts (gather its tokens' rows,
+// single-threaded sgemm calls, scatter-add into a thread-private output summed at the end).
+// f32 only. Rows are in expert-sorted order: tok[r] is the token of row r, gate[r] its gate,
+// group_sizes[e] the rows of expert e. Built by moe/cpu_ffi.py against the OpenBLAS that
+// numpy ships (its 64-bit-index cblas).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using F32 = ffi::Buffer<ffi::F32>;
+using I32 = ffi::Buffer<ffi::S32>;
+
+extern "C" void scipy_cblas_sgemm64_(int, int, int, int64_t, int64_t, int64_t, float, const float*,
+                                     int64_t, const float*, int64_t, float, float*, int64_t);
+extern "C" int openblas_set_num_threads_local(int);
+
+namespace {
+
+constexpr int kRowMajor = 101, kN = 111, kT = 112;
+
+// C[M, N] = beta * C + op(A) @ op(B), row major.
+void Gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  scipy_cblas_sgemm64_(kRowMajor, ta, tb, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
+}
+
+float Sigmoid(float a) { return 1.f / (1.f + std::exp(-a)); }
+
+// rows[i] = src[tok[i]], rows of width d.
+void GatherRows(const float* src, const int32_t* tok, int64_t n, int64_t d, float* rows) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(rows + i * d, src + int64_t{tok[i]} * d, sizeof(float) * d);
+}
+
+// dst[tok[i]] += rows[i]; within one expert a token appears once.
+void ScatterAddRows(const float* rows, const int32_t* tok, int64_t n, int64_t d, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* out = dst + int64_t{tok[i]} * d;
+    const float* r = rows + i * d;
+    for (int64_t j = 0; j < d; ++j) out[j] += r[j];
+  }
+}
+
+// Runs per_expert(thread, e, out) for every expert, expert e on thread e % threads; each
+// thread adds into its own [size] buffer (thread 0 into `out`), summed into `out` at the end.
+template <typename PerExpert>
+void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExpert per_expert) {
+  std::vector<std::vector<float>> private_out(threads);
+  auto run = [&](int tid) {
+    openblas_set_num_threads_local(1);
+    float* o = out;
+    if (tid > 0) {
+      private_out[tid].assign(size, 0.f);
+      o = private_out[tid].data();
+    } else {
+      std::memset(out, 0, sizeof(float) * size);
+    }
+    for (int64_t e = tid; e < n_experts; e += threads) per_expert(e, o);
+  };
+  std::vector<std::thread> pool;
+  for (int tid = 1; tid < threads; ++tid) pool.emplace_back(run, tid);
+  run(0);
+  for (auto& t : pool) t.join();
+  for (int tid = 1; tid < threads; ++tid)
+    for (int64_t i = 0; i < size; ++i) out[i] += private_out[tid][i];
+}
+
+std::vector<int64_t> Starts(const int32_t* sizes, int64_t n) {
+  std::vector<int64_t> start(n + 1, 0);
+  for (int64_t e = 0; e < n; ++e) start[e + 1] = start[e] + sizes[e];
+  return start;
+}
+
+ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I32 group_sizes,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> ab, int64_t threads) {
+  const int64_t n_tokens = x.dimensions()[0], d = x.dimensions()[1];
+  const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2];
+  const int32_t* sizes = group_sizes.typed_data();
+  const std::vector<int64_t> start = Starts(sizes, n_experts);
+  ForExperts(n_experts, static_cast<int>(threads), out->typed_data(), n_tokens * d, [&](int64_t e, float* o) {
+    const int64_t n = sizes[e], s = start[e];
+    if (n == 0) return;
+    std::vector<float> xe(n * d), h(n * f), y(n * d);
+    const int32_t* t = tok.typed_data() + s;
+    const float* g = gate.typed_data() + s;
+    GatherRows(x.typed_data(), t, n, d, xe.data());
+    float* ab_e = ab->typed_data() + s * 2 * f;  // [n, 2f]: gate and up pre-activations, saved
+    Gemm(kN, kN, n, f, d, xe.data(), d, w_gate.typed_data() + e * d * f, f, 0.f, ab_e, 2 * f);
+    Gemm(kN, kN, n, f, d, xe.data(), d, w_up.typed_data() + e * d * f, f, 0.f, ab_e + f, 2 * f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < f; ++j) {
+        const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j];
+        h[i * f + j] = g[i] * a * Sigmoid(a) * b;  // gate folded in before W_down
+      }
+    Gemm(kN, kN, n, d, f, h.data(), f, w_down.typed_data() + e * f * d, d, 0.f, y.data(), d);
+    ScatterAddRows(y.data(), t, n, d, o);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I32 group_sizes, F32 ab,
+                    F32 d_out, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_gate,
+                    ffi::ResultBuffer<ffi::F32> d_wg, ffi::ResultBuffer<ffi::F32> d_wu,
+                    ffi::ResultBuffer<ffi::F32> d_wd, int64_t threads) {
+  const int64_t n_tokens = x.dimensions()[0], d = x.dimensions()[1];
+  const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2];
+  const int32_t* sizes = group_sizes.typed_data();
+  const std::vector<int64_t> start = Starts(sizes, n_experts);
+  ForExperts(n_experts, static_cast<int>(threads), dx->typed_data(), n_tokens * d, [&](int64_t e, float* o) {
+    const int64_t n = sizes[e], s = start[e];
+    float* dwg = d_wg->typed_data() + e * d * f;
+    float* dwu = d_wu->typed_data() + e * d * f;
+    float* dwd = d_wd->typed_data() + e * f * d;
+    if (n == 0) {  // outputs are uninitialised: empty experts get exact zeros
+      std::memset(dwg, 0, sizeof(float) * d * f);
+      std::memset(dwu, 0, sizeof(float) * d * f);
+      std::memset(dwd, 0, sizeof(float) * f * d);
+      return;
+    }
+    std::vector<float> xe(n * d), dy(n * d), gh(n * f), dhs(n * f), dab(n * 2 * f), dxe(n * d);
+    const int32_t* t = tok.typed_data() + s;
+    const float* g = gate.typed_data() + s;
+    const float* ab_e = ab.typed_data() + s * 2 * f;
+    GatherRows(x.typed_data(), t, n, d, xe.data());
+    GatherRows(d_out.typed_data(), t, n, d, dy.data());
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < f; ++j) {
+        const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j];
+        gh[i * f + j] = g[i] * a * Sigmoid(a) * b;
+      }
+    Gemm(kT, kN, f, d, n, gh.data(), f, dy.data(), d, 0.f, dwd, d);                           // (g h)^T dy
+    Gemm(kN, kT, n, f, d, dy.data(), d, w_down.typed_data() + e * f * d, d, 0.f, dhs.data(), f);  // d(g h)
+    float* dg = d_gate->typed_data() + s;
+    for (int64_t i = 0; i < n; ++i) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < f; ++j) {
+        const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j], sig = Sigmoid(a);
+        const float ds = dhs[i * f + j], dh = g[i] * ds;
+        acc += ds * a * sig * b;
+        dab[i * 2 * f + j] = dh * b * sig * (1.f + a * (1.f - sig));
+        dab[i * 2 * f + f + j] = dh * a * sig;
+      }
+      dg[i] = acc;
+    }
+    Gemm(kT, kN, d, f, n, xe.data(), d, dab.data(), 2 * f, 0.f, dwg, f);
+    Gemm(kT, kN, d, f, n, xe.data(), d, dab.data() + f, 2 * f, 0.f, dwu, f);
+    Gemm(kN, kT, n, d, f, dab.data(), 2 * f, w_gate.typed_data() + e * d * f, f, 0.f, dxe.data(), d);
+    Gemm(kN, kT, n, d, f, dab.data() + f, 2 * f, w_up.typed_data() + e * d * f, f, 1.f, dxe.data(), d);
+    ScatterAddRows(dxe.data(), t, n, d, o);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpertSwigluForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<I32>().Arg<F32>()        // x, tok, gate
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()        // w_gate, w_up, w_down
+                                  .Arg<I32>()                              // group_sizes
+                                  .Ret<F32>().Ret<F32>()                   // out, ab
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpertSwigluBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>().Arg<I32>().Arg<F32>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Arg<I32>().Arg<F32>().Arg<F32>()        // group_sizes, ab, d_out
+                                  .Ret<F32>().Ret<F32>()                   // dx, d_gate
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()        // d_w_gate, d_w_up, d_w_down
+                                  .Attr<int64_t>("threads"));
