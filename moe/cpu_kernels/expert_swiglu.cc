@@ -72,20 +72,35 @@ void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExp
     for (int64_t i = 0; i < size; ++i) out[i] += private_out[tid][i];
 }
 
-std::vector<int64_t> Starts(const int32_t* sizes, int64_t n) {
-  std::vector<int64_t> start(n + 1, 0);
-  for (int64_t e = 0; e < n; ++e) start[e + 1] = start[e] + sizes[e];
-  return start;
+// Sizes of one call: x [n_tokens, d], expert weights [n_experts, d, f] / [n_experts, f, d],
+// expert e's rows [start[e], start[e] + sizes[e]) of the sorted order.
+struct Layout {
+  int64_t n_tokens, d, n_experts, f;
+  const int32_t* sizes;
+  std::vector<int64_t> start;
+
+  Layout(const F32& x, const F32& w_gate, const I32& group_sizes)
+      : n_tokens(x.dimensions()[0]), d(x.dimensions()[1]), n_experts(w_gate.dimensions()[0]),
+        f(w_gate.dimensions()[2]), sizes(group_sizes.typed_data()), start(n_experts + 1, 0) {
+    for (int64_t e = 0; e < n_experts; ++e) start[e + 1] = start[e] + sizes[e];
+  }
+};
+
+// h[i, j] = g[i] * silu(a[i, j]) * b[i, j] from the saved [n, 2f] rows [a | b].
+void GatedHidden(const float* ab, const float* g, int64_t n, int64_t f, float* h) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < f; ++j) {
+      const float a = ab[i * 2 * f + j], b = ab[i * 2 * f + f + j];
+      h[i * f + j] = g[i] * a * Sigmoid(a) * b;
+    }
 }
 
 ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I32 group_sizes,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> ab, int64_t threads) {
-  const int64_t n_tokens = x.dimensions()[0], d = x.dimensions()[1];
-  const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2];
-  const int32_t* sizes = group_sizes.typed_data();
-  const std::vector<int64_t> start = Starts(sizes, n_experts);
-  ForExperts(n_experts, static_cast<int>(threads), out->typed_data(), n_tokens * d, [&](int64_t e, float* o) {
-    const int64_t n = sizes[e], s = start[e];
+  const Layout l(x, w_gate, group_sizes);
+  const int64_t d = l.d, f = l.f;
+  ForExperts(l.n_experts, static_cast<int>(threads), out->typed_data(), l.n_tokens * d, [&](int64_t e, float* o) {
+    const int64_t n = l.sizes[e], s = l.start[e];
     if (n == 0) return;
     std::vector<float> xe(n * d), h(n * f), y(n * d);
     const int32_t* t = tok.typed_data() + s;
@@ -94,11 +109,7 @@ ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I
     float* ab_e = ab->typed_data() + s * 2 * f;  // [n, 2f]: gate and up pre-activations, saved
     Gemm(kN, kN, n, f, d, xe.data(), d, w_gate.typed_data() + e * d * f, f, 0.f, ab_e, 2 * f);
     Gemm(kN, kN, n, f, d, xe.data(), d, w_up.typed_data() + e * d * f, f, 0.f, ab_e + f, 2 * f);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < f; ++j) {
-        const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j];
-        h[i * f + j] = g[i] * a * Sigmoid(a) * b;  // gate folded in before W_down
-      }
+    GatedHidden(ab_e, g, n, f, h.data());  // gate folded in before W_down
     Gemm(kN, kN, n, d, f, h.data(), f, w_down.typed_data() + e * f * d, d, 0.f, y.data(), d);
     ScatterAddRows(y.data(), t, n, d, o);
   });
@@ -109,12 +120,10 @@ ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, 
                     F32 d_out, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_gate,
                     ffi::ResultBuffer<ffi::F32> d_wg, ffi::ResultBuffer<ffi::F32> d_wu,
                     ffi::ResultBuffer<ffi::F32> d_wd, int64_t threads) {
-  const int64_t n_tokens = x.dimensions()[0], d = x.dimensions()[1];
-  const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2];
-  const int32_t* sizes = group_sizes.typed_data();
-  const std::vector<int64_t> start = Starts(sizes, n_experts);
-  ForExperts(n_experts, static_cast<int>(threads), dx->typed_data(), n_tokens * d, [&](int64_t e, float* o) {
-    const int64_t n = sizes[e], s = start[e];
+  const Layout l(x, w_gate, group_sizes);
+  const int64_t d = l.d, f = l.f;
+  ForExperts(l.n_experts, static_cast<int>(threads), dx->typed_data(), l.n_tokens * d, [&](int64_t e, float* o) {
+    const int64_t n = l.sizes[e], s = l.start[e];
     float* dwg = d_wg->typed_data() + e * d * f;
     float* dwu = d_wu->typed_data() + e * d * f;
     float* dwd = d_wd->typed_data() + e * f * d;
@@ -130,11 +139,7 @@ ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, 
     const float* ab_e = ab.typed_data() + s * 2 * f;
     GatherRows(x.typed_data(), t, n, d, xe.data());
     GatherRows(d_out.typed_data(), t, n, d, dy.data());
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < f; ++j) {
-        const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j];
-        gh[i * f + j] = g[i] * a * Sigmoid(a) * b;
-      }
+    GatedHidden(ab_e, g, n, f, gh.data());
     Gemm(kT, kN, f, d, n, gh.data(), f, dy.data(), d, 0.f, dwd, d);                           // (g h)^T dy
     Gemm(kN, kT, n, f, d, dy.data(), d, w_down.typed_data() + e * f * d, d, 0.f, dhs.data(), f);  // d(g h)
     float* dg = d_gate->typed_data() + s;
