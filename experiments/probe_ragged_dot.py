@@ -18,6 +18,7 @@ from absl import app, flags
 from experiments.timing import temp_bytes, time_ms
 from moe import backends
 
+
 def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict[str, float]:
   if rows % groups:
     raise ValueError(f"--rows={rows} must be a multiple of --groups={groups} (equal groups)")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe.dispatch import SortedRouting
+from moe.dispatch import SortedRouting, row_tokens_and_gates
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels", "expert_swiglu.cc")
 _TARGETS = ("ExpertSwigluForward", "ExpertSwigluBackward")
@@ -136,7 +136,5 @@ def ffi_swiglu_experts(x: jax.Array, routing: SortedRouting, gates: jax.Array, w
     raise RuntimeError(f"dispatch 'cpu_ffi' is unavailable here: {problem}")
   if jax.default_backend() != "cpu":
     raise RuntimeError(f"dispatch 'cpu_ffi' runs on CPU only, not {jax.default_backend()}")
-  k = gates.shape[1]
-  tok = (routing.order // k).astype(jnp.int32)
-  gate_rows = jnp.take(gates.reshape(-1), routing.order).astype(jnp.float32)
+  tok, gate_rows = row_tokens_and_gates(routing, gates)
   return _experts(x, tok, gate_rows, w_gate, w_up, w_down, routing.group_sizes.astype(jnp.int32))

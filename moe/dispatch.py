@@ -29,6 +29,12 @@ def sort_by_expert(expert_idx: jax.Array, n_experts: int) -> SortedRouting:
   return SortedRouting(order, group_sizes)
 
 
+def row_tokens_and_gates(routing: SortedRouting, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """gates: [T, K'] -> (token of each sorted row [T*K'] int32, its gate [T*K'] f32)."""
+  tok = (routing.order // gates.shape[1]).astype(jnp.int32)
+  return tok, jnp.take(gates.reshape(-1), routing.order).astype(jnp.float32)
+
+
 def permute(x: jax.Array, routing: SortedRouting, k: int) -> jax.Array:
   """x: [T, d] -> rows in expert order [T*K', d] (token t repeated once per choice)."""
   return jnp.take(x, routing.order // k, axis=0)

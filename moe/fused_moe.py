@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe.dispatch import SortedRouting
+from moe.dispatch import SortedRouting, row_tokens_and_gates
 
 
 class Chunking(NamedTuple):
@@ -249,8 +249,6 @@ def fused_swiglu_experts(x: jax.Array, routing: SortedRouting, gates: jax.Array,
   A token's K' experts must be distinct (top-k routing gives that): output rows are
   scattered with unique indices. chunking: None fits it to the average rows per expert.
   """
-  k = gates.shape[1]
   chunking = chunking or Chunking.fit(routing.order.shape[0], w_gate.shape[0])
-  tok = routing.order // k
-  gate_rows = jnp.take(gates.reshape(-1), routing.order).astype(jnp.float32)
+  tok, gate_rows = row_tokens_and_gates(routing, gates)
   return _fused(x, tok, gate_rows, w_gate, w_up, w_down, routing.group_sizes, chunking)
