@@ -48,7 +48,7 @@ void ScatterAddRows(const float* rows, const int32_t* tok, int64_t n, int64_t d,
   }
 }
 
-// Runs per_expert(thread, e, out) for every expert, expert e on thread e % threads; each
+// Runs per_expert(e, out) for every expert, expert e on thread e % threads; each
 // thread adds into its own [size] buffer (thread 0 into `out`), summed into `out` at the end.
 template <typename PerExpert>
 void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExpert per_expert) {
@@ -139,21 +139,21 @@ ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, 
     const float* ab_e = ab.typed_data() + s * 2 * f;
     GatherRows(x.typed_data(), t, n, d, xe.data());
     GatherRows(d_out.typed_data(), t, n, d, dy.data());
-    GatedHidden(ab_e, g, n, f, gh.data());
-    Gemm(kT, kN, f, d, n, gh.data(), f, dy.data(), d, 0.f, dwd, d);                           // (g h)^T dy
     Gemm(kN, kT, n, f, d, dy.data(), d, w_down.typed_data() + e * f * d, d, 0.f, dhs.data(), f);  // d(g h)
     float* dg = d_gate->typed_data() + s;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {  // one sigmoid per element for g h, d_gate and [da | db]
       float acc = 0.f;
       for (int64_t j = 0; j < f; ++j) {
         const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j], sig = Sigmoid(a);
-        const float ds = dhs[i * f + j], dh = g[i] * ds;
-        acc += ds * a * sig * b;
+        const float h = a * sig * b, ds = dhs[i * f + j], dh = g[i] * ds;
+        gh[i * f + j] = g[i] * h;
+        acc += ds * h;
         dab[i * 2 * f + j] = dh * b * sig * (1.f + a * (1.f - sig));
         dab[i * 2 * f + f + j] = dh * a * sig;
       }
       dg[i] = acc;
     }
+    Gemm(kT, kN, f, d, n, gh.data(), f, dy.data(), d, 0.f, dwd, d);                           // (g h)^T dy
     Gemm(kT, kN, d, f, n, xe.data(), d, dab.data(), 2 * f, 0.f, dwg, f);
     Gemm(kT, kN, d, f, n, xe.data(), d, dab.data() + f, 2 * f, 0.f, dwu, f);
     Gemm(kN, kT, n, d, f, dab.data(), 2 * f, w_gate.typed_data() + e * d * f, f, 0.f, dxe.data(), d);
