@@ -17,13 +17,14 @@ import numpy as np
 
 from data import packing
 from data.tokenizer import Tokenizer, check_token_ids, train_tokenizer
+from moe.cache import cache_dir
 
 EMBEDDED = "python_stdlib"
 Batch = dict[str, np.ndarray]
 
 
 def default_data_dir() -> str:
-  return os.environ.get("MOE_DATA_DIR", os.path.expanduser("~/.cache/deepseekmoe-jax/tfds"))
+  return cache_dir("tfds")
 
 
 @gin.configurable
@@ -31,7 +32,7 @@ def default_data_dir() -> str:
 class DataConfig:
   dataset: str = EMBEDDED    # the embedded corpus, or a tfds text dataset: 'c4/en', 'lm1b', ...
   source_dir: str | None = None  # embedded corpus only: read these .py sources, not the stdlib
-  data_dir: str | None = None  # None: $MOE_DATA_DIR or ~/.cache/deepseekmoe-jax/tfds
+  data_dir: str | None = None  # None: the cache root's tfds/ (moe.cache; $MOE_CACHE_DIR)
   text_key: str = "text"
   train_split: str = "train"
   eval_split: str = "validation"

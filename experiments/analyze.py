@@ -14,13 +14,14 @@ import os
 
 from absl import app, flags, logging
 
-from moe import analysis, runtime
+from moe.cache import enable_compile_cache
+from moe.research import report
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "training run directory (repeatable)",
                                       required=True)
 _OUT = flags.DEFINE_string("out_dir", None, "output directory (default: FIRST_WORKDIR/analysis)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: each run's latest)")
-_ANALYSES = flags.DEFINE_list("analyses", list(analysis.ANALYSES), "which analyses")
+_ANALYSES = flags.DEFINE_list("analyses", list(report.ANALYSES), "which analyses")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 20_000, "held-out tokens for the category analysis")
 
 
@@ -28,14 +29,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  runtime.enable_compile_cache()
+  enable_compile_cache()
   names = [os.path.basename(os.path.normpath(w)) for w in _WORKDIRS.value]
   if len(set(names)) != len(names):
     names = [f"{i}_{n}" for i, n in enumerate(names)]
   out_dir = _OUT.value or os.path.join(_WORKDIRS.value[0], "analysis")
-  results = analysis.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
+  results = report.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
                              _MAX_TOKENS.value, _STEP.value)
-  text = analysis.report(results)
+  text = report.report(results)
   with open(os.path.join(out_dir, "analysis.md"), "w") as f:
     f.write(text + "\n")
   with open(os.path.join(out_dir, "analysis.json"), "w") as f:

@@ -17,8 +17,11 @@ from absl import app, flags
 
 from data.input_pipeline import random_batch
 from experiments.timing import time_ms
-from moe import sharding, trainer
-from moe.config import get_preset
+from moe.model.presets import get_preset
+from moe.parallel.mesh import MeshConfig, make_mesh
+from moe.train.config import TrainConfig
+from moe.train.state import init_state
+from moe.train.steps import make_steps, put_batch
 
 _MESHES = flags.DEFINE_multi_string(
     "mesh", ["data:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2", "expert:8"],
@@ -29,10 +32,10 @@ _SEQ = flags.DEFINE_integer("seq_len", 128, "sequence length")
 
 
 def step_ms(cfg, mesh, batch, reps: int) -> float:
-  graphdef, state = trainer.init_state(cfg, trainer.TrainConfig(), mesh)
-  steps = trainer.make_steps(graphdef, state, mesh)
+  graphdef, state = init_state(cfg, TrainConfig(), mesh)
+  steps = make_steps(graphdef, state, mesh)
   box = [state]
-  data = trainer.put_batch(batch, mesh)
+  data = put_batch(batch, mesh)
 
   def step():
     box[0], metrics = steps.train(box[0], data, jax.random.key(0))
@@ -60,7 +63,7 @@ def main(argv):
   print("|---|---:|---:|")
   print(f"| one device | {single:.1f} | 1.00 |")
   for shape in _MESHES.value:
-    mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:_size(shape)])
+    mesh = make_mesh(MeshConfig(shape), jax.devices()[:_size(shape)])
     ms = step_ms(cfg, mesh, batch, _REPS.value)
     print(f"| {shape} | {ms:.1f} | {ms / single:.2f} |")
 

@@ -22,8 +22,11 @@ from absl import app, flags
 
 from data.input_pipeline import random_batch
 from experiments.timing import temp_bytes, time_ms
-from moe import backends, cpu_ffi, experts, moe_layer, routing
-from moe.config import ModelConfig, get_preset
+from moe.dispatch import cpu_kernel, registry
+from moe.dispatch.experts import swiglu
+from moe.model import moe_layer, routers, routing
+from moe.model.config import ModelConfig
+from moe.model.presets import get_preset
 
 _T = flags.DEFINE_integer("tokens", 4096, "tokens per batch (T)")
 _D = flags.DEFINE_integer("d_model", 512, "model width")
@@ -121,24 +124,24 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
 
   def route(x, w_router):
     logits = routing.router_logits(x, w_router)
-    return moe_layer.route_topk(moe_layer.RouteArgs(cfg, logits, None, None))
+    return routers.route_topk(routers.RouteArgs(cfg, logits, None, None))
 
   def dropless(backend):
     def layer(x, w_router, routed, shared):
       y, _ = moe_layer.dropless_moe(x, route(x, w_router), routed, backend)
-      return y + experts.swiglu(x, *shared)
+      return y + swiglu(x, *shared)
     return layer
 
   def capacity(x, w_router, routed, shared):
     y, _ = moe_layer.capacity_moe(x, route(x, w_router), routed, capacity_factor=1.0)
-    return y + experts.swiglu(x, *shared)
+    return y + swiglu(x, *shared)
 
   width = (s + k) * f
   dense_w = tuple(0.02 * jax.random.normal(kk, shape) for kk, shape in
                   zip(ks[2:5], [(d, width), (d, width), (width, d)]))
-  dense = lambda x, w: experts.swiglu(x, *w)
+  dense = lambda x, w: swiglu(x, *w)
   args = (x, w_router, routed, shared)
-  default = backends.concrete_name("auto", t * k, routed[0])
+  default = registry.concrete_name("auto", t * k, routed[0])
   limit = Path(f"dense SwiGLU width {width} (limit)", dense, (x, dense_w))
   labels = {"fused": "dropless fused XLA loop (sort, gather, SwiGLU, scatter per chunk)",
             "cpu_ffi": "dropless C++ FFI kernel, whole experts per CPU thread",
@@ -150,30 +153,32 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
   for name in PATHS:  # ragged_dot late: on CPU its 12 GiB of buffers disturb what follows
     if name not in only or (name == "pallas" and jax.default_backend() != "tpu"):
       continue
-    if name == "cpu_ffi" and (jax.default_backend() != "cpu" or not cpu_ffi.available()):
+    if name == "cpu_ffi" and (jax.default_backend() != "cpu" or not cpu_kernel.available()):
       continue
     if name == "floor":  # what free dispatch would cost: the same matmul shapes, unrouted
-      per_expert = lambda rows, w: jax.lax.map(lambda a: experts.swiglu(*a), (rows, *w))
+      per_expert = lambda rows, w: jax.lax.map(lambda a: swiglu(*a), (rows, *w))
       paths += [Path(f"floor: routed FLOPs as one SwiGLU on [T*K', d], width {f}", dense,
                      (jnp.tile(x, (k, 1)), tuple(w[0] for w in routed))),
                 Path("floor: routed FLOPs one expert at a time (lax.map, equal contiguous groups)",
                      per_expert, (jnp.tile(x, (k, 1)).reshape(e, -1, d), routed)),
                 Path(f"floor: shared experts alone (width {s * f})", dense, (x, shared))]
       continue
-    layer = capacity if name == "capacity" else dropless(backends.BACKENDS[name])
+    layer = capacity if name == "capacity" else dropless(registry.get(name))
     paths.append(Path(labels[name], layer, args, name == default))
   rows = measure(limit, paths, reps)
   if interpret:
     small = (x[:interpret], *args[1:])
     rows += measure(Path("", dense, (small[0], dense_w)),
                     [Path(f"dropless Pallas interpret (reference; T={interpret})",
-                          dropless(backends.BACKENDS["pallas_interpret"]), small)], 1)[1:]
+                          dropless(registry.get("pallas_interpret")), small)], 1)[1:]
   return rows
 
 
 def model_rows(reps: int) -> list[Row]:
   """Train-step time of tiny DeepSeekMoE and of a dense model of equal activated width."""
-  from moe.trainer import TrainConfig, create_state, train_step
+  from moe.train.config import TrainConfig
+  from moe.train.state import create_state
+  from moe.train.steps import train_step
 
   moe_cfg = get_preset("tiny_deepseekmoe")
   dense_cfg = get_preset("tiny_dense").replace(

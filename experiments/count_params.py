@@ -5,8 +5,8 @@
 
 from absl import app, flags
 
-from moe.config import PRESETS, get_preset
-from moe.params import count_params
+from moe.model.counts import count_params
+from moe.model.presets import PRESETS, get_preset
 
 _PRESET = flags.DEFINE_string("preset", "tiny_deepseekmoe", f"one of {sorted(PRESETS)}")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "context length for attention FLOPs "

@@ -9,7 +9,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import gin_flags
-from moe import runtime, trainer
+from moe.cache import enable_compile_cache
+from moe.train.evaluate import evaluate_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -32,8 +33,8 @@ def format_report(out: dict) -> str:
 def main(argv):
   gin_flags.parse(argv)
   logging.set_verbosity(logging.WARNING)
-  runtime.enable_compile_cache()
-  print(format_report(trainer.evaluate_checkpoint(_WORKDIR.value, _STEP.value)))
+  enable_compile_cache()
+  print(format_report(evaluate_checkpoint(_WORKDIR.value, _STEP.value)))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import jax
 from absl import app, flags
 
 from experiments import gin_flags
-from moe import aot, sharding, trainer
-from moe.config import model_config
-from moe.sharding import MeshConfig, MeshError
+from moe.model.presets import model_config
+from moe.parallel.mesh import BATCH_AXES, MeshConfig, MeshError, make_mesh
+from moe.train.config import TrainConfig
+from moe.train.plan import plan
 
 _PRESET = flags.DEFINE_string("preset", "deepseekmoe_16b", "model preset")
 _MESH = flags.DEFINE_string("mesh", None, "mesh, e.g. data:2,fsdp:16,expert:8 (sizes multiply "
@@ -54,12 +55,12 @@ def main(argv):
     raise MeshError(f"JAX already started with {len(jax.devices())} devices; run the plan in a "
                     f"fresh process (and without --xla_force_host_platform_device_count)")
 
-  mesh = sharding.make_mesh(MeshConfig(_MESH.value))
+  mesh = make_mesh(MeshConfig(_MESH.value))
   cfg = model_config(preset=_PRESET.value).replace(
       remat=_REMAT.value, dtype=_DTYPE.value, expert_capacity_factor=_CF.value)
-  batch = _BATCH.value or math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  batch = _BATCH.value or math.prod(mesh.shape[a] for a in BATCH_AXES)
   seq = _SEQ.value or cfg.max_seq_len
-  p = aot.plan(cfg, trainer.TrainConfig(), mesh, batch, seq)
+  p = plan(cfg, TrainConfig(), mesh, batch, seq)
 
   fits = ", ".join(f"{chip}: {'yes' if p.peak_bytes <= gib * 2**30 else 'no'}"
                    for chip, gib in CHIPS_GIB.items())

@@ -5,8 +5,8 @@
 
 Prints forward and forward+backward time of ragged_dot([rows, k], [groups, k, n]) with
 equal groups, one dense matmul of the same FLOPs, and the compiled temporaries. A dense
-expansion shows as temporaries near backends.ragged_dot_bytes (groups x rows x max(k, n))
-and a time far above the dense matmul's; `by_size` on GPU assumes it (docs/bench_moe_gpu.md).
+expansion shows as temporaries near moe.dispatch.backend.ragged_dot_bytes (groups x rows x max(k, n))
+and a time far above the dense matmul's; `ragged_or_fused` on GPU assumes it (docs/bench_moe_gpu.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.timing import temp_bytes, time_ms
-from moe import backends
+from moe.dispatch.backend import ragged_dot_bytes
 
 
 def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict[str, float]:
@@ -34,7 +34,7 @@ def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict
           "dense_fwd_ms": time_ms(dense, (lhs, rhs), reps),
           "fwd_temp_mib": temp_bytes(fwd, (lhs, rhs)) / 2**20,
           "fwd_bwd_temp_mib": temp_bytes(grad, (lhs, rhs)) / 2**20,
-          "dense_expansion_mib": backends.ragged_dot_bytes(rows, rhs) / 2**20}
+          "dense_expansion_mib": ragged_dot_bytes(rows, rhs) / 2**20}
 
 
 def _define_flags() -> None:

@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 
 from experiments import gin_flags
-from moe import sweep
+from moe.research import sweep, sweep_results
 
 _SWEEP = flags.DEFINE_string("sweep", None, "sweep file (JSON)", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "parent directory of the variants' workdirs",
@@ -42,9 +42,9 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   # Runs start in the repository root, where the sweep files' config paths point.
   failed = [] if _COLLECT.value else sweep.run_sweep(variants, workdir, cwd=gin_flags.REPO_ROOT)
-  rows = sweep.collect(variants, workdir)
-  md, csv_path = sweep.write_results(rows, workdir, sweep.eval_curves(variants, workdir))
-  print(sweep.markdown(rows))
+  rows = sweep_results.collect(variants, workdir)
+  md, csv_path = sweep_results.write_results(rows, workdir, sweep_results.eval_curves(variants, workdir))
+  print(sweep_results.markdown(rows))
   print(f"written: {md}, {csv_path}")
   if failed:
     raise SystemExit(f"variants failed: {failed}")

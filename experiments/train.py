@@ -14,7 +14,11 @@ import jax
 from absl import app, flags, logging
 
 from experiments import gin_flags
-from moe import runtime, sharding, trainer
+from moe.cache import enable_compile_cache
+from moe.model.presets import model_config
+from moe.parallel.hosts import initialize_distributed
+from moe.parallel.mesh import MeshConfig, MeshError
+from moe.train.loop import train_and_evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: ./workdirs/<preset>)")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
@@ -27,12 +31,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 
 def main(argv):
   if _DISTRIBUTED.value:
-    runtime.initialize_distributed()
+    initialize_distributed()
   gin_flags.parse(argv)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  runtime.enable_compile_cache()
-  model_cfg = trainer.model_config()
-  mesh_cfg = sharding.MeshConfig(_MESH.value) if _MESH.value is not None else sharding.MeshConfig()
+  enable_compile_cache()
+  model_cfg = model_config()
+  mesh_cfg = MeshConfig(_MESH.value) if _MESH.value is not None else MeshConfig()
   if not mesh_cfg.shape and jax.device_count() > 1 and jax.default_backend() != "cpu":
     logging.warning("using 1 of %d devices: pass --mesh=data:-1 (or another layout) to use all",
                     jax.device_count())
@@ -40,9 +44,9 @@ def main(argv):
   print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}  mesh: {mesh_cfg.shape or 'one device'}",
         flush=True)
   try:
-    result = trainer.train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
-                                        mesh_cfg=mesh_cfg)
-  except sharding.MeshError as e:
+    result = train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
+                                mesh_cfg=mesh_cfg)
+  except MeshError as e:
     raise SystemExit(f"bad mesh: {e}") from None
   print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")
   if result.eval:

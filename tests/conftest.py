@@ -10,9 +10,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Compiled executables persist across runs (CPU compiles dominate this suite's time).
-from moe.runtime import enable_compile_cache  # noqa: E402
+from moe.cache import enable_compile_cache  # noqa: E402
 
-enable_compile_cache(os.environ.get("MOE_TEST_COMPILE_CACHE"))
+enable_compile_cache()
 
 import pytest  # noqa: E402
 

@@ -5,7 +5,7 @@ import shutil
 
 from data.input_pipeline import DataConfig
 from data.stdlib_corpus import source_files, split_of, stdlib_dir
-from moe.config import get_preset
+from moe.model.presets import get_preset
 
 N_TRAIN, N_VALID = 40, 6
 

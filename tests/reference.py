@@ -3,7 +3,7 @@
 import numpy as np
 import jax.numpy as jnp
 
-from moe.experts import swiglu
+from moe.dispatch.experts import swiglu
 
 
 def loop_moe(x, expert_idx, gates, w_gate, w_up, w_down, keep=None):

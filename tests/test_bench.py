@@ -6,7 +6,7 @@ import math
 import pytest
 
 from experiments import bench_moe, probe_ragged_dot
-from moe import cpu_ffi
+from moe.dispatch import cpu_kernel
 
 
 def test_layer_benchmark_rows_and_json(tmp_path):
@@ -18,7 +18,7 @@ def test_layer_benchmark_rows_and_json(tmp_path):
   assert sum("floor" in n for n in names) == 3 and "interpret" in names[-1]
   assert [r.default for r in rows].count(True) == 1, "exactly one row is the model's default path"
   default_row = next(r.path for r in rows if r.default)
-  assert ("FFI" in default_row) if cpu_ffi.available() else ("fused" in default_row), default_row
+  assert ("FFI" in default_row) if cpu_kernel.available() else ("fused" in default_row), default_row
   for r in rows:
     assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and math.isfinite(r.ratio_to_dense), r
     assert r.peak_temp_bytes >= 0, r
@@ -36,7 +36,7 @@ def test_ragged_dot_probe_reports_the_dense_expansion():
   assert set(result) == {"fwd_ms", "fwd_bwd_ms", "dense_fwd_ms", "fwd_temp_mib", "fwd_bwd_temp_mib",
                          "dense_expansion_mib"}
   assert all(v > 0 for v in result.values()), result
-  # XLA:CPU expands ragged_dot densely: what backends.ragged_dot_bytes (by_size's rule) predicts.
+  # XLA:CPU expands ragged_dot densely: what moe.dispatch.backend.ragged_dot_bytes (ragged_or_fused's rule) predicts.
   assert result["fwd_temp_mib"] >= 0.9 * result["dense_expansion_mib"], result
   with pytest.raises(ValueError, match="multiple of --groups"):
     probe_ragged_dot.probe(rows=63, k=16, n=8, groups=4, dtype="float32", reps=1)

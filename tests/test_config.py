@@ -3,7 +3,8 @@ import dataclasses
 import gin
 import pytest
 
-from moe.config import PRESETS, ModelConfig, get_preset, model_config
+from moe.model.config import ModelConfig
+from moe.model.presets import PRESETS, get_preset, model_config
 
 TINY = get_preset("tiny_deepseekmoe")
 
@@ -19,7 +20,7 @@ TINY = get_preset("tiny_deepseekmoe")
     (dict(n_shared_experts=-1), "n_shared_experts"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(router="expert_choice"), "router"),
-    (dict(dispatch="magic"), "dispatch"),
+    (dict(dispatch_backend="magic"), "dispatch_backend"),
     (dict(dtype="float16"), "dtype"),
     (dict(expert_balance_alpha=-0.1), "expert_balance_alpha"),
     (dict(first_k_dense_replace=9), "first_k_dense_replace"),

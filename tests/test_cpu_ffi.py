@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from moe import backends, cpu_ffi, dispatch
+from moe.dispatch import cpu_kernel, registry
+from moe.dispatch.sorting import SortedRouting, sort_by_expert
 from tests.reference import loop_moe
 from tests.test_fused_moe import E, FUZZ, assert_close, operands, reference_and_grads, routings
 
-needs_kernel = pytest.mark.skipif(not cpu_ffi.available(), reason=f"cpu_ffi unavailable: {cpu_ffi.status()}")
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"cpu_ffi unavailable: {cpu_kernel.status()}")
 
 
 @jax.jit
 def ffi_and_grads(x, gates, w, d_out, order, group_sizes):
-  routing = dispatch.SortedRouting(order, group_sizes)
-  out, vjp = jax.vjp(lambda x, g, w: cpu_ffi.ffi_swiglu_experts(x, routing, g, *w), x, gates, w)
+  routing = SortedRouting(order, group_sizes)
+  out, vjp = jax.vjp(lambda x, g, w: cpu_kernel.ffi_swiglu_experts(x, routing, g, *w), x, gates, w)
   return out, vjp(d_out)
 
 
@@ -29,7 +30,7 @@ def test_ffi_matches_loop_reference(routing, seed):
   idx, gates = jnp.asarray(routing[0]), jnp.asarray(routing[1], jnp.float32)
   x, w = operands(seed, jnp.float32)
   d_out = jax.random.normal(jax.random.key(seed + 7), x.shape)
-  out, grads = ffi_and_grads(x, gates, w, d_out, *dispatch.sort_by_expert(idx, E))
+  out, grads = ffi_and_grads(x, gates, w, d_out, *sort_by_expert(idx, E))
   ref, ref_grads = reference_and_grads(x, gates, w, d_out, idx)
   assert_close(out, ref, jnp.float32)
   grads = jax.tree.leaves(grads)
@@ -45,7 +46,7 @@ def test_backend_runs_other_dtypes_through_the_fused_loop():
   x, w = operands(0, jnp.bfloat16)
   idx = jnp.asarray(np.stack([np.arange(2) + t % 3 for t in range(x.shape[0])]))
   gates = jnp.full(idx.shape, 0.5)
-  out = backends.BACKENDS["cpu_ffi"].experts(x, dispatch.sort_by_expert(idx, E), gates, w)
+  out = registry.get("cpu_ffi").experts(x, sort_by_expert(idx, E), gates, w)
   assert out.dtype == jnp.bfloat16
   ref = loop_moe(x.astype(jnp.float32), idx, gates, *(a.astype(jnp.float32) for a in w))
   assert_close(out, ref, jnp.bfloat16)
@@ -56,4 +57,4 @@ def test_unavailable_kernel_is_a_clear_error(monkeypatch):
   x, w = operands(0, jnp.float32)
   idx = jnp.zeros((x.shape[0], 1), jnp.int32)
   with pytest.raises(RuntimeError, match="cpu_ffi' is unavailable here: no C\\+\\+ compiler"):
-    cpu_ffi.ffi_swiglu_experts(x, dispatch.sort_by_expert(idx, E), jnp.ones(idx.shape), *w)
+    cpu_kernel.ffi_swiglu_experts(x, sort_by_expert(idx, E), jnp.ones(idx.shape), *w)

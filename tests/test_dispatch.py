@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe import backends, cpu_ffi, dispatch
-from moe.moe_layer import Route, capacity_moe, dropless_moe
+from moe.dispatch import backend as backends, capacity, cpu_kernel, registry, sorting
+from moe.model.moe_layer import capacity_moe, dropless_moe
+from moe.model.routers import Route
 from tests.reference import capacity_keep, loop_moe
 
 T, D, F, E, K = 24, 16, 8, 6, 3
@@ -34,12 +35,12 @@ def routings(seed):
           "all_to_one": (jnp.asarray(one), gates(one))}
 
 
-BACKENDS = sorted(backends.BACKENDS)
+BACKENDS = sorted(registry.BACKEND_NAMES)
 
 
 def dropless(x, w, idx, gates, backend):
   route = Route(gates, idx, None, None)
-  return dropless_moe(x, route, w, backends.BACKENDS[backend])[0]
+  return dropless_moe(x, route, w, registry.get(backend))[0]
 
 
 def value_and_grads(fn, x, w, gates):
@@ -52,8 +53,8 @@ def value_and_grads(fn, x, w, gates):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "pallas"])
 @pytest.mark.parametrize("case", ["random", "empty_experts", "all_to_one"])
 def test_dropless_equals_loop(backend, case):
-  if backend == "cpu_ffi" and not cpu_ffi.available():
-    pytest.skip(f"cpu_ffi unavailable: {cpu_ffi.status()}")
+  if backend == "cpu_ffi" and not cpu_kernel.available():
+    pytest.skip(f"cpu_ffi unavailable: {cpu_kernel.status()}")
   x, w = make_weights()
   idx, gates = routings(1)[case]
   y, grads = value_and_grads(lambda x, w, g: dropless(x, w, idx, g, backend), x, w, gates)
@@ -72,7 +73,7 @@ def test_capacity_equals_loop_on_kept_pairs(capacity_factor, case):
   x, w = make_weights(2)
   idx, gates = routings(3)[case]
   keep = jnp.asarray(np.random.default_rng(4).uniform(size=idx.shape) < 0.8)
-  cap = dispatch.capacity(T, E, idx.shape[1], capacity_factor)
+  cap = capacity.slots_per_expert(T, E, idx.shape[1], capacity_factor)
   fits = jnp.asarray(capacity_keep(idx, E, cap, keep))
 
   fn = lambda x, w, g: capacity_moe(x, Route(g, idx, None, None, keep), w, capacity_factor)[0]
@@ -87,21 +88,22 @@ def test_capacity_equals_loop_on_kept_pairs(capacity_factor, case):
     assert int(n_dropped) == 0
 
 
-def test_by_size_picks_by_ragged_dot_expansion():
-  by_size = backends.BACKENDS["by_size"]
+def test_ragged_or_fused_picks_by_ragged_dot_expansion():
+  ragged_or_fused = registry.get("ragged_or_fused")
   x, w = make_weights()
   idx, gates = routings(1)["random"]
   expansion = backends.ragged_dot_bytes(T * K, w[0])
   assert expansion == E * T * K * D * 4
-  assert by_size.pick(T * K, w[0]) is backends.BACKENDS["ragged_dot"]
-  assert backends.concrete_name("by_size", T * K, w[0]) == "ragged_dot"
-  large = dataclasses.replace(by_size, limit_bytes=expansion - 1)
-  assert large.pick(T * K, w[0]) is backends.BACKENDS["fused"]
+  assert ragged_or_fused.pick(T * K, w[0]) is registry.get("ragged_dot")
+  assert registry.concrete_name("ragged_or_fused", T * K, w[0]) == "ragged_dot"
+  large = dataclasses.replace(ragged_or_fused, limit_bytes=expansion - 1)
+  assert large.pick(T * K, w[0]) is registry.get("fused")
+  assert not large.picks_small(T * K, w[0])
   # Expert parallelism's grouped matmul follows the same rule.
   calls = []
   spy = lambda tag: backends.Backend(gmm=lambda lhs, rhs, gs: calls.append(tag), permute=None, combine=None)
-  rule = backends.BySizeBackend(gmm=None, permute=None, combine=None, small=spy("small"),
-                                large=spy("large"), limit_bytes=expansion)
+  rule = backends.RaggedOrFusedBackend(gmm=None, permute=None, combine=None, small=spy("small"),
+                                       large=spy("large"), limit_bytes=expansion)
   rule.gmm(jnp.zeros((T * K, D)), w[0], None)
   dataclasses.replace(rule, limit_bytes=expansion - 1).gmm(jnp.zeros((T * K, D)), w[0], None)
   assert calls == ["small", "large"]
@@ -112,7 +114,7 @@ def test_by_size_picks_by_ragged_dot_expansion():
 def test_capacity_priority_is_first_choice_first():
   # Expert 0 has one slot: token 1's first choice beats token 0's second choice.
   idx = jnp.array([[1, 0], [0, 1]])
-  slots = dispatch.assign_slots(idx, 2, cap=1)
+  slots = capacity.assign_slots(idx, 2, cap=1)
   # Slot 0 (expert 0) holds token 1, slot 1 (expert 1) holds token 0.
   np.testing.assert_array_equal(slots.slot_token, [1, 0])
   np.testing.assert_array_equal(slots.pair_slot, [[1, 2], [0, 2]])
@@ -122,11 +124,11 @@ def test_capacity_priority_is_first_choice_first():
 def test_permute_unpermute_round_trip():
   x, _ = make_weights()
   idx, gates = routings(5)["random"]
-  r = dispatch.sort_by_expert(idx, E)
-  rows = dispatch.permute(x, r, K)
+  r = sorting.sort_by_expert(idx, E)
+  rows = sorting.permute(x, r, K)
   assert rows.shape == (T * K, D)
   experts_of_rows = np.asarray(idx).reshape(-1)[np.asarray(r.order)]
   assert np.all(np.diff(experts_of_rows) >= 0), "rows must be grouped by expert"
   np.testing.assert_array_equal(r.group_sizes, np.bincount(np.asarray(idx).ravel(), minlength=E))
-  back = dispatch.unpermute(rows, r, gates)
+  back = sorting.unpermute(rows, r, gates)
   np.testing.assert_allclose(back, x * jnp.sum(gates, -1, keepdims=True), rtol=1e-6)

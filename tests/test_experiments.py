@@ -11,9 +11,9 @@ import sys
 import gin
 import pytest
 
-from moe import sweep
-from moe.config import model_config
-from moe.params import count_params
+from moe.model.counts import count_params
+from moe.model.presets import model_config
+from moe.research import sweep
 from tests.data_fixtures import small_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "**", "*
 
 def build(path):
   from data.input_pipeline import DataConfig
-  from moe.trainer import TrainConfig
+  from moe.train.config import TrainConfig
 
   gin.clear_config()
   gin.add_config_file_search_path(ROOT)

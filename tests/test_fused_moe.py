@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from moe import dispatch, fused_moe
+from moe.dispatch import fused_loop
+from moe.dispatch.sorting import SortedRouting, sort_by_expert
 from tests.reference import loop_moe
 
 T, D, F, E = 13, 16, 8, 5
 # chunk/quantum small enough that full chunks, every tail size and empty tails all occur.
-CHUNKINGS = [fused_moe.Chunking(8, 4), fused_moe.Chunking(4, 4)]
+CHUNKINGS = [fused_loop.Chunking(8, 4), fused_loop.Chunking(4, 4)]
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 FUZZ = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -54,8 +55,8 @@ def assert_close(a, b, dtype):
 
 @functools.partial(jax.jit, static_argnums=0)
 def fused_and_grads(chunking, x, gates, w, d_out, order, group_sizes):
-  routing = dispatch.SortedRouting(order, group_sizes)
-  fused = lambda x, g, w: fused_moe.fused_swiglu_experts(x, routing, g, *w, chunking=chunking)
+  routing = SortedRouting(order, group_sizes)
+  fused = lambda x, g, w: fused_loop.fused_swiglu_experts(x, routing, g, *w, chunking=chunking)
   out, vjp = jax.vjp(fused, x, gates, w)
   return out, vjp(d_out)
 
@@ -77,7 +78,7 @@ def test_fused_matches_loop_reference(chunking, dtype, routing, seed):
   idx, gates = jnp.asarray(routing[0]), jnp.asarray(routing[1], jnp.float32)
   x, w = operands(seed, dtype)
   d_out = jax.random.normal(jax.random.key(seed + 7), x.shape).astype(dtype)
-  sorted_routing = dispatch.sort_by_expert(idx, E)
+  sorted_routing = sort_by_expert(idx, E)
   out, grads = fused_and_grads(chunking, x, gates, w, d_out, *sorted_routing)
   ref, ref_grads = reference_and_grads(x, gates, w, d_out, idx)
   assert out.dtype == dtype
@@ -93,7 +94,7 @@ def test_fused_matches_loop_reference(chunking, dtype, routing, seed):
 
 def test_tail_sizes_cover_every_branch():
   # Group sizes 0..2*chunk+1 on one chunking: full chunks, every tail length, empty tails.
-  c = fused_moe.Chunking(4, 2)
+  c = fused_loop.Chunking(4, 2)
   sizes = np.arange(10)
   idx = jnp.asarray(np.repeat(np.arange(10), sizes)[:, None])
   n = idx.shape[0]
@@ -102,5 +103,5 @@ def test_tail_sizes_cover_every_branch():
   w = (jax.random.normal(ks[0], (10, D, F)), jax.random.normal(ks[1], (10, D, F)),
        jax.random.normal(ks[2], (10, F, D)))
   gates = jnp.full((n, 1), 0.5)
-  out = fused_moe.fused_swiglu_experts(x, dispatch.sort_by_expert(idx, 10), gates, *w, chunking=c)
+  out = fused_loop.fused_swiglu_experts(x, sort_by_expert(idx, 10), gates, *w, chunking=c)
   np.testing.assert_allclose(out, loop_moe(x, idx, gates, *w), rtol=1e-5, atol=1e-4)

@@ -10,8 +10,9 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from moe.convert import config_from_hf, convert_public_checkpoint, load_public_checkpoint  # noqa: E402
-from moe.model import Transformer  # noqa: E402
+from moe.hub.hf_config import config_from_hf  # noqa: E402
+from moe.hub.hf_weights import convert_public_checkpoint, load_public_checkpoint  # noqa: E402
+from moe.model.decoder import Transformer  # noqa: E402
 
 HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,

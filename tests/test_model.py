@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config import get_preset
-from moe.model import Transformer, layer_runs, lm_loss, objective
+from moe.model.decoder import Transformer, layer_runs
+from moe.model.loss import lm_loss, objective
+from moe.model.presets import get_preset
 
 V = 64
 SMALL = dict(vocab_size=V, d_model=32, n_heads=4, n_layers=3, dense_ffn_width=48, max_seq_len=64)

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from moe import sharding, trainer
+from moe.parallel.mesh import MeshConfig
+from moe.train.loop import train_and_evaluate
 from tests.data_fixtures import small_data_config, small_model
 from tests.test_train import ROOT, _train_subprocess, train_cfg
 
@@ -50,10 +51,10 @@ def test_two_processes_train_and_resume_like_one(tmp_path, small_corpus):
   with open(workdir / "result.json") as f:
     two = json.load(f)
 
-  one = trainer.train_and_evaluate(
+  one = train_and_evaluate(
       str(tmp_path / "one_host"), small_model(**MODEL), small_data_config(small_corpus),
       train_cfg(steps=4, log_every=2, eval_every=4, checkpoint_every=2),
-      mesh_cfg=sharding.MeshConfig(MESH))
+      mesh_cfg=MeshConfig(MESH))
   assert two["train_loss"] == pytest.approx(one.train_loss, rel=1e-5)
   assert two["eval_loss"] == pytest.approx(one.eval["eval_loss"], rel=1e-5)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]

@@ -3,8 +3,8 @@
 import pytest
 
 from experiments import count_params as cli
-from moe.config import get_preset
-from moe.params import count_params
+from moe.model.counts import count_params
+from moe.model.presets import get_preset
 
 # (total, activated) from the paper.
 PAPER = {

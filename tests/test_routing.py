@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe import routing
+from moe.model import routing
 
 # 4 tokens, 4 experts, top-2. Counts: e0: 3, e1: 2, e2: 2, e3: 1.
 SCORES = jnp.array([[0.4, 0.3, 0.2, 0.1],

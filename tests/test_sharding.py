@@ -14,9 +14,15 @@ import pytest
 from flax import nnx
 
 from data.input_pipeline import random_batch
-from moe import backends, sharding, trainer
-from moe.config import ModelConfig
-from moe.expert_parallel import all_to_all_bytes, block_rows, expert_parallel_moe
+from moe.dispatch import registry
+from moe.model.config import ModelConfig
+from moe.parallel import rules
+from moe.parallel.expert_parallel import all_to_all_bytes, block_rows, expert_parallel_moe
+from moe.parallel.mesh import MeshConfig, MeshError, make_mesh, use_mesh
+from moe.train.config import TrainConfig
+from moe.train.loop import train_and_evaluate
+from moe.train.state import init_state
+from moe.train.steps import batch_objective, put_batch
 from tests.reference import capacity_keep, loop_moe
 
 LAYOUTS = ["data:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2", "expert:8"]
@@ -28,7 +34,7 @@ CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len
 
 
 def mesh_of(shape):
-  return sharding.make_mesh(sharding.MeshConfig(shape))
+  return make_mesh(MeshConfig(shape))
 
 
 def make_batch():
@@ -36,15 +42,15 @@ def make_batch():
 
 
 def loss_and_grads(cfg, mesh, batch):
-  graphdef, state = trainer.init_state(cfg, trainer.TrainConfig(), mesh)
+  graphdef, state = init_state(cfg, TrainConfig(), mesh)
 
   def f(state, batch):
-    with sharding.use_mesh(mesh):
+    with use_mesh(mesh):
       model, _ = nnx.merge(graphdef, state)
-      (loss, _), grads = nnx.value_and_grad(trainer._objective, has_aux=True)(model, batch, None)
+      (loss, _), grads = nnx.value_and_grad(batch_objective, has_aux=True)(model, batch, None)
       return loss, grads
 
-  loss, grads = jax.jit(f)(state, trainer.put_batch(batch, mesh))
+  loss, grads = jax.jit(f)(state, put_batch(batch, mesh))
   return float(loss), grads, state
 
 
@@ -65,7 +71,7 @@ def single_device():
     ("data:3,expert:-1", "do not divide by 3"),
 ])
 def test_bad_mesh_is_a_clear_error(shape, error):
-  with pytest.raises(sharding.MeshError, match=error):
+  with pytest.raises(MeshError, match=error):
     mesh_of(shape)
 
 
@@ -77,10 +83,10 @@ def test_mesh_fills_minus_one_and_orders_axes():
 
 def test_indivisible_dimension_names_the_parameter():
   mesh = mesh_of("expert:8")
-  with pytest.raises(sharding.MeshError, match=r"w_gate.*'expert' of size 6 does not divide.*8"):
-    sharding.spec(("expert", "embed"), (6, 64), mesh, "w_gate")
-  with pytest.raises(sharding.MeshError, match="batch_size=4 does not split over the 8 batch shards"):
-    sharding.check_batch(mesh, 4, "batch_size")
+  with pytest.raises(MeshError, match=r"w_gate.*'expert' of size 6 does not divide.*8"):
+    rules.partition_spec(("expert", "embed"), (6, 64), mesh, "w_gate")
+  with pytest.raises(MeshError, match="batch_size=4 does not split over the 8 batch shards"):
+    rules.check_batch(mesh, 4, "batch_size")
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,7 +164,7 @@ def _layer_inputs(t=64, d=16, e=8, f=8, k=2, seed=0):
 
 
 def _ep(mesh, x, gates, idx, w, cf, backend="tiled"):
-  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], backends.BACKENDS[backend], mesh, cf))
+  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], registry.get(backend), mesh, cf))
   return fn(x, gates, idx, *w)
 
 
@@ -194,7 +200,7 @@ def test_all_to_all_bytes_match_the_compiled_program():
   """The plan's formula against the all-to-alls XLA actually emits (forward only)."""
   mesh = mesh_of("data:2,expert:4")
   x, gates, idx, w = _layer_inputs()
-  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], backends.BACKENDS["tiled"], mesh)[0])
+  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], registry.get("tiled"), mesh)[0])
   hlo = fn.lower(x, gates, idx, *w).compile().as_text()
   total = 0
   for line in hlo.splitlines():
@@ -218,9 +224,8 @@ def test_training_resumes_sharded_checkpoints_on_another_mesh(tmp_path, small_co
   data = small_data_config(small_corpus)
 
   def run(workdir, mesh, stop_after=None):
-    return trainer.train_and_evaluate(str(workdir), model, data, train_cfg(steps=4, eval_every=4, checkpoint_every=2),
-                                      stop_after_steps=stop_after,
-                                      mesh_cfg=sharding.MeshConfig(mesh))
+    return train_and_evaluate(str(workdir), model, data, train_cfg(steps=4, eval_every=4, checkpoint_every=2),
+                              stop_after_steps=stop_after, mesh_cfg=MeshConfig(mesh))
 
   single = run(tmp_path / "single", "")
   first = run(tmp_path / "meshes", "data:2,expert:4", stop_after=2)

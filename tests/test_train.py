@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import optim, trainer
-from moe.checkpoint import CheckpointError
+from moe.train import optim
+from moe.train.checkpoint import CheckpointError, Checkpointer
+from moe.train.config import TrainConfig
+from moe.train.evaluate import evaluate_checkpoint
+from moe.train.loop import NonFiniteLossError, train_and_evaluate
+from moe.train.state import create_state
 from tests.data_fixtures import small_data_config, small_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +40,13 @@ def test_weight_decay_skips_norm_scales():
 
 
 def train_cfg(**kw):
-  return trainer.TrainConfig(**{**dict(steps=8, warmup_steps=2, learning_rate=3e-3, log_every=2,
-                                       eval_every=4, checkpoint_every=4, async_checkpoints=False), **kw})
+  return TrainConfig(**{**dict(steps=8, warmup_steps=2, learning_rate=3e-3, log_every=2,
+                               eval_every=4, checkpoint_every=4, async_checkpoints=False), **kw})
 
 
 def run(workdir, corpus, stop_after=None, model=None, **kw):
-  return trainer.train_and_evaluate(str(workdir), model or small_model(), small_data_config(corpus),
-                                    train_cfg(**kw), stop_after_steps=stop_after)
+  return train_and_evaluate(str(workdir), model or small_model(), small_data_config(corpus),
+                            train_cfg(**kw), stop_after_steps=stop_after)
 
 
 def metrics(workdir):
@@ -51,8 +55,7 @@ def metrics(workdir):
 
 
 def final_params(workdir, step):
-  from moe.checkpoint import Checkpointer
-  graphdef, state = trainer.create_state(small_model(), train_cfg())
+  graphdef, state = create_state(small_model(), train_cfg())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   _, restored, data_state = ckpt.restore(step, nnx.to_pure_dict(state))
   ckpt.close()
@@ -136,9 +139,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, small_corpus):
 def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path, small_corpus):
   workdir = tmp_path / "nan"
   run(workdir, small_corpus, steps=4, checkpoint_every=2)
-  with pytest.raises(trainer.NonFiniteLossError, match=r"not finite at step 5.*last good checkpoint is .*checkpoints/4'?;"):
+  with pytest.raises(NonFiniteLossError, match=r"not finite at step 5.*last good checkpoint is .*checkpoints/4'?;"):
     run(workdir, small_corpus, steps=40, checkpoint_every=2, learning_rate=float("inf"))
-  out = trainer.evaluate_checkpoint(str(workdir))
+  out = evaluate_checkpoint(str(workdir))
   assert out["step"] == 4 and np.isfinite(out["eval_loss"])
 
 
@@ -153,14 +156,14 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay_loadable(straight_run
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
   with pytest.raises(CheckpointError, match=rf"checkpoints/{latest}'.*cannot be restored.*earlier checkpoints"):
-    trainer.evaluate_checkpoint(str(workdir))
+    evaluate_checkpoint(str(workdir))
   assert os.path.isdir(ckpts / str(latest))  # nothing deleted
-  out = trainer.evaluate_checkpoint(str(workdir), step=latest - 4)
+  out = evaluate_checkpoint(str(workdir), step=latest - 4)
   assert np.isfinite(out["eval_loss"])
   with pytest.raises(CheckpointError, match="no checkpoint for step 3"):
-    trainer.evaluate_checkpoint(str(workdir), step=3)
+    evaluate_checkpoint(str(workdir), step=3)
   with pytest.raises(CheckpointError, match="no checkpoint directory"):
-    trainer.evaluate_checkpoint(str(tmp_path / "nowhere"))
+    evaluate_checkpoint(str(tmp_path / "nowhere"))
 
 
 def test_workdir_of_another_model_is_refused(straight_run, small_corpus):

@@ -1,0 +1,1 @@
+"""The public DeepSeek-MoE checkpoint format: its config.json and its tensors."""

@@ -1,0 +1,160 @@
+"""Model configuration: one frozen dataclass, validated on construction.
+
+The paper's models are presets (moe.model.presets); a bad field raises a ValueError that
+names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from moe.dispatch import registry
+from moe.model.routers import ROUTERS
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only LM whose FFNs are dense or Mixture-of-Experts layers."""
+
+  name: str = "custom"
+  vocab_size: int = 8192
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  # Width of every dense SwiGLU FFN: dense models and the first_k_dense_replace layers.
+  dense_ffn_width: int = 384
+
+  # Mixture of experts. n_routed_experts == 0 makes a dense model.
+  router: str = "topk"  # a name in moe.model.routers.ROUTERS
+  n_routed_experts: int = 0
+  n_shared_experts: int = 0
+  n_activated_experts: int = 0  # K' = mK - K_s, routed experts per token
+  expert_width: int = 0
+  first_k_dense_replace: int = 0
+  moe_layer_freq: int = 1
+  norm_topk_prob: bool = False
+  capacity_factor: float = 1.0  # switch / gshard only
+  dispatch_backend: str = "auto"  # how dropless routers' rows reach experts: moe.dispatch.registry
+  # Expert parallelism (a mesh is active): rows per destination block of the all_to_all
+  # buffers, as a multiple of the balanced share; 0 = dropless (static worst case).
+  expert_capacity_factor: float = 0.0
+
+  # Auxiliary losses, as weights on the training objective.
+  expert_balance_alpha: float = 0.01
+  device_balance_alpha: float = 0.0
+  n_device_groups: int = 0  # D in the device-level balance loss; 0: the mesh's expert shards
+  router_z_loss_alpha: float = 0.0
+
+  # Numerics and compilation.
+  dtype: str = "float32"  # activation / matmul dtype
+  param_dtype: str = "float32"
+  init_std: float = 0.006
+  scan_layers: bool = True
+  remat: bool = False
+
+  def __post_init__(self):
+    _validate(self)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def is_moe_model(self) -> bool:
+    return self.n_routed_experts > 0
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """The public checkpoints' rule: MoE iff past the dense prefix and on the frequency."""
+    return (self.is_moe_model and layer >= self.first_k_dense_replace
+            and layer % self.moe_layer_freq == 0)
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    return tuple("moe" if self.is_moe_layer(i) else "dense" for i in range(self.n_layers))
+
+  @property
+  def n_moe_layers(self) -> int:
+    return sum(k == "moe" for k in self.layer_kinds)
+
+  def replace(self, **changes) -> "ModelConfig":
+    _check_field_names(changes)
+    return dataclasses.replace(self, **changes)
+
+
+def _check_field_names(kwargs: dict[str, Any]) -> None:
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(kwargs) - names)
+  if unknown:
+    raise ValueError(f"ModelConfig has no field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+def _fail(field: str, value: Any, problem: str, fix: str) -> None:
+  raise ValueError(f"ModelConfig.{field}={value!r}: {problem}. Fix: {fix}.")
+
+
+def _validate(c: ModelConfig) -> None:
+  for field in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_width",
+                "moe_layer_freq"):
+    if getattr(c, field) <= 0:
+      _fail(field, getattr(c, field), "must be positive", "set it to an integer >= 1")
+  for field in ("n_routed_experts", "n_shared_experts", "n_activated_experts", "expert_width",
+                "first_k_dense_replace", "expert_balance_alpha", "device_balance_alpha",
+                "router_z_loss_alpha", "n_device_groups", "expert_capacity_factor"):
+    if getattr(c, field) < 0:
+      _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
+  if c.init_std <= 0:
+    _fail("init_std", c.init_std, "must be positive", "use e.g. 0.006 as in the paper")
+  if c.rope_theta <= 0 or c.norm_eps <= 0:
+    _fail("rope_theta" if c.rope_theta <= 0 else "norm_eps",
+          c.rope_theta if c.rope_theta <= 0 else c.norm_eps, "must be positive",
+          "use 10000.0 and 1e-6 as in the paper")
+  if c.d_model % c.n_heads:
+    _fail("n_heads", c.n_heads, f"does not divide d_model={c.d_model}",
+          "pick n_heads so that d_model / n_heads is an integer")
+  if c.head_dim % 2:
+    _fail("n_heads", c.n_heads, f"gives odd head_dim={c.head_dim}, which rotary embeddings cannot split",
+          "pick n_heads so that d_model / n_heads is even")
+  if c.router not in ROUTERS:
+    _fail("router", c.router, "unknown router name", f"use one of {sorted(ROUTERS)}")
+  for field in ("dtype", "param_dtype"):
+    if getattr(c, field) not in DTYPES:
+      _fail(field, getattr(c, field), "unknown dtype", f"use one of {DTYPES}")
+  if c.first_k_dense_replace > c.n_layers:
+    _fail("first_k_dense_replace", c.first_k_dense_replace, f"exceeds n_layers={c.n_layers}",
+          "use at most n_layers")
+  if c.dispatch_backend not in registry.NAMES:
+    _fail("dispatch_backend", c.dispatch_backend, "unknown dropless dispatch backend",
+          f"use one of {registry.NAMES}")
+  if not c.is_moe_model:
+    if c.n_shared_experts or c.n_activated_experts:
+      _fail("n_routed_experts", 0, "is 0 (a dense model) but shared/activated experts are set",
+            "set n_routed_experts > 0, or n_shared_experts = n_activated_experts = 0")
+    return
+  if c.expert_width <= 0:
+    _fail("expert_width", c.expert_width, "must be positive for a MoE model",
+          "set it, e.g. dense_ffn_width // m for m-way fine-grained segmentation")
+  if not 1 <= c.n_activated_experts <= c.n_routed_experts:
+    _fail("n_activated_experts", c.n_activated_experts,
+          f"top-k must be between 1 and n_routed_experts={c.n_routed_experts}",
+          "lower n_activated_experts or add routed experts")
+  if c.router in ("switch", "hash") and c.n_activated_experts != 1:
+    _fail("n_activated_experts", c.n_activated_experts, f"router {c.router!r} routes to exactly one expert",
+          "set n_activated_experts = 1")
+  if c.router == "gshard" and c.n_activated_experts != 2:
+    _fail("n_activated_experts", c.n_activated_experts, "router 'gshard' is top-2",
+          "set n_activated_experts = 2")
+  if c.router in ("switch", "gshard") and c.capacity_factor <= 0:
+    _fail("capacity_factor", c.capacity_factor, "must be positive", "use e.g. 1.0 or 1.25")
+  if c.n_device_groups and c.n_routed_experts % c.n_device_groups:
+    _fail("n_device_groups", c.n_device_groups,
+          f"does not divide n_routed_experts={c.n_routed_experts}",
+          "pick a divisor of the routed expert count")
+  if c.n_moe_layers == 0:
+    _fail("first_k_dense_replace", c.first_k_dense_replace, "leaves no MoE layer in a MoE model",
+          "lower first_k_dense_replace or moe_layer_freq")

@@ -1,0 +1,51 @@
+"""Line plots and heatmaps as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+@functools.cache
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_lines(path: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
+               title: str) -> None:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, points in series.items():
+    ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.grid(alpha=0.3)
+  if len(series) > 1:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_heatmap(path: str, values: np.ndarray, xlabel: str, ylabel: str, title: str,
+                 yticklabels=None, cmap: str = "viridis") -> None:
+  plt = _plt()
+  from matplotlib.ticker import MaxNLocator
+  fig, ax = plt.subplots(figsize=(max(6.5, values.shape[1] * 0.12 + 2.5),
+                                  max(2.5, values.shape[0] * 0.35 + 1.4)))
+  im = ax.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  if yticklabels is not None:
+    ax.set_yticks(range(len(yticklabels)), yticklabels)
+  else:
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

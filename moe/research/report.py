@@ -1,0 +1,113 @@
+"""All of the analyses for one or more runs: a JSON-able dict of results, PNG plots and a
+markdown report (what experiments/analyze.py writes)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from data import input_pipeline
+from data.code_categories import CATEGORIES
+from moe.model.routers import ROUTERS
+from moe.research.analyses import (disable_top_experts, evaluate_with, vary_activated,
+                                   without_shared_experts, without_token_dropping)
+from moe.research.plots import plot_heatmap, plot_lines
+from moe.research.specialization import lift, specialization
+from moe.train.restore import restore_run
+
+
+ANALYSES = ("redundancy", "shared", "topk", "load", "categories", "drops")
+
+
+def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_tokens: int = 20_000,
+            step: int | None = None, log=print) -> dict[str, Any]:
+  """{name: workdir} -> results per run (analyses that do not apply to a run are skipped),
+  plots in out_dir; returns {name: {analysis: result}}."""
+  os.makedirs(out_dir, exist_ok=True)
+  unknown = sorted(set(analyses) - set(ANALYSES))
+  if unknown:
+    raise ValueError(f"unknown analyses {unknown}; choose from {ANALYSES}")
+  results: dict[str, Any] = {}
+  for name, workdir in workdirs.items():
+    run = restore_run(workdir, step)
+    cfg = run.model_cfg
+    data = input_pipeline.make_datasets(run.data_cfg, cfg.vocab_size)
+    batches = data.eval_batches
+    r: dict[str, Any] = {"model": cfg.name, "step": run.step}
+    log(f"[{name}] {cfg.name} step {run.step}")
+    base = evaluate_with(run, batches)
+    r["loss"] = base["loss"]
+    if cfg.is_moe_model:
+      if "load" in analyses:
+        r["load"] = base["load"].tolist()
+        plot_heatmap(os.path.join(out_dir, f"load_{name}.png"), base["load"], "expert", "MoE layer",
+                     f"{name}: expert load (fraction of assignments)")
+      if "redundancy" in analyses and cfg.router != "hash":
+        r["redundancy"] = disable_top_experts(run, batches)
+      if "shared" in analyses and cfg.n_shared_experts:
+        r["shared"] = without_shared_experts(run, batches)
+      if "drops" in analyses and not ROUTERS[cfg.router].dropless:
+        r["drops"] = {"loss": base["loss"],
+                      "loss_without_dropping": without_token_dropping(run, batches)}
+      if "topk" in analyses and cfg.router == "topk":
+        r["topk"] = vary_activated(run, batches)
+      if "categories" in analyses and run.data_cfg.dataset == input_pipeline.EMBEDDED:
+        spec = specialization(run, max_tokens)
+        r["categories"] = {"mutual_info_bits": spec.mutual_info.tolist(),
+                           "shuffled_mutual_info_bits": spec.shuffled_info.tolist(),
+                           "tokens": spec.tokens, "counts": spec.counts.tolist()}
+        layer = int(np.argmax(spec.mutual_info))
+        plot_heatmap(os.path.join(out_dir, f"categories_{name}.png"), lift(spec.counts[layer]),
+                     "expert", "token category",
+                     f"{name}, MoE layer {layer}: P(expert | category) / P(expert)",
+                     yticklabels=CATEGORIES, cmap="magma")
+    results[name] = r
+  _comparison_plots(results, out_dir)
+  return results
+
+
+def _comparison_plots(results: dict[str, Any], out_dir: str) -> None:
+  red = {n: [(p, loss) for p, _, loss in r["redundancy"]] for n, r in results.items() if "redundancy" in r}
+  if red:
+    plot_lines(os.path.join(out_dir, "redundancy.png"), red, "fraction of top routed experts disabled",
+               "validation loss", "Disabling each token's top experts (paper Fig. 4)")
+  topk = {n: r["topk"] for n, r in results.items() if "topk" in r}
+  if topk:
+    plot_lines(os.path.join(out_dir, "activated_experts.png"), topk,
+               "activated routed experts at evaluation", "validation loss",
+               "Activated experts at evaluation (paper Fig. 5)")
+
+
+def report(results: dict[str, Any]) -> str:
+  """Markdown tables of analyze()'s results."""
+  lines = []
+  red = {n: r["redundancy"] for n, r in results.items() if "redundancy" in r}
+  if red:
+    lines += ["Disabling each token's top-p routed experts (validation loss):", "",
+              "| run | " + " | ".join(f"p={p:.4g} ({m} off)" for p, m, _ in next(iter(red.values()))) + " |",
+              "|---|" + "---:|" * len(next(iter(red.values())))]
+    lines += [f"| {n} | " + " | ".join(f"{loss:.3f}" for _, _, loss in rows) + " |" for n, rows in red.items()]
+    lines.append("")
+  for n, r in results.items():
+    if "shared" in r:
+      lines.append(f"{n}: shared experts on {r['shared']['loss']:.3f} -> off with one more routed "
+                   f"expert {r['shared']['loss_without_shared']:.3f}")
+  for n, r in results.items():
+    if "drops" in r:
+      lines.append(f"{n}: with capacity-factor token dropping at evaluation {r['drops']['loss']:.3f}, "
+                   f"without {r['drops']['loss_without_dropping']:.3f}")
+  for n, r in results.items():
+    if "topk" in r:
+      lines += ["", f"{n}: activated routed experts at evaluation:", "",
+                "| K | " + " | ".join(str(k) for k, _ in r["topk"]) + " |",
+                "|---|" + "---:|" * len(r["topk"]),
+                "| loss | " + " | ".join(f"{loss:.3f}" for _, loss in r["topk"]) + " |"]
+  for n, r in results.items():
+    if "categories" in r:
+      c = r["categories"]
+      lines += ["", f"{n}: I(token category; chosen expert) per MoE layer, bits "
+                f"({c['tokens']} held-out tokens; shuffled categories in brackets): "
+                + ", ".join(f"{a:.3f} [{b:.3f}]" for a, b in zip(c["mutual_info_bits"], c["shuffled_mutual_info_bits"]))]
+  return "\n".join(lines)

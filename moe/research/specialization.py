@@ -1,0 +1,97 @@
+"""Specialization by token category: each held-out token of the embedded Python corpus is
+a comment, docstring, string, keyword, identifier, number, operator or whitespace; the
+mutual information between a token's category and its chosen experts, per MoE layer,
+against the same statistic with categories shuffled over tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data import input_pipeline
+from data.code_categories import CATEGORIES, token_categories
+from moe.model.intervention import Intervention, intervene
+from moe.research.analyses import require_moe
+from moe.train.restore import RestoredRun
+
+
+class Specialization(NamedTuple):
+  counts: np.ndarray          # [n_moe_layers, len(CATEGORIES), N'] (token, choice) pairs
+  mutual_info: np.ndarray     # [n_moe_layers] I(category; expert) in bits
+  shuffled_info: np.ndarray   # [n_moe_layers] the same with categories shuffled over tokens
+  tokens: int
+
+
+def category_rows(run: RestoredRun, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Held-out documents of the run's (embedded Python) corpus as model rows:
+  (ids [R, seq_len], categories [R, seq_len], -1 = padding)."""
+  cfg = run.data_cfg
+  tok = input_pipeline.tokenizer_for(cfg)
+  ids, cats = [], []
+  for text in input_pipeline.documents(cfg, cfg.eval_split):
+    i, c = token_categories(tok.sp, text)
+    ids.append(i)
+    cats.append(c)
+    if sum(len(x) for x in ids) >= max_tokens:
+      break
+  if not ids:
+    raise ValueError(f"no held-out documents in {cfg.dataset!r} split {cfg.eval_split!r}")
+  ids, cats = np.concatenate(ids)[:max_tokens], np.concatenate(cats)[:max_tokens]
+  s = cfg.seq_len
+  pad = -len(ids) % s
+  ids = np.concatenate([ids, np.zeros(pad, np.int32)]).reshape(-1, s)
+  cats = np.concatenate([cats, np.full(pad, -1, np.int8)]).reshape(-1, s)
+  return ids, cats
+
+
+def mutual_information(counts: np.ndarray) -> float:
+  """counts: [C, E] joint counts -> I(C; E) in bits."""
+  p = counts / max(counts.sum(), 1)
+  pc, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+  nz = p > 0
+  return float(np.sum(p[nz] * np.log2(p[nz] / (pc @ pe)[nz])))
+
+
+def specialization(run: RestoredRun, max_tokens: int = 20_000, batch_size: int = 16,
+                   seed: int = 0) -> Specialization:
+  require_moe(run, "routing specialization")
+  ids, cats = category_rows(run, max_tokens)
+
+  @jax.jit
+  def choices(state, tokens):
+    with intervene(Intervention(capture=True)):
+      model, _ = nnx.merge(run.graphdef, state)
+      _, aux = model(tokens)
+      return aux["layers"]["expert_idx"]  # [L, B*S, K']
+
+  n_layers, n_cat, n_exp = run.model_cfg.n_moe_layers, len(CATEGORIES), run.model_cfg.n_routed_experts
+  counts = np.zeros((n_layers, n_cat, n_exp), np.int64)
+  shuffled = np.zeros_like(counts)
+  perm_cats = cats.reshape(-1).copy()
+  valid = perm_cats >= 0
+  perm_cats[valid] = np.random.default_rng(seed).permutation(perm_cats[valid])
+  perm_cats = perm_cats.reshape(cats.shape)
+  for start in range(0, len(ids), batch_size):
+    rows = ids[start:start + batch_size]
+    pad = batch_size - len(rows)  # one compiled shape for every batch
+    idx = np.asarray(choices(run.state, np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])))
+    idx = idx[:, :len(rows) * rows.shape[1]]
+    for table, c in ((counts, cats), (shuffled, perm_cats)):
+      c = c[start:start + batch_size].reshape(-1)
+      keep = c >= 0
+      for layer in range(n_layers):
+        chosen = idx[layer][keep]                                   # [T, K']
+        np.add.at(table[layer], (np.repeat(c[keep], chosen.shape[1]), chosen.reshape(-1)), 1)
+  return Specialization(counts, np.array([mutual_information(c) for c in counts]),
+                        np.array([mutual_information(c) for c in shuffled]), int((cats >= 0).sum()))
+
+
+def lift(counts: np.ndarray) -> np.ndarray:
+  """[C, E] counts -> P(expert | category) / P(expert): > 1 where a category prefers an expert."""
+  p_e = counts.sum(0) / max(counts.sum(), 1)
+  p_e_c = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+  return np.where(p_e > 0, p_e_c / np.maximum(p_e, 1e-12), 0.0)

@@ -1,0 +1,37 @@
+"""Held-out evaluation: validation loss, perplexity and mean per-layer routing statistics,
+of a live state or of a run's checkpoint."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from data.input_pipeline import DataConfig, make_datasets
+from moe.train.restore import restore_run
+from moe.train.steps import Steps, make_steps, put_batch
+
+
+def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
+  total = count = 0.0
+  layers = []
+  for batch in batches:
+    nll, n, stats = steps.eval(state, put_batch(batch, steps.mesh))
+    total, count = total + float(nll), count + float(n)
+    layers.append(stats)
+  loss = total / max(count, 1.0)
+  mean_layers = jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *layers) if layers else {}
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "layers": mean_layers}
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None,
+                        data_cfg: DataConfig | None = None) -> dict[str, Any]:
+  """Restore a checkpoint of workdir (default: the latest) with the run's own model config
+  and evaluate it on the held-out split (default: the run's data config)."""
+  run = restore_run(workdir, step)
+  data = make_datasets(data_cfg or run.data_cfg, run.model_cfg.vocab_size)
+  out = evaluate(make_steps(run.graphdef, run.state), run.state, data.eval_batches)
+  out.update(step=run.step, unigram_entropy=data.unigram_entropy)
+  return out

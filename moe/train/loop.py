@@ -1,0 +1,171 @@
+"""The training loop, importable from scripts and notebooks alike.
+
+    result = train_and_evaluate(workdir)   # configs from gin (or passed in)
+
+Resumes from the latest checkpoint in workdir, data position included; SIGTERM saves a
+checkpoint and returns; a NaN/Inf loss stops the run without saving the bad state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from data.input_pipeline import DataConfig, make_datasets
+from moe.model.config import ModelConfig
+from moe.model.presets import model_config
+from moe.parallel.mesh import MeshConfig, make_mesh
+from moe.parallel.rules import check_batch
+from moe.train.checkpoint import Checkpointer
+from moe.train.config import TrainConfig
+from moe.train.evaluate import evaluate
+from moe.train.metrics import MetricWriter, Progress
+from moe.train.optim import schedule_of
+from moe.train.run_files import (RunResult, config_guard, run_configs_dict, write_operative_config,
+                                 write_result)
+from moe.train.state import init_state
+from moe.train.steps import make_steps, put_batch
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _StopFlag:
+  """Set by SIGTERM (pre-emption): the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  out = {k: float(v) for k, v in metrics.items() if k != "layers"}
+  out["balance_loss"] = out["expert_balance_loss"] + out["device_balance_loss"]
+  return out
+
+
+def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
+                       data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
+                       stop_after_steps: int | None = None, stream=None,
+                       mesh_cfg: MeshConfig | None = None) -> RunResult:
+  """Train (or resume) in workdir. Configs default to what gin binds.
+
+  mesh_cfg: the device mesh (default: gin's MeshConfig; its default is one device).
+  stop_after_steps: end this process after that many steps (with a checkpoint), as a
+  time-sliced job would; a later call resumes exactly where it stopped.
+  """
+  # SIGTERM from here on (data preparation and compilation included) ends the run cleanly.
+  with _StopFlag() as stop:
+    return _train(workdir, model_cfg or model_config(), data_cfg or DataConfig(),
+                  train_cfg or TrainConfig(), stop_after_steps, stream, stop,
+                  make_mesh(mesh_cfg or MeshConfig()))
+
+
+def _datasets(data_cfg: DataConfig, vocab_size: int, primary: bool):
+  """This host's datasets. With several hosts, the first prepares (tfds, tokenizer, packed
+  rows) while the others wait, then they read what it built."""
+  args = (data_cfg, vocab_size, jax.process_index(), jax.process_count())
+  if jax.process_count() == 1:
+    return make_datasets(*args)
+  data = make_datasets(*args) if primary else None
+  multihost_utils.sync_global_devices("input pipeline prepared")
+  return data or make_datasets(*args)
+
+
+def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh) -> RunResult:
+  check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
+  primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
+  if primary:
+    write_operative_config(workdir)
+  config_guard(workdir, run_configs_dict(model_cfg, data_cfg, train_cfg), write=primary)
+  data = _datasets(data_cfg, model_cfg.vocab_size, primary)
+  graphdef, state = init_state(model_cfg, train_cfg, mesh)
+  steps = make_steps(graphdef, state, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), train_cfg.keep_checkpoints,
+                      train_cfg.async_checkpoints)
+  step = 0
+  if ckpt.steps():
+    step, restored, data_state = ckpt.restore(None, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    data.train.set_state(data_state)
+  start_step = step
+  writer = MetricWriter(workdir, enabled=primary)
+  progress = Progress(train_cfg.steps, step, stream)
+  tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
+  schedule = schedule_of(train_cfg)
+  base_key = jax.random.key(train_cfg.seed)
+  last_saved = step if ckpt.steps() else None
+  status, loss, eval_out = "finished", float("nan"), None
+  stop_at = step + stop_after_steps if stop_after_steps else None
+  t_log, steps_since_log = time.time(), 0
+
+  def save(at_step):
+    nonlocal last_saved
+    ckpt.save(at_step, nnx.to_pure_dict(state), data.train.get_state())
+    last_saved = at_step
+
+  try:
+    while step < train_cfg.steps:
+      if stop.requested:  # before the first step: nothing new to save
+        status = "preempted"
+        break
+      batch = next(data.train)
+      state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
+      step += 1
+      steps_since_log += 1
+      loss = float(metrics["loss"])
+      if not (math.isfinite(loss) and math.isfinite(float(metrics["param_norm"]))):
+        ckpt.wait()
+        good = ckpt.path(last_saved) if last_saved is not None else "none"
+        what = f"loss is {loss}" if not math.isfinite(loss) else "the updated parameters are not finite"
+        raise NonFiniteLossError(f"{what} at step {step}; stopping. The last good "
+                                 f"checkpoint is {good}; nothing after it was saved")
+      if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        elapsed = time.time() - t_log
+        scalars = _scalars(metrics)
+        scalars["tokens_per_sec"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+        scalars["learning_rate"] = float(schedule(step - 1))
+        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+          eval_out = evaluate(steps, state, data.eval_batches)
+          scalars.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
+        writer.write(step, scalars, metrics["layers"])
+        extra = f" | eval {eval_out['eval_loss']:.3f}" if eval_out else ""
+        progress.update(step, loss, scalars["tokens_per_sec"], extra)
+        t_log, steps_since_log = time.time(), 0
+      if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+        save(step)
+      if stop.requested or step == stop_at:
+        if last_saved != step:
+          save(step)
+        status = "preempted" if stop.requested else "stopped"
+        break
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  result = RunResult(step, status, loss, eval_out, data.unigram_entropy)
+  if primary and step > start_step:  # a rerun of a finished run keeps its result
+    write_result(workdir, result)
+  return result

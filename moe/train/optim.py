@@ -1,0 +1,51 @@
+"""The paper's optimizer: AdamW, linear warmup, two x0.316 steps, global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moe.train.config import TrainConfig
+
+
+def paper_schedule(peak_lr: float, total_steps: int, warmup_steps: int,
+                   decay_at: tuple[float, ...] = (0.8, 0.9), decay_factor: float = 0.316):
+  """Linear warmup from 0 to peak_lr, then x decay_factor at each fraction in decay_at.
+
+  lr(step) for step in [0, warmup): peak * (step + 1) / warmup, so the first update is
+  not zero; afterwards peak * factor ** (number of boundaries <= step).
+  """
+  # numpy, not jnp: the schedule may be built under a trace (abstract state for AOT plans).
+  boundaries = np.array([int(f * total_steps) for f in decay_at], np.int32)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.int32)
+    warm = peak_lr * jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
+    return warm * decay_factor ** jnp.sum(step >= boundaries).astype(jnp.float32)
+
+  return schedule
+
+
+def decay_mask(params):
+  """Weight decay on matrices only; norm scales (1-D) are not decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def adamw(schedule, b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.1,
+          clip_norm: float = 1.0) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
+  )
+
+
+def schedule_of(train_cfg: TrainConfig):
+  return paper_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps,
+                         train_cfg.decay_at, train_cfg.decay_factor)
+
+
+def optimizer_of(train_cfg: TrainConfig) -> optax.GradientTransformation:
+  return adamw(schedule_of(train_cfg), train_cfg.b1, train_cfg.b2, train_cfg.weight_decay,
+               train_cfg.clip_norm)

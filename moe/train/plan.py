@@ -1,0 +1,95 @@
+"""Ahead-of-time planning: compile the sharded train step from abstract shapes (nothing is
+allocated) and read off what each device would hold.
+
+    p = plan(get_preset('deepseekmoe_16b'), TrainConfig(), mesh, batch=256, seq_len=4096)
+
+Per-device bytes of parameters and optimizer state come from the shardings the rules give
+(exact); temporaries from the compiled executable's memory analysis (XLA's CPU compiler
+here: a TPU's scheduler and fusions differ, so treat it as an estimate); all_to_all bytes
+from the expert-parallel buffer sizes (tests check the formula against compiled HLO).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from moe.model.config import ModelConfig
+from moe.parallel import expert_parallel, rules
+from moe.parallel.mesh import BATCH_AXES
+from moe.train.config import TrainConfig
+from moe.train.state import abstract_state
+from moe.train.steps import make_steps
+
+
+class Plan(NamedTuple):
+  n_devices: int
+  param_bytes: int        # per device
+  optimizer_bytes: int    # per device
+  temp_bytes: int         # per device, compiled temporaries
+  argument_bytes: int     # per device, the step's inputs (state + batch)
+  peak_bytes: int         # per device: arguments + temporaries + outputs not aliased to inputs
+  all_to_all_bytes: int   # per device per step, sent
+  compile_seconds: float
+  tokens_per_device: int
+
+
+def _per_device_bytes(abstract, shardings) -> int:
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return int(sum(math.prod(s.get_value().shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+                 for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=is_var))))
+
+
+def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int) -> int:
+  """Bytes one device sends by all_to_all in a train step: every MoE layer forward, its
+  backward (the token buffers again) and, with remat, the recomputed forward."""
+  if not cfg.is_moe_model:
+    return 0
+  n_shards = mesh.shape["expert"]
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  k = cfg.n_activated_experts
+  fwd = expert_parallel.all_to_all_bytes(tokens_per_device, k, cfg.d_model, n_shards,
+                                         cfg.expert_capacity_factor, itemsize)
+  rows = expert_parallel.block_rows(tokens_per_device, k, n_shards, cfg.expert_capacity_factor)
+  bwd = 2 * (n_shards - 1) * rows * cfg.d_model * itemsize
+  return cfg.n_moe_layers * (fwd * (2 if cfg.remat else 1) + bwd)
+
+
+def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
+         seq_len: int) -> Plan:
+  """Lower and compile the train step for [batch, seq_len] global batches on `mesh`."""
+  rules.check_batch(mesh, batch, "batch")
+  graphdef, abstract = abstract_state(cfg, train_cfg)
+  steps = make_steps(graphdef, abstract, mesh)
+  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, steps.state_shardings)
+  batch_sh = rules.batch_sharding(mesh)
+  batch_in = {name: jax.ShapeDtypeStruct((batch, seq_len), dtype, sharding=batch_sh)
+              for name, dtype in [("inputs", jnp.int32), ("targets", jnp.int32),
+                                  ("weights", jnp.float32), ("segment_ids", jnp.int32),
+                                  ("positions", jnp.int32)]}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key_in = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rules.replicated(mesh))
+  start = time.perf_counter()
+  compiled = steps.train.lower(state_in, batch_in, key_in).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  model_state, opt_state = abstract[0], abstract[1]  # nnx.State keyed 0 (model), 1 (optimizer)
+  model_sh, opt_sh = steps.state_shardings[0], steps.state_shardings[1]
+  tokens = batch * seq_len // math.prod(mesh.shape[a] for a in BATCH_AXES)
+  args, temp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+  out_new = int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes)
+  return Plan(
+      n_devices=mesh.size,
+      param_bytes=_per_device_bytes(model_state, model_sh),
+      optimizer_bytes=_per_device_bytes(opt_state, opt_sh),
+      temp_bytes=temp, argument_bytes=args, peak_bytes=args + temp + max(out_new, 0),
+      all_to_all_bytes=step_all_to_all_bytes(cfg, mesh, tokens),
+      compile_seconds=seconds, tokens_per_device=tokens)

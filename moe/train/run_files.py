@@ -1,0 +1,109 @@
+"""The files a run keeps in its workdir besides checkpoints and metrics: the configs it
+was started with (run_config.json, a guard against resuming another model's run), gin's
+operative config, and how the last process ended (result.json, which sweeps read)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import gin
+import numpy as np
+
+from data.input_pipeline import DataConfig
+from moe.model.config import ModelConfig
+from moe.train.checkpoint import CheckpointError
+from moe.train.config import TrainConfig
+
+RUN_CONFIG, RESULT = "run_config.json", "result.json"
+# ModelConfig fields renamed since runs were recorded: old name -> new name.
+RENAMED_MODEL_FIELDS = {"dispatch": "dispatch_backend"}
+
+
+def _write_json(path: str, obj: Any, **kwargs) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, **kwargs)
+  os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _upgraded(configs: dict[str, Any]) -> dict[str, Any]:
+  """A recorded run's configs with renamed fields under their current names."""
+  model = configs.get("model")
+  if model:
+    configs = dict(configs, model={RENAMED_MODEL_FIELDS.get(k, k): v for k, v in model.items()})
+  return configs
+
+
+def run_configs_dict(model_cfg: ModelConfig, data_cfg: DataConfig,
+                     train_cfg: TrainConfig) -> dict[str, Any]:
+  return {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
+          "train": dataclasses.asdict(train_cfg)}
+
+
+def config_guard(workdir: str, configs: dict[str, Any], write: bool = True) -> None:
+  """Record the run's configs in workdir/run_config.json (if `write`: the first host of a
+  multi-host job); refuse a workdir of another model."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = _upgraded(json.load(f))
+    if saved.get("model") != configs["model"]:
+      diff = sorted(k for k in set(saved.get("model", {})) | set(configs["model"])
+                    if saved.get("model", {}).get(k) != configs["model"].get(k))
+      raise CheckpointError(
+          f"workdir {workdir!r} holds a run of a different model config (fields differ: {diff}); "
+          f"use a new --workdir, or the same model config to resume it")
+    return
+  if not write:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(path, configs, indent=2, sort_keys=True, default=str)
+
+
+class RunConfigs(NamedTuple):
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+
+
+def read_run_configs(workdir: str) -> RunConfigs:
+  """The configs config_guard recorded for workdir's run."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path!r} does not exist: is {workdir!r} a training workdir?")
+  with open(path) as f:
+    configs = _upgraded(json.load(f))
+  return RunConfigs(ModelConfig(**_tuples(configs["model"])), DataConfig(**_tuples(configs["data"])),
+                    TrainConfig(**_tuples(configs["train"])))
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+  """JSON turned tuples into lists; frozen configs want them hashable again."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def write_operative_config(workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+    f.write(gin.operative_config_str())
+
+
+class RunResult(NamedTuple):
+  step: int
+  status: str                  # 'finished', 'stopped' (stop_after_steps) or 'preempted'
+  train_loss: float
+  eval: dict[str, Any] | None  # eval_loss, eval_perplexity, layers
+  unigram_entropy: float
+
+
+def write_result(workdir: str, result: RunResult) -> None:
+  """workdir/result.json: how the last process of the run ended (sweeps read it)."""
+  record = {"step": result.step, "status": result.status, "train_loss": result.train_loss,
+            "unigram_entropy": result.unigram_entropy}
+  if result.eval:
+    record.update(eval_loss=result.eval["eval_loss"], eval_perplexity=result.eval["eval_perplexity"],
+                  layers={k: np.asarray(v).tolist() for k, v in result.eval["layers"].items()})
+  _write_json(os.path.join(workdir, RESULT), record, indent=1)

@@ -1,0 +1,85 @@
+"""Jitted train and eval steps, on one device or with the rules' shardings on a mesh, and
+the host's batch put onto the mesh."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from moe.model.loss import objective
+from moe.parallel import rules
+from moe.parallel.mesh import use_mesh
+
+
+def batch_objective(model, batch, key):
+  return objective(model, batch["inputs"], batch["targets"], batch["weights"],
+                   batch["segment_ids"], batch["positions"], key)
+
+
+def _train_step(graphdef, mesh, state, batch, key):
+  with use_mesh(mesh):
+    model, optimizer = nnx.merge(graphdef, state)
+    (loss, metrics), grads = nnx.value_and_grad(batch_objective, has_aux=True)(model, batch, key)
+    optimizer.update(model, grads)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(nnx.state(model, nnx.Param)))
+    return nnx.state((model, optimizer)), metrics
+
+
+def eval_step(graphdef, mesh, state, batch):
+  """-> (sum of weighted NLL, sum of weights, per-layer routing stats) of one batch."""
+  with use_mesh(mesh):
+    model, _ = nnx.merge(graphdef, state)
+    _, metrics = batch_objective(model, batch, None)
+    n = jnp.sum(batch["weights"])
+    return metrics["lm_loss"] * n, n, metrics["layers"]
+
+
+class Steps(NamedTuple):
+  """Jitted steps for one (model, mesh). train(state, batch, key) -> (state, metrics)
+  donates the state; eval(state, batch) -> (sum of weighted NLL, sum of weights, layer stats)."""
+  train: Any
+  eval: Any
+  mesh: Mesh | None
+  state_shardings: Any
+
+
+def make_steps(graphdef, state, mesh: Mesh | None = None) -> Steps:
+  """Train/eval steps; on a mesh with the state's shardings (from the rules) in and out,
+  the batch split over the batch axes, metrics replicated. `state` may be abstract."""
+  train = functools.partial(_train_step, graphdef, mesh)
+  evaluate_ = functools.partial(eval_step, graphdef, mesh)
+  if mesh is None:
+    return Steps(jax.jit(train, donate_argnums=0), jax.jit(evaluate_), None, None)
+  state_sh = rules.state_shardings(state, mesh)
+  batch_sh, rep = rules.batch_sharding(mesh), rules.replicated(mesh)
+  return Steps(
+      jax.jit(train, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+              donate_argnums=0),
+      jax.jit(evaluate_, in_shardings=(state_sh, batch_sh), out_shardings=rep),
+      mesh, state_sh)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None):
+  """This host's rows of the global batch -> arrays split over the mesh's batch axes."""
+  if mesh is None:
+    return batch
+  batch_sh = rules.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+
+
+def train_step(graphdef, state, batch, key):
+  """One single-device step (benchmarks, notebooks); donates `state`."""
+  return _single_device_steps(graphdef).train(state, batch, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _single_device_steps(graphdef) -> Steps:
+  return make_steps(graphdef, None)
