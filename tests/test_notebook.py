@@ -24,3 +24,11 @@ def test_notebook_executes(tmp_path, small_corpus, monkeypatch):
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if "image/png" in o.get("data", {})]
   assert len(images) == 3
+
+
+def test_colab_cell_installs_the_package_from_one_url_variable():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  install = nb.cells[1].source
+  assert 'REPO_URL = os.environ.get("MOE_REPO_URL", "")' in install
+  assert '"pip", "install", "-q", "-e", "."' in install
+  assert "github.com" not in install and "YOUR_" not in install  # no placeholder URL
