@@ -96,7 +96,7 @@ def logits_under(model, tokens, iv=Intervention()):
 
 
 def test_interventions_equal_the_models_they_stand_for():
-  cfg = small_model(n_layers=2)
+  cfg = small_model(n_layers=2, init_std=0.05)  # experts distinct enough to tell apart
   model = Transformer(cfg, nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   k = cfg.n_activated_experts
@@ -124,7 +124,7 @@ def test_interventions_equal_the_models_they_stand_for():
 
 def test_capacity_intervention_equals_the_config_and_stops_dropping():
   cfg = get_preset("tiny_gshard").replace(vocab_size=64, d_model=32, n_layers=2, dense_ffn_width=48,
-                                          expert_width=48, capacity_factor=0.5)
+                                          expert_width=48, capacity_factor=0.5, init_std=0.05)
   model = Transformer(cfg, nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   factor = float(cfg.n_routed_experts)

@@ -53,7 +53,7 @@ def test_backend_runs_other_dtypes_through_the_fused_loop():
 
 
 def test_unavailable_kernel_is_a_clear_error(monkeypatch):
-  monkeypatch.setattr(cpu_ffi, "status", lambda: "no C++ compiler (set CXX or install g++)")
+  monkeypatch.setattr(cpu_kernel, "status", lambda: "no C++ compiler (set CXX or install g++)")
   x, w = operands(0, jnp.float32)
   idx = jnp.zeros((x.shape[0], 1), jnp.int32)
   with pytest.raises(RuntimeError, match="cpu_ffi' is unavailable here: no C\\+\\+ compiler"):

@@ -167,7 +167,8 @@ def _forward(x, tok, gate, w_gate, w_up, w_down, group_sizes, c: Chunking):
   weights = _expert_weights(w_gate, w_up, w_down)
   load_expert = lambda g: (weights(g), ())
   carry = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((m + c.chunk, 2 * f), x.dtype))
-  return _for_each_chunk(group_sizes, c, ExpertPass(load_expert, compute_chunk, store_chunk, _no_acc), carry)
+  forward = ExpertPass(load_expert, compute_chunk, store_chunk, _no_acc)
+  return _for_each_chunk(group_sizes, c, forward, carry)
 
 
 def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c: Chunking):
@@ -216,8 +217,8 @@ def _backward(x, tok, gate, w_gate, w_up, w_down, group_sizes, ab_all, d_out, c:
 
   carry = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((m + c.chunk,), jnp.float32),
            jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
-  dx, d_gate, d_wg, d_wu, d_wd = _for_each_chunk(group_sizes, c, ExpertPass(load_expert, compute_chunk, store_chunk, finish_expert),
-                                                 carry)
+  backward = ExpertPass(load_expert, compute_chunk, store_chunk, finish_expert)
+  dx, d_gate, d_wg, d_wu, d_wd = _for_each_chunk(group_sizes, c, backward, carry)
   return dx, d_gate[:m], d_wg, d_wu, d_wd
 
 
