@@ -24,7 +24,7 @@ from data.input_pipeline import random_batch
 from experiments.timing import temp_bytes, time_ms
 from moe.dispatch import cpu_kernel, registry
 from moe.dispatch.experts import swiglu
-from moe.model import moe_layer, routers, routing
+from moe.model import moe_layer, routers
 from moe.model.config import ModelConfig
 from moe.model.presets import get_preset
 
@@ -123,7 +123,7 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
                     n_activated_experts=k, expert_width=f)
 
   def route(x, w_router):
-    logits = routing.router_logits(x, w_router)
+    logits = routers.router_logits(x, w_router)
     return routers.route_topk(routers.RouteArgs(cfg, logits, None, None))
 
   def dropless(backend):

@@ -152,16 +152,16 @@ def test_bfloat16_compute_and_remat_track_float32(monkeypatch):
   """bf16 activations with remat give the f32 model's loss within 1% and its gradients
   within cosine similarity 0.99 (bf16 keeps 8 mantissa bits); parameters stay f32 and the
   router runs in f32 on bf16 activations."""
-  from moe.model import routing
+  from moe.model import routers
   seen = []
-  router_logits = routing.router_logits
+  router_logits = routers.router_logits
 
   def spy(x, w):
     logits = router_logits(x, w)
     seen.append((x.dtype, logits.dtype))
     return logits
 
-  monkeypatch.setattr(routing, "router_logits", spy)
+  monkeypatch.setattr(routers, "router_logits", spy)
   tokens = jax.random.randint(jax.random.key(10), (2, 12), 0, V)
   f32 = Transformer(small(init_std=0.05), nnx.Rngs(0))
   bf16 = Transformer(small(init_std=0.05, dtype="bfloat16", remat=True), nnx.Rngs(0))

@@ -13,9 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe.model import routing
 from moe.model.config import ModelConfig
-from moe.model.routers import Route
+from moe.model.routers import Route, top_k
 from moe.scoped import ScopedValue
 
 
@@ -52,5 +51,5 @@ def rerouted(cfg: ModelConfig, route: Route, iv: Intervention) -> Route:
     ruled_out = jnp.zeros_like(scores, dtype=bool).at[jnp.arange(scores.shape[0])[:, None], top].set(True)
     scores = jnp.where(ruled_out, -1.0, scores)  # probabilities are >= 0
   normalize = cfg.norm_topk_prob or cfg.router == "gshard"
-  gates, idx = routing.top_k(scores, k, normalize=normalize)
+  gates, idx = top_k(scores, k, normalize=normalize)
   return Route(gates, idx, route.scores, route.logits)

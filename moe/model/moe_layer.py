@@ -16,7 +16,7 @@ from flax import nnx
 from moe.dispatch import capacity, registry, sorting
 from moe.dispatch.backend import Backend
 from moe.dispatch.experts import slotted_swiglu
-from moe.model import intervention, routing
+from moe.model import balance, intervention, routers
 from moe.model.config import ModelConfig
 from moe.model.layers import SwiGLU, param
 from moe.model.routers import ROUTERS, Route, RouteArgs
@@ -72,7 +72,7 @@ class MoE(nnx.Module):
     """
     cfg = self.cfg
     spec = ROUTERS[cfg.router]
-    logits = routing.router_logits(x, self.router[...]) if self.router is not None else None
+    logits = routers.router_logits(x, self.router[...]) if self.router is not None else None
     route = spec.fn(RouteArgs(cfg, logits, token_ids, key))
     iv = intervention.current()
     if iv.mask_top or iv.n_activated:
@@ -100,10 +100,10 @@ def moe_aux(cfg: ModelConfig, route: Route, n_dropped: jax.Array) -> dict[str, j
   zero = jnp.zeros((), jnp.float32)
   aux = {"expert_balance_loss": zero, "device_balance_loss": zero, "z_loss": zero}
   if route.scores is not None:
-    aux["expert_balance_loss"] = routing.expert_balance_loss(route.scores, route.expert_idx)
+    aux["expert_balance_loss"] = balance.expert_balance_loss(route.scores, route.expert_idx)
     # Default groups: the expert-parallel shards of the active mesh (1 without one).
     groups = cfg.n_device_groups or meshes.axis_size(meshes.active_mesh(), "expert")
-    aux["device_balance_loss"] = routing.device_balance_loss(route.scores, route.expert_idx, groups)
-    aux["z_loss"] = routing.z_loss(route.logits)
-  aux.update(routing.routing_stats(route.expert_idx, cfg.n_routed_experts, n_dropped, route.scores))
+    aux["device_balance_loss"] = balance.device_balance_loss(route.scores, route.expert_idx, groups)
+    aux["z_loss"] = balance.z_loss(route.logits)
+  aux.update(balance.routing_stats(route.expert_idx, cfg.n_routed_experts, n_dropped, route.scores))
   return aux

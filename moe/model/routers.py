@@ -1,5 +1,7 @@
 """Routers: small functions that turn tokens' router logits (or ids) into gates and expert
-choices. A new router is a function here and an entry in ROUTERS.
+choices, and the pieces they share (router logits, top-k, the token-id hash). A new router
+is a function here and an entry in ROUTERS. Notation follows the paper: T tokens, N'
+routed experts, K' routed experts per token, s_{i,t} the softmax score of expert i for t.
 
     topk:   DeepSeekMoE. Softmax over routed experts, top-K', raw probabilities as gates;
             dropless.
@@ -16,10 +18,30 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe.model import routing
-
 if TYPE_CHECKING:  # the config validates router names against ROUTERS
   from moe.model.config import ModelConfig
+
+
+def router_logits(x: jax.Array, w_router: jax.Array) -> jax.Array:
+  """x: [T, d_model], w_router: [d_model, N'] -> logits [T, N'] in fp32 (as the HF code)."""
+  return jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32))
+
+
+def top_k(scores: jax.Array, k: int, normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+  """scores: [T, N'] -> (gates [T, k], expert_idx [T, k] int32), highest score first.
+
+  The gates are the raw scores (DeepSeekMoE); `normalize` rescales them to sum to one.
+  """
+  gates, idx = jax.lax.top_k(scores, k)
+  if normalize:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  return gates, idx.astype(jnp.int32)
+
+
+def hash_experts(token_ids: jax.Array, n_experts: int) -> jax.Array:
+  """token_ids: [T] -> expert index [T, 1]: a fixed multiplicative hash of the token id."""
+  h = token_ids.astype(jnp.uint32) * jnp.uint32(2654435761)  # Knuth's constant
+  return ((h >> 16) % jnp.uint32(n_experts)).astype(jnp.int32)[:, None]
 
 
 class Route(NamedTuple):
@@ -40,14 +62,14 @@ class RouteArgs(NamedTuple):
 def route_topk(a: RouteArgs) -> Route:
   """DeepSeekMoE: softmax over routed experts, top-K', raw probabilities as gates."""
   scores = jax.nn.softmax(a.logits, axis=-1)
-  gates, idx = routing.top_k(scores, a.cfg.n_activated_experts, normalize=a.cfg.norm_topk_prob)
+  gates, idx = top_k(scores, a.cfg.n_activated_experts, normalize=a.cfg.norm_topk_prob)
   return Route(gates, idx, scores, a.logits)
 
 
 def route_switch(a: RouteArgs) -> Route:
   """Switch Transformer: top-1, gate = its probability."""
   scores = jax.nn.softmax(a.logits, axis=-1)
-  gates, idx = routing.top_k(scores, 1)
+  gates, idx = top_k(scores, 1)
   return Route(gates, idx, scores, a.logits)
 
 
@@ -55,7 +77,7 @@ def route_gshard(a: RouteArgs) -> Route:
   """GShard: top-2 with gates renormalised over the pair; in training the second expert is
   kept with probability min(1, 2 * g_2), proportional to its gate."""
   scores = jax.nn.softmax(a.logits, axis=-1)
-  gates, idx = routing.top_k(scores, 2, normalize=True)
+  gates, idx = top_k(scores, 2, normalize=True)
   keep = jnp.ones_like(idx, dtype=bool)
   if a.key is not None:
     second = jax.random.uniform(a.key, gates[:, 1].shape) < 2.0 * gates[:, 1]
@@ -65,7 +87,7 @@ def route_gshard(a: RouteArgs) -> Route:
 
 def route_hash(a: RouteArgs) -> Route:
   """Hash layer: a fixed hash of the token id picks one expert, gate 1."""
-  idx = routing.hash_experts(a.token_ids, a.cfg.n_routed_experts)
+  idx = hash_experts(a.token_ids, a.cfg.n_routed_experts)
   return Route(jnp.ones(idx.shape, jnp.float32), idx, None, None)
 
 

@@ -1,4 +1,5 @@
-"""Routing: router scores, expert choice, balance losses and routing statistics.
+"""Load balance: the paper's expert- and device-level balance losses, the router z-loss,
+and per-layer routing statistics (expert load, router entropy, dropped pairs).
 
 Notation follows the paper: T tokens, N' routed experts, K' routed experts per token,
 s_{i,t} the softmax score of expert i for token t.
@@ -8,28 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def router_logits(x: jax.Array, w_router: jax.Array) -> jax.Array:
-  """x: [T, d_model], w_router: [d_model, N'] -> logits [T, N'] in fp32 (as the HF code)."""
-  return jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32))
-
-
-def top_k(scores: jax.Array, k: int, normalize: bool = False) -> tuple[jax.Array, jax.Array]:
-  """scores: [T, N'] -> (gates [T, k], expert_idx [T, k] int32), highest score first.
-
-  The gates are the raw scores (DeepSeekMoE); `normalize` rescales them to sum to one.
-  """
-  gates, idx = jax.lax.top_k(scores, k)
-  if normalize:
-    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-  return gates, idx.astype(jnp.int32)
-
-
-def hash_experts(token_ids: jax.Array, n_experts: int) -> jax.Array:
-  """token_ids: [T] -> expert index [T, 1]: a fixed multiplicative hash of the token id."""
-  h = token_ids.astype(jnp.uint32) * jnp.uint32(2654435761)  # Knuth's constant
-  return ((h >> 16) % jnp.uint32(n_experts)).astype(jnp.int32)[:, None]
 
 
 def expert_counts(expert_idx: jax.Array, n_experts: int) -> jax.Array:
