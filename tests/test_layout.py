@@ -109,3 +109,15 @@ def test_readme_layout_table_lists_every_module():
   missing = [os.path.relpath(p, ROOT) for package in PACKAGES for p in modules(package).values()
              if os.path.basename(p) != "__init__.py" and os.path.relpath(p, ROOT) not in table]
   assert not missing, f"modules missing from the README's layout table: {missing}"
+
+
+def requirement_lines(name: str) -> list[str]:
+  lines = [l.split("#")[0].strip() for l in open(os.path.join(ROOT, name))]
+  return [l for l in lines if l and not l.startswith("-r")]
+
+
+def test_pyproject_pins_are_the_requirements_files():
+  import tomllib
+  project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+  assert project["dependencies"] == requirement_lines("requirements.txt")
+  assert project["optional-dependencies"]["dev"] == requirement_lines("requirements-dev.txt")
