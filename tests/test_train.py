@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data.input_pipeline import DataConfig
+
 from moe.train import optim
 from moe.train.checkpoint import CheckpointError, Checkpointer
 from moe.train.config import TrainConfig
@@ -178,3 +180,17 @@ def test_unknown_gin_binding_is_a_clear_error(tmp_path):
   assert proc.returncode != 0
   assert "stepz" in proc.stderr and "bad gin config" in proc.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_run_configs_recorded_under_old_field_names_still_resume(tmp_path):
+  from moe.train.run_files import RUN_CONFIG, config_guard, read_run_configs, run_configs_dict
+  configs = run_configs_dict(small_model(dispatch_backend="fused"), DataConfig(), train_cfg())
+  old = dict(configs, model={("dispatch" if k == "dispatch_backend" else k): v
+                             for k, v in configs["model"].items()})
+  with open(tmp_path / RUN_CONFIG, "w") as f:
+    json.dump(old, f)
+  assert read_run_configs(str(tmp_path)).model.dispatch_backend == "fused"
+  config_guard(str(tmp_path), configs)  # the same model: accepted
+  other = run_configs_dict(small_model(dispatch_backend="fused", n_layers=3), DataConfig(), train_cfg())
+  with pytest.raises(CheckpointError, match=r"fields differ: \['n_layers'\]"):
+    config_guard(str(tmp_path), other)

@@ -38,14 +38,19 @@ def _openblas() -> str | None:
   return found[0] if found else None
 
 
-def _build(blas: str) -> str:
-  """Compiles the kernel once per source, jaxlib and BLAS; returns the shared library."""
+def _library_path(blas: str) -> str:
+  """Where the kernel built from this source, jaxlib and BLAS lives in the cache."""
   source = open(_SOURCE, "rb").read()
   key = hashlib.sha256(source + jax.__version__.encode() + blas.encode()).hexdigest()[:16]
-  build_dir = cache_dir("kernels")
-  lib = os.path.join(build_dir, f"expert_swiglu-{key}.so")
+  return os.path.join(cache_dir("kernels"), f"expert_swiglu-{key}.so")
+
+
+def _build(blas: str) -> str:
+  """Compiles the kernel once per source, jaxlib and BLAS; returns the shared library."""
+  lib = _library_path(blas)
   if os.path.exists(lib):
     return lib
+  build_dir = os.path.dirname(lib)
   os.makedirs(build_dir, exist_ok=True)
   compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
   if compiler is None:

@@ -15,6 +15,8 @@ from moe.train.steps import Steps, make_steps, put_batch
 
 
 def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
+  """Weighted mean NLL over `batches` (eval_loss, nats/token), its perplexity, and the
+  per-layer routing statistics averaged over batches (layers)."""
   total = count = 0.0
   layers = []
   for batch in batches:

@@ -1,0 +1,22 @@
+"""One cache root: $MOE_CACHE_DIR moves compiled executables, prepared data and the built
+C++ kernel together."""
+
+import os
+
+from data.input_pipeline import DataConfig
+from moe import cache
+
+
+def test_one_variable_moves_every_cache(monkeypatch, tmp_path):
+  monkeypatch.delenv(cache.ENV_VAR, raising=False)
+  assert cache.cache_dir() == os.path.expanduser("~/.cache/deepseekmoe-jax")
+  monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+  assert cache.cache_dir("xla") == str(tmp_path / "xla")
+  assert DataConfig().root == str(tmp_path / "tfds")
+  assert DataConfig(data_dir="/elsewhere").root == "/elsewhere"
+
+
+def test_kernel_is_built_under_the_cache_root(monkeypatch, tmp_path):
+  from moe.dispatch import cpu_kernel
+  monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+  assert os.path.dirname(cpu_kernel._library_path("/any/libblas.so")) == str(tmp_path / "kernels")
