@@ -48,6 +48,8 @@ def test_dense_model_rejects_expert_fields():
 def test_unknown_field_and_preset():
   with pytest.raises(ValueError, match="no field.*'n_expert'"):
     TINY.replace(n_expert=3)
+  with pytest.raises(ValueError, match="no field.*'dispatch'.*dispatch is now dispatch_backend"):
+    model_config(preset="tiny_deepseekmoe", dispatch="fused")
   with pytest.raises(ValueError, match="unknown preset 'deepseekmoe_7b'"):
     get_preset("deepseekmoe_7b")
 

@@ -87,11 +87,17 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
+# Fields renamed since runs and gin files were written: old name -> new name.
+RENAMED_FIELDS = {"dispatch": "dispatch_backend"}
+
+
 def _check_field_names(kwargs: dict[str, Any]) -> None:
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(kwargs) - names)
+  renamed = [f"{k} is now {RENAMED_FIELDS[k]}" for k in unknown if k in RENAMED_FIELDS]
   if unknown:
-    raise ValueError(f"ModelConfig has no field(s) {unknown}; valid fields: {sorted(names)}")
+    raise ValueError(f"ModelConfig has no field(s) {unknown}" + (f" ({'; '.join(renamed)})" if renamed else "")
+                     + f"; valid fields: {sorted(names)}")
 
 
 def _fail(field: str, value: Any, problem: str, fix: str) -> None:

@@ -13,13 +13,11 @@ import gin
 import numpy as np
 
 from data.input_pipeline import DataConfig
-from moe.model.config import ModelConfig
+from moe.model.config import RENAMED_FIELDS, ModelConfig
 from moe.train.checkpoint import CheckpointError
 from moe.train.config import TrainConfig
 
 RUN_CONFIG, RESULT = "run_config.json", "result.json"
-# ModelConfig fields renamed since runs were recorded: old name -> new name.
-RENAMED_MODEL_FIELDS = {"dispatch": "dispatch_backend"}
 
 
 def _write_json(path: str, obj: Any, **kwargs) -> None:
@@ -33,7 +31,7 @@ def _upgraded(configs: dict[str, Any]) -> dict[str, Any]:
   """A recorded run's configs with renamed fields under their current names."""
   model = configs.get("model")
   if model:
-    configs = dict(configs, model={RENAMED_MODEL_FIELDS.get(k, k): v for k, v in model.items()})
+    configs = dict(configs, model={RENAMED_FIELDS.get(k, k): v for k, v in model.items()})
   return configs
 
 
