@@ -34,9 +34,9 @@ def test_bad_field_is_named(changes, field):
 
 
 def test_router_arity_is_checked():
-  with pytest.raises(ValueError, match=r"n_activated_experts=.*'switch' routes to exactly one"):
+  with pytest.raises(ValueError, match=r"n_activated_experts=.*'switch' routes each token to exactly 1 expert"):
     get_preset("tiny_switch").replace(n_activated_experts=2)
-  with pytest.raises(ValueError, match=r"'gshard' is top-2"):
+  with pytest.raises(ValueError, match=r"'gshard' routes each token to exactly 2 expert.*top-2"):
     get_preset("tiny_gshard").replace(n_activated_experts=1)
 
 

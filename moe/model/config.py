@@ -149,13 +149,12 @@ def _validate(c: ModelConfig) -> None:
     _fail("n_activated_experts", c.n_activated_experts,
           f"top-k must be between 1 and n_routed_experts={c.n_routed_experts}",
           "lower n_activated_experts or add routed experts")
-  if c.router in ("switch", "hash") and c.n_activated_experts != 1:
-    _fail("n_activated_experts", c.n_activated_experts, f"router {c.router!r} routes to exactly one expert",
-          "set n_activated_experts = 1")
-  if c.router == "gshard" and c.n_activated_experts != 2:
-    _fail("n_activated_experts", c.n_activated_experts, "router 'gshard' is top-2",
-          "set n_activated_experts = 2")
-  if c.router in ("switch", "gshard") and c.capacity_factor <= 0:
+  spec = ROUTERS[c.router]
+  if spec.fixed_k and c.n_activated_experts != spec.fixed_k:
+    _fail("n_activated_experts", c.n_activated_experts,
+          f"router {c.router!r} routes each token to exactly {spec.fixed_k} expert(s) (top-{spec.fixed_k})",
+          f"set n_activated_experts = {spec.fixed_k}")
+  if not spec.dropless and c.capacity_factor <= 0:
     _fail("capacity_factor", c.capacity_factor, "must be positive", "use e.g. 1.0 or 1.25")
   if c.n_device_groups and c.n_routed_experts % c.n_device_groups:
     _fail("n_device_groups", c.n_device_groups,

@@ -21,6 +21,7 @@ _LARGE = dict(vocab_size=102400, max_seq_len=4096)
 _TINY = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
              dense_ffn_width=384)
 
+
 def _cpu_scale() -> list[ModelConfig]:
   """The 2B comparisons' arithmetic at CPU scale: d_model 128, 4 layers, standard FFN width
   F = 2.75 d = 352, 16 F of expert width per MoE layer; 'cpu_' + the 2B preset's name."""

@@ -93,13 +93,14 @@ def route_hash(a: RouteArgs) -> Route:
 
 class RouterSpec(NamedTuple):
   fn: Callable[[RouteArgs], Route]
-  has_weights: bool
-  dropless: bool
+  has_weights: bool        # a [d_model, N'] router matrix
+  dropless: bool           # False: capacity buffers, pairs past capacity dropped
+  fixed_k: int | None      # the only K' the router supports (None: the config's)
 
 
 ROUTERS: dict[str, RouterSpec] = {
-    "topk": RouterSpec(route_topk, has_weights=True, dropless=True),
-    "switch": RouterSpec(route_switch, has_weights=True, dropless=False),
-    "gshard": RouterSpec(route_gshard, has_weights=True, dropless=False),
-    "hash": RouterSpec(route_hash, has_weights=False, dropless=True),
+    "topk": RouterSpec(route_topk, has_weights=True, dropless=True, fixed_k=None),
+    "switch": RouterSpec(route_switch, has_weights=True, dropless=False, fixed_k=1),
+    "gshard": RouterSpec(route_gshard, has_weights=True, dropless=False, fixed_k=2),
+    "hash": RouterSpec(route_hash, has_weights=False, dropless=True, fixed_k=1),
 }
