@@ -4,8 +4,8 @@
   to the next K' best; a model whose experts are less redundant loses more;
 - shared experts off, one more routed expert on (Section 5.3: 1.808 -> 2.414 on the Pile);
 - activated routed experts varied at evaluation (Figure 5);
-- capacity routers (Switch, GShard) evaluated without token dropping (`evaluate_with` and
-  a capacity factor of N').
+- capacity routers (Switch, GShard) evaluated without token dropping (a capacity factor
+  of N').
 
 Each evaluation traces the model afresh under a moe.model.intervention.Intervention.
 """

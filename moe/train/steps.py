@@ -19,6 +19,8 @@ from moe.parallel.mesh import use_mesh
 
 
 def batch_objective(model, batch, key):
+  """The training objective of one batch dict (inputs, targets, weights, segment_ids,
+  positions) -> (loss, metrics)."""
   return objective(model, batch["inputs"], batch["targets"], batch["weights"],
                    batch["segment_ids"], batch["positions"], key)
 
