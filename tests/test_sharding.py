@@ -234,3 +234,21 @@ def test_training_resumes_sharded_checkpoints_on_another_mesh(tmp_path, small_co
   assert second.step == 4
   assert second.train_loss == pytest.approx(single.train_loss, rel=1e-4)
   assert second.eval["eval_loss"] == pytest.approx(single.eval["eval_loss"], rel=1e-4)
+
+
+def test_plan_counts_each_devices_shards():
+  """The AOT plan compiles the sharded step from abstract shapes; its per-device parameter
+  and optimizer bytes are the rules' shards: routed experts and router columns (axis
+  'expert') split 4 ways, the rest whole."""
+  from moe.model.counts import count_params
+  from moe.train.plan import plan
+  mesh = mesh_of("data:2,expert:4")
+  p = plan(CFG, TrainConfig(), mesh, batch=8, seq_len=16)
+  d, e = CFG.d_model, CFG.n_routed_experts
+  split = CFG.n_moe_layers * (e * 3 * d * CFG.expert_width + d * e)
+  per_device = 4 * (count_params(CFG).total - split + split // 4)
+  assert p.n_devices == 8 and p.tokens_per_device == 8 * 16 // 8
+  assert p.param_bytes == per_device
+  assert 2 * per_device <= p.optimizer_bytes <= 2 * per_device + 64  # Adam's mu, nu (+ counts)
+  assert p.temp_bytes > 0 and p.peak_bytes >= p.argument_bytes + p.temp_bytes
+  assert p.all_to_all_bytes > 0
