@@ -4,7 +4,7 @@
 // sizes that scales poorly; here each thread takes whole experts (gather its tokens' rows,
 // single-threaded sgemm calls, scatter-add into a thread-private output summed at the end).
 // f32 only. Rows are in expert-sorted order: tok[r] is the token of row r, gate[r] its gate,
-// group_sizes[e] the rows of expert e. Built by moe/cpu_ffi.py against the OpenBLAS that
+// group_sizes[e] the rows of expert e. Built by moe/dispatch/cpu_kernel.py against the OpenBLAS that
 // numpy ships (its 64-bit-index cblas).
 #include <cmath>
 #include <cstdint>
