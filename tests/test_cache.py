@@ -16,7 +16,13 @@ def test_one_variable_moves_every_cache(monkeypatch, tmp_path):
   assert DataConfig(data_dir="/elsewhere").root == "/elsewhere"
 
 
-def test_kernel_is_built_under_the_cache_root(monkeypatch, tmp_path):
+def test_kernel_is_built_under_the_cache_root_per_cpu_and_compiler(monkeypatch, tmp_path):
   from moe.dispatch import cpu_kernel
+  compiler = cpu_kernel._compiler()
+  if compiler is None:
+    return  # no compiler: status() says so (tests/test_cpu_ffi.py)
   monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
-  assert os.path.dirname(cpu_kernel._library_path("/any/libblas.so")) == str(tmp_path / "kernels")
+  path = cpu_kernel._library_path("/any/libblas.so", compiler)
+  assert os.path.dirname(path) == str(tmp_path / "kernels")
+  monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: "flags : sse2")  # another CPU
+  assert cpu_kernel._library_path("/any/libblas.so", compiler) != path

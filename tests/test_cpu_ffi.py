@@ -1,4 +1,4 @@
-"""The C++ FFI CPU kernel (moe.cpu_ffi) against the loop reference, forward and VJP, on the
+"""The C++ FFI CPU kernel (moe.dispatch.cpu_kernel) against the loop reference, forward and VJP, on the
 same hypothesis-fuzzed routings as the fused loop (empty experts, one expert holding every
 row, K' = 1..3)."""
 
@@ -58,3 +58,35 @@ def test_unavailable_kernel_is_a_clear_error(monkeypatch):
   idx = jnp.zeros((x.shape[0], 1), jnp.int32)
   with pytest.raises(RuntimeError, match="cpu_ffi' is unavailable here: no C\\+\\+ compiler"):
     cpu_kernel.ffi_swiglu_experts(x, sort_by_expert(idx, E), jnp.ones(idx.shape), *w)
+
+
+def _malformed_routings(n_rows: int, n_tokens: int):
+  """(what is wrong, order [n_rows], group_sizes [E]) for K' = 1 (token of row r = order[r])."""
+  order = np.arange(n_rows, dtype=np.int32) % n_tokens
+  fits = np.full(E, n_rows // E, np.int32)
+  fits[0] += n_rows - fits.sum()
+  negative, too_many = fits.copy(), fits.copy()
+  negative[1], negative[2] = -1, negative[2] + 1 + negative[1]
+  too_many[0] += 1
+  bad_token = order.copy()
+  bad_token[n_rows // 2] = n_tokens + 3
+  return [("is negative", order, negative),
+          (f"sum to {n_rows + 1} but only {n_rows} rows", order, too_many),
+          (f"names token {n_tokens + 3}, outside", bad_token, fits)]
+
+
+@needs_kernel
+def test_malformed_routing_is_an_error_not_a_crash():
+  x, w = operands(0, jnp.float32)
+  t = x.shape[0]
+  gates = jnp.ones((t, 1), jnp.float32)
+  for problem, order, sizes in _malformed_routings(t, t):
+    routing = SortedRouting(jnp.asarray(order), jnp.asarray(sizes))
+    with pytest.raises(Exception, match=f"ExpertSwigluForward: .*{problem}"):
+      jax.block_until_ready(cpu_kernel.ffi_swiglu_experts(x, routing, gates, *w))
+    grad = jax.grad(lambda x: jnp.sum(cpu_kernel.ffi_swiglu_experts(x, routing, gates, *w)))
+    with pytest.raises(Exception, match=f"ExpertSwiglu(Forward|Backward): .*{problem}"):
+      jax.block_until_ready(grad(x))
+  # Well-formed input still runs after the errors.
+  ok = sort_by_expert(jnp.zeros((t, 1), jnp.int32), E)
+  assert np.all(np.isfinite(np.asarray(cpu_kernel.ffi_swiglu_experts(x, ok, gates, *w))))

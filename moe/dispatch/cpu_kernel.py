@@ -14,12 +14,14 @@ import functools
 import glob
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from moe.cache import cache_dir
@@ -38,23 +40,40 @@ def _openblas() -> str | None:
   return found[0] if found else None
 
 
-def _library_path(blas: str) -> str:
-  """Where the kernel built from this source, jaxlib and BLAS lives in the cache."""
-  source = open(_SOURCE, "rb").read()
-  key = hashlib.sha256(source + jax.__version__.encode() + blas.encode()).hexdigest()[:16]
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cpu_flags() -> str:
+  """This CPU's instruction-set flags (the build uses -march=native)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line for line in f if line.startswith("flags")), platform.processor())
+  except OSError:
+    return platform.machine() + platform.processor()
+
+
+def _library_path(blas: str, compiler: str) -> str:
+  """Where the kernel lives in the cache: one build per source, jax/jaxlib, BLAS, compiler
+  (and its version) and CPU instruction set, so a home directory shared across a mixed
+  cluster never loads a binary built for another CPU."""
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+  parts = [open(_SOURCE, "rb").read().decode(), jax.__version__, jaxlib.__version__, blas,
+           compiler, version, _cpu_flags()]
+  key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
   return os.path.join(cache_dir("kernels"), f"expert_swiglu-{key}.so")
 
 
 def _build(blas: str) -> str:
-  """Compiles the kernel once per source, jaxlib and BLAS; returns the shared library."""
-  lib = _library_path(blas)
+  """Compiles the kernel once per build key (_library_path); returns the shared library."""
+  compiler = _compiler()
+  if compiler is None:
+    raise RuntimeError("no C++ compiler (set CXX or install g++)")
+  lib = _library_path(blas, compiler)
   if os.path.exists(lib):
     return lib
   build_dir = os.path.dirname(lib)
   os.makedirs(build_dir, exist_ok=True)
-  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-  if compiler is None:
-    raise RuntimeError("no C++ compiler (set CXX or install g++)")
   with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
     out = os.path.join(tmp, "lib.so")
     cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -86,6 +87,50 @@ struct Layout {
   }
 };
 
+std::string Shape(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+bool HasShape(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
+  if (dims.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t w : want)
+    if (dims[i++] != w) return false;
+  return true;
+}
+
+// Checks what the kernel indexes by before it touches memory: shapes that agree, group
+// sizes >= 0 that cover at most the rows given, tokens in range. Returns "" when valid.
+std::string Invalid(const F32& x, const I32& tok, const F32& gate, const F32& w_gate, const F32& w_up,
+                    const F32& w_down, const I32& group_sizes) {
+  const auto xd = x.dimensions(), wg = w_gate.dimensions();
+  if (xd.size() != 2 || wg.size() != 3) return "x must be [T, d] and w_gate [E, d, f]";
+  const int64_t n_tokens = xd[0], d = xd[1], e = wg[0], f = wg[2];
+  if (wg[1] != d) return "w_gate " + Shape(wg) + " does not match x " + Shape(xd);
+  if (!HasShape(w_up.dimensions(), {e, d, f})) return "w_up " + Shape(w_up.dimensions()) + " != w_gate " + Shape(wg);
+  if (!HasShape(w_down.dimensions(), {e, f, d}))
+    return "w_down " + Shape(w_down.dimensions()) + " must be [E, f, d] = " + Shape(ffi::Span<const int64_t>({e, f, d}));
+  if (!HasShape(group_sizes.dimensions(), {e})) return "group_sizes " + Shape(group_sizes.dimensions()) + " must be [E]";
+  const int64_t rows = static_cast<int64_t>(tok.element_count());
+  if (tok.dimensions().size() != 1 || !HasShape(gate.dimensions(), {rows}))
+    return "tok and gate must be [rows] of equal length";
+  int64_t total = 0;
+  for (int64_t i = 0; i < e; ++i) {
+    const int32_t size = group_sizes.typed_data()[i];
+    if (size < 0) return "group_sizes[" + std::to_string(i) + "] = " + std::to_string(size) + " is negative";
+    total += size;
+  }
+  if (total > rows) return "group sizes sum to " + std::to_string(total) + " but only " + std::to_string(rows) + " rows are given";
+  for (int64_t r = 0; r < total; ++r) {
+    const int32_t t = tok.typed_data()[r];
+    if (t < 0 || t >= n_tokens)
+      return "row " + std::to_string(r) + " names token " + std::to_string(t) + ", outside [0, " + std::to_string(n_tokens) + ")";
+  }
+  return "";
+}
+
 // h[i, j] = g[i] * silu(a[i, j]) * b[i, j] from the saved [n, 2f] rows [a | b].
 void GatedHidden(const float* ab, const float* g, int64_t n, int64_t f, float* h) {
   for (int64_t i = 0; i < n; ++i)
@@ -97,6 +142,8 @@ void GatedHidden(const float* ab, const float* g, int64_t n, int64_t f, float* h
 
 ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I32 group_sizes,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> ab, int64_t threads) {
+  if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes); !why.empty())
+    return ffi::Error::InvalidArgument("ExpertSwigluForward: " + why);
   const Layout l(x, w_gate, group_sizes);
   const int64_t d = l.d, f = l.f;
   ForExperts(l.n_experts, static_cast<int>(threads), out->typed_data(), l.n_tokens * d, [&](int64_t e, float* o) {
@@ -120,6 +167,11 @@ ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, 
                     F32 d_out, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_gate,
                     ffi::ResultBuffer<ffi::F32> d_wg, ffi::ResultBuffer<ffi::F32> d_wu,
                     ffi::ResultBuffer<ffi::F32> d_wd, int64_t threads) {
+  if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes); !why.empty())
+    return ffi::Error::InvalidArgument("ExpertSwigluBackward: " + why);
+  if (!HasShape(ab.dimensions(), {static_cast<int64_t>(tok.element_count()), 2 * w_gate.dimensions()[2]}) ||
+      !HasShape(d_out.dimensions(), {x.dimensions()[0], x.dimensions()[1]}))
+    return ffi::Error::InvalidArgument("ExpertSwigluBackward: saved [rows, 2f] or d_out [T, d] has the wrong shape");
   const Layout l(x, w_gate, group_sizes);
   const int64_t d = l.d, f = l.f;
   ForExperts(l.n_experts, static_cast<int>(threads), dx->typed_data(), l.n_tokens * d, [&](int64_t e, float* o) {
