@@ -7,8 +7,11 @@
 // group_sizes[e] the rows of expert e. Built by moe/dispatch/cpu_kernel.py against the OpenBLAS that
 // numpy ships (its 64-bit-index cblas).
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,13 +52,70 @@ void ScatterAddRows(const float* rows, const int32_t* tok, int64_t n, int64_t d,
   }
 }
 
+// Worker threads started once (on first use, grown on demand) and kept for the process:
+// Run(n, fn) calls fn(0) on the caller and fn(1..n-1) on workers, and returns when all are
+// done. One Run at a time. Never destroyed, so process exit does not wait on idle workers.
+class Pool {
+ public:
+  static Pool& Get() {
+    static Pool* pool = new Pool;
+    return *pool;
+  }
+
+  void Run(int n, const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> one_call(call_mu_);
+    while (static_cast<int>(workers_.size()) < n - 1) {
+      const int id = static_cast<int>(workers_.size()) + 1;
+      workers_.emplace_back([this, id] { Work(id); });
+      workers_.back().detach();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      n_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    start_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+  }
+
+ private:
+  void Work(int id) {
+    openblas_set_num_threads_local(1);
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        start_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id >= n_) continue;  // not needed for this call
+        fn = fn_;
+      }
+      (*fn)(id);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int n_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
 // Runs per_expert(e, out) for every expert, expert e on thread e % threads; each
 // thread adds into its own [size] buffer (thread 0 into `out`), summed into `out` at the end.
 template <typename PerExpert>
 void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExpert per_expert) {
   std::vector<std::vector<float>> private_out(threads);
-  auto run = [&](int tid) {
-    openblas_set_num_threads_local(1);
+  Pool::Get().Run(threads, [&](int tid) {
+    if (tid == 0) openblas_set_num_threads_local(1);  // the caller: XLA's thread
     float* o = out;
     if (tid > 0) {
       private_out[tid].assign(size, 0.f);
@@ -64,11 +124,7 @@ void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExp
       std::memset(out, 0, sizeof(float) * size);
     }
     for (int64_t e = tid; e < n_experts; e += threads) per_expert(e, o);
-  };
-  std::vector<std::thread> pool;
-  for (int tid = 1; tid < threads; ++tid) pool.emplace_back(run, tid);
-  run(0);
-  for (auto& t : pool) t.join();
+  });
   for (int tid = 1; tid < threads; ++tid)
     for (int64_t i = 0; i < size; ++i) out[i] += private_out[tid][i];
 }
