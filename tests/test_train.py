@@ -1,5 +1,6 @@
 """Training: schedule, a short run whose loss drops, exact resume, pre-emption, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from moe.train.checkpoint import CheckpointError, Checkpointer
 from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate_checkpoint
 from moe.train.loop import NonFiniteLossError, train_and_evaluate
+from moe.train.run_files import RUN_CONFIG, check_run_configs, read_run_configs, run_configs_dict
 from moe.train.state import create_state
 from tests.data_fixtures import small_data_config, small_model
 
@@ -183,14 +185,42 @@ def test_unknown_gin_binding_is_a_clear_error(tmp_path):
 
 
 def test_run_configs_recorded_under_old_field_names_still_resume(tmp_path):
-  from moe.train.run_files import RUN_CONFIG, config_guard, read_run_configs, run_configs_dict
   configs = run_configs_dict(small_model(dispatch_backend="fused"), DataConfig(), train_cfg())
   old = dict(configs, model={("dispatch" if k == "dispatch_backend" else k): v
                              for k, v in configs["model"].items()})
   with open(tmp_path / RUN_CONFIG, "w") as f:
     json.dump(old, f)
   assert read_run_configs(str(tmp_path)).model.dispatch_backend == "fused"
-  config_guard(str(tmp_path), configs)  # the same model: accepted
+  check_run_configs(str(tmp_path), configs)  # the same model: accepted
   other = run_configs_dict(small_model(dispatch_backend="fused", n_layers=3), DataConfig(), train_cfg())
   with pytest.raises(CheckpointError, match=r"fields differ: \['n_layers'\]"):
-    config_guard(str(tmp_path), other)
+    check_run_configs(str(tmp_path), other)
+
+
+def test_resume_may_change_how_a_run_computes_not_what(straight_run, small_corpus):
+  workdir = str(straight_run[0])
+  recorded = read_run_configs(workdir)
+  how = run_configs_dict(
+      recorded.model.replace(name="other name", remat=True, dispatch_backend="tiled",
+                             expert_capacity_factor=2.0),
+      dataclasses.replace(recorded.data, eval_batches=1, data_dir="/moved"),
+      train_cfg(steps=40, log_every=5))
+  check_run_configs(workdir, how)
+  for part, changed, field in [
+      ("model", run_configs_dict(recorded.model.replace(expert_width=8), recorded.data, recorded.train), "expert_width"),
+      ("data", run_configs_dict(recorded.model, dataclasses.replace(recorded.data, seq_len=32), recorded.train), "seq_len")]:
+    with pytest.raises(CheckpointError, match=rf"different {part} config \(fields differ: \['{field}'\]\)"):
+      check_run_configs(workdir, changed)
+
+
+def test_failed_setup_records_no_configs(tmp_path, small_corpus):
+  empty = tmp_path / "no_sources"
+  empty.mkdir()
+  data = small_data_config((str(empty), small_corpus[1]))
+  with pytest.raises(ValueError, match=r"has 0 \.py file"):
+    train_and_evaluate(str(tmp_path / "run"), small_model(), data, train_cfg())
+  assert not os.path.exists(tmp_path / "run" / RUN_CONFIG)
+  # The fixed config then starts in the same workdir.
+  result = train_and_evaluate(str(tmp_path / "run"), small_model(), small_data_config(small_corpus),
+                              train_cfg(steps=2))
+  assert result.status == "finished" and os.path.exists(tmp_path / "run" / RUN_CONFIG)

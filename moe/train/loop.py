@@ -29,8 +29,8 @@ from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate
 from moe.train.metrics import MetricWriter, Progress
 from moe.train.optim import schedule_of
-from moe.train.run_files import (RunResult, config_guard, run_configs_dict, write_operative_config,
-                                 write_result)
+from moe.train.run_files import (RunResult, check_run_configs, record_run_configs, run_configs_dict,
+                                 write_operative_config, write_result)
 from moe.train.state import init_state
 from moe.train.steps import make_steps, put_batch
 
@@ -99,7 +99,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
   if primary:
     write_operative_config(workdir)
-  config_guard(workdir, run_configs_dict(model_cfg, data_cfg, train_cfg), write=primary)
+  configs = run_configs_dict(model_cfg, data_cfg, train_cfg)
+  check_run_configs(workdir, configs)
   data = _datasets(data_cfg, model_cfg.vocab_size, primary)
   graphdef, state = init_state(model_cfg, train_cfg, mesh)
   steps = make_steps(graphdef, state, mesh)
@@ -110,6 +111,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     step, restored, data_state = ckpt.restore(None, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)
     data.train.set_state(data_state)
+  if primary:  # setup succeeded: a failed one leaves no record to refuse a fixed config
+    record_run_configs(workdir, configs)
   start_step = step
   writer = MetricWriter(workdir, enabled=primary)
   progress = Progress(train_cfg.steps, step, stream)

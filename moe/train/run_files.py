@@ -1,6 +1,7 @@
 """The files a run keeps in its workdir besides checkpoints and metrics: the configs it
-was started with (run_config.json, a guard against resuming another model's run), gin's
-operative config, and how the last process ended (result.json, which sweeps read)."""
+was started with (run_config.json, a guard against resuming another model's or data
+stream's run), gin's operative config, and how the last process ended (result.json,
+which sweeps read)."""
 
 from __future__ import annotations
 
@@ -41,24 +42,38 @@ def run_configs_dict(model_cfg: ModelConfig, data_cfg: DataConfig,
           "train": dataclasses.asdict(train_cfg)}
 
 
-def config_guard(workdir: str, configs: dict[str, Any], write: bool = True) -> None:
-  """Record the run's configs in workdir/run_config.json (if `write`: the first host of a
-  multi-host job); refuse a workdir of another model."""
+# What may change when a run resumes: how it is computed and logged, not the architecture
+# or the data stream. (Every TrainConfig field may change: cadence, and more steps.)
+RESUMABLE_CHANGES = {
+    "model": ("name", "remat", "scan_layers", "dispatch_backend", "expert_capacity_factor",
+              "capacity_factor"),
+    "data": ("eval_batches", "data_dir", "materialize"),
+}
+
+
+def check_run_configs(workdir: str, configs: dict[str, Any]) -> None:
+  """Refuse a workdir whose recorded run has another architecture or data stream (fields
+  outside RESUMABLE_CHANGES differ); a workdir without a record is fine."""
   path = os.path.join(workdir, RUN_CONFIG)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = _upgraded(json.load(f))
-    if saved.get("model") != configs["model"]:
-      diff = sorted(k for k in set(saved.get("model", {})) | set(configs["model"])
-                    if saved.get("model", {}).get(k) != configs["model"].get(k))
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _upgraded(json.load(f))
+  for part, free in RESUMABLE_CHANGES.items():
+    old, new = saved.get(part, {}), configs[part]
+    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+    if diff:
       raise CheckpointError(
-          f"workdir {workdir!r} holds a run of a different model config (fields differ: {diff}); "
-          f"use a new --workdir, or the same model config to resume it")
-    return
-  if not write:
-    return
+          f"workdir {workdir!r} holds a run of a different {part} config (fields differ: {diff}); "
+          f"use a new --workdir, or the same {part} config to resume it (on resume only "
+          f"{list(free)} may change)")
+
+
+def record_run_configs(workdir: str, configs: dict[str, Any]) -> None:
+  """workdir/run_config.json: the configs the run last (re)started with, written once its
+  setup (data, model, checkpoint restore) has succeeded."""
   os.makedirs(workdir, exist_ok=True)
-  _write_json(path, configs, indent=2, sort_keys=True, default=str)
+  _write_json(os.path.join(workdir, RUN_CONFIG), configs, indent=2, sort_keys=True, default=str)
 
 
 class RunConfigs(NamedTuple):
@@ -68,7 +83,7 @@ class RunConfigs(NamedTuple):
 
 
 def read_run_configs(workdir: str) -> RunConfigs:
-  """The configs config_guard recorded for workdir's run."""
+  """The configs record_run_configs recorded for workdir's run."""
   path = os.path.join(workdir, RUN_CONFIG)
   if not os.path.exists(path):
     raise CheckpointError(f"{path!r} does not exist: is {workdir!r} a training workdir?")
