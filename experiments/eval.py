@@ -1,15 +1,24 @@
 """Evaluate a checkpoint: validation loss, perplexity and per-layer routing statistics.
 
   python -m experiments.eval --workdir=workdirs/tiny_deepseekmoe [--step=200]
+  python -m experiments.eval --workdir=... --gin.DataConfig.eval_batches=64
+
+The run's own model and data configs are used; DataConfig bindings override the data
+config's fields, and bindings of anything else are refused.
 """
 
 from __future__ import annotations
 
+import gin
 import numpy as np
 from absl import app, flags, logging
 
+from data.input_pipeline import DataConfig
 from experiments import gin_flags
 from moe.cache import enable_compile_cache
+from moe.model.presets import model_config
+from moe.parallel.mesh import MeshConfig
+from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory", required=True)
@@ -32,9 +41,17 @@ def format_report(out: dict) -> str:
 
 def main(argv):
   gin_flags.parse(argv)
+  fixed = {c.__name__: sorted(gin.get_bindings(c)) for c in (model_config, TrainConfig, MeshConfig)
+           if gin.get_bindings(c)}
+  if fixed:
+    raise app.UsageError(f"gin bindings {fixed} do not apply: a checkpoint is evaluated with its run's "
+                         f"own model and on one device; only DataConfig may be overridden")
   logging.set_verbosity(logging.WARNING)
   enable_compile_cache()
-  print(format_report(evaluate_checkpoint(_WORKDIR.value, _STEP.value)))
+  overrides = gin.get_bindings(DataConfig)
+  if overrides:
+    print(f"DataConfig overrides on top of the run's: {overrides}")
+  print(format_report(evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides)))
 
 
 if __name__ == "__main__":

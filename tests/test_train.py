@@ -224,3 +224,18 @@ def test_failed_setup_records_no_configs(tmp_path, small_corpus):
   result = train_and_evaluate(str(tmp_path / "run"), small_model(), small_data_config(small_corpus),
                               train_cfg(steps=2))
   assert result.status == "finished" and os.path.exists(tmp_path / "run" / RUN_CONFIG)
+
+
+def test_eval_script_honours_data_overrides_and_refuses_others(straight_run):
+  workdir = str(straight_run[0])
+  base = evaluate_checkpoint(workdir)["eval_loss"]
+  one = evaluate_checkpoint(workdir, data_overrides={"eval_batches": 1})["eval_loss"]
+  assert one != base  # 1 of the run's 2 eval batches
+  cmd = [sys.executable, "-m", "experiments.eval", f"--workdir={workdir}"]
+  ok = subprocess.run(cmd + ["--gin.DataConfig.eval_batches=1"], cwd=ROOT, capture_output=True,
+                      text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "{'eval_batches': 1}" in ok.stdout and f"validation loss {one:.4f}" in ok.stdout
+  refused = subprocess.run(cmd + ["--gin.model_config.n_layers=1"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+  assert refused.returncode != 0 and "{'model_config': ['n_layers']} do not apply" in refused.stderr

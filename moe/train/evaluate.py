@@ -3,13 +3,14 @@ of a live state or of a run's checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import jax
 import numpy as np
 
-from data.input_pipeline import DataConfig, make_datasets
+from data.input_pipeline import make_datasets
 from moe.train.restore import restore_run
 from moe.train.steps import Steps, make_steps, put_batch
 
@@ -29,11 +30,13 @@ def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None,
-                        data_cfg: DataConfig | None = None) -> dict[str, Any]:
+                        data_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Restore a checkpoint of workdir (default: the latest) with the run's own model config
-  and evaluate it on the held-out split (default: the run's data config)."""
+  and evaluate it on the held-out split of the run's data config, with `data_overrides`
+  (DataConfig fields, e.g. {'eval_batches': 32}) applied on top."""
   run = restore_run(workdir, step)
-  data = make_datasets(data_cfg or run.data_cfg, run.model_cfg.vocab_size)
+  data_cfg = dataclasses.replace(run.data_cfg, **(data_overrides or {}))
+  data = make_datasets(data_cfg, run.model_cfg.vocab_size)
   out = evaluate(make_steps(run.graphdef, run.state), run.state, data.eval_batches)
   out.update(step=run.step, unigram_entropy=data.unigram_entropy)
   return out
