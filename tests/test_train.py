@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -38,9 +39,26 @@ def test_schedule_at_boundaries():
   assert float(s(99)) == pytest.approx(0.316 ** 2)
 
 
-def test_weight_decay_skips_norm_scales():
-  mask = optim.decay_mask({"w": np.zeros((2, 2)), "scale": np.zeros(2)})
-  assert mask == {"w": True, "scale": False}
+@pytest.mark.parametrize("model", [dict(), dict(scan_layers=False), dict(n_routed_experts=0, n_shared_experts=0,
+                                                                      n_activated_experts=0)],
+                         ids=["moe", "unscanned", "dense"])
+def test_weight_decay_skips_norm_scales_of_real_models(model):
+  """On a real model's state (norm scales stacked to [layers, d]): one AdamW step with zero
+  gradients changes exactly the matrices (by weight decay) and leaves every norm scale."""
+  from moe.model.decoder import Transformer
+  m = Transformer(small_model(**model, first_k_dense_replace=1), nnx.Rngs(0))
+  values = lambda: {path: np.array(var[...]) for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  before = values()
+  tx = optim.optimizer_of(train_cfg(warmup_steps=0), nnx.state(m, nnx.Param))
+  optimizer = nnx.Optimizer(m, tx, wrt=nnx.Param)
+  optimizer.update(m, jax.tree.map(jnp.zeros_like, nnx.state(m, nnx.Param)))
+  after = values()
+  stacked_scales = 0
+  for path, value in before.items():
+    is_scale = path[-1] == "scale"
+    assert np.array_equal(value, after[path]) == is_scale, path
+    stacked_scales += is_scale and value.ndim == 2
+  assert stacked_scales >= 2  # [layers, d] scales exist: ndim alone would have decayed them
 
 
 def train_cfg(**kw):

@@ -17,7 +17,7 @@ from moe.train.optim import optimizer_of
 def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
   """(graphdef, state) of (model, optimizer); state is what checkpoints hold."""
   model = Transformer(model_cfg, nnx.Rngs(train_cfg.seed))
-  optimizer = nnx.Optimizer(model, optimizer_of(train_cfg), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, optimizer_of(train_cfg, nnx.state(model, nnx.Param)), wrt=nnx.Param)
   return nnx.split((model, optimizer))
 
 
