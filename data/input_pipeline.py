@@ -7,106 +7,25 @@ store, so a restarted run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from typing import Any, Callable, Iterator, NamedTuple
 
-import gin
 import numpy as np
 
 from data import packing
+from data.config import EMBEDDED, DataConfig
+from data.documents import dataset_key, documents
 from data.tokenizer import Tokenizer, check_token_ids, train_tokenizer
-from moe.cache import cache_dir
 
-EMBEDDED = "python_stdlib"
 Batch = dict[str, np.ndarray]
-
-
-def default_data_dir() -> str:
-  return cache_dir("tfds")
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  dataset: str = EMBEDDED    # the embedded corpus, or a tfds text dataset: 'c4/en', 'lm1b', ...
-  source_dir: str | None = None  # embedded corpus only: read these .py sources, not the stdlib
-  data_dir: str | None = None  # None: the cache root's tfds/ (moe.cache; $MOE_CACHE_DIR)
-  text_key: str = "text"
-  train_split: str = "train"
-  eval_split: str = "validation"
-  tokenizer_path: str | None = None  # None: train BPE on the train split, cached in data_dir
-  vocab_size: int = 8192             # of a trained tokenizer
-  tokenizer_lines: int = 300_000     # lines of training text the BPE trainer reads
-  seq_len: int = 128
-  batch_size: int = 16
-  eval_batches: int = 8
-  seed: int = 0
-  materialize: bool | None = None  # hold all packed rows in memory; None: embedded corpus only
-
-  def __post_init__(self):
-    for field in ("vocab_size", "seq_len", "batch_size", "eval_batches", "tokenizer_lines"):
-      if getattr(self, field) <= 0:
-        raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} must be positive")
-
-  @property
-  def root(self) -> str:
-    return os.path.expanduser(self.data_dir or default_data_dir())
-
-
-# ---------------------------------------------------------------------------------------
-# Documents.
-
-def _source_dir(cfg: DataConfig) -> tuple[str, str] | None:
-  """(absolute source_dir, a name for it) when the embedded corpus reads other sources."""
-  if not cfg.source_dir:
-    return None
-  src = os.path.abspath(os.path.expanduser(cfg.source_dir))
-  return src, "src_" + hashlib.sha256(src.encode()).hexdigest()[:10]
-
-
-def _dataset_key(cfg: DataConfig) -> str:
-  """A file-name-safe id of the dataset (and source dir) for cached tokenizers and rows."""
-  source = _source_dir(cfg)
-  return cfg.dataset.replace("/", "_") + (f"-{source[1]}" if source else "")
-
-
-def builder(cfg: DataConfig):
-  """The prepared tfds builder (the embedded corpus prepares offline)."""
-  import tensorflow_datasets as tfds  # heavy: import only when data is read
-
-  if cfg.dataset == EMBEDDED:
-    from data.stdlib_corpus import PythonStdlib, StdlibConfig
-    source = _source_dir(cfg)
-    config = source and StdlibConfig(name=source[1], source_dir=source[0], version=PythonStdlib.VERSION)
-    b = PythonStdlib(data_dir=cfg.root, config=config)
-  else:
-    if cfg.source_dir:
-      raise ValueError(f"DataConfig.source_dir applies to the embedded corpus only, not {cfg.dataset!r}")
-    b = tfds.builder(cfg.dataset, data_dir=cfg.root)
-  b.download_and_prepare()
-  return b
-
-
-def documents(cfg: DataConfig, split: str) -> Iterator[str]:
-  """The split's texts, in the dataset's stored order."""
-  import tensorflow_datasets as tfds
-
-  ds = builder(cfg).as_dataset(split=split, shuffle_files=False)
-  for ex in tfds.as_numpy(ds):
-    if cfg.text_key not in ex:
-      raise KeyError(f"dataset {cfg.dataset!r} has no feature {cfg.text_key!r}; "
-                     f"features: {sorted(ex)}; set DataConfig.text_key")
-    text = ex[cfg.text_key]
-    yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
 
 def tokenizer_for(cfg: DataConfig) -> Tokenizer:
   """Load DataConfig.tokenizer_path, or train BPE on the train split once and cache it."""
   if cfg.tokenizer_path:
     return Tokenizer(os.path.expanduser(cfg.tokenizer_path))
-  path = os.path.join(cfg.root, "tokenizers", f"{_dataset_key(cfg)}-bpe{cfg.vocab_size}.model")
+  path = os.path.join(cfg.root, "tokenizers", f"{dataset_key(cfg)}-bpe{cfg.vocab_size}.model")
   if os.path.exists(path):
     return Tokenizer(path)
   return train_tokenizer(documents(cfg, cfg.train_split), path, cfg.vocab_size, cfg.tokenizer_lines)
@@ -129,7 +48,7 @@ def materialized_rows(cfg: DataConfig, tok: Tokenizer, split: str) -> Rows:
   """All packed rows of a split, cached as .npz keyed by the tokenizer's bytes and seq_len."""
   with open(tok.path, "rb") as f:
     tok_hash = hashlib.sha256(f.read()).hexdigest()[:12]
-  path = os.path.join(cfg.root, "packed", f"{_dataset_key(cfg)}-{split}-{tok_hash}-s{cfg.seq_len}.npz")
+  path = os.path.join(cfg.root, "packed", f"{dataset_key(cfg)}-{split}-{tok_hash}-s{cfg.seq_len}.npz")
   if os.path.exists(path):
     with np.load(path) as z:
       return Rows(z["tokens"], z["segment_ids"], z["positions"])

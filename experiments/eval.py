@@ -13,7 +13,7 @@ import gin
 import numpy as np
 from absl import app, flags, logging
 
-from data.input_pipeline import DataConfig
+from data.config import DataConfig
 from experiments import gin_flags
 from moe.cache import enable_compile_cache
 from moe.model.presets import model_config

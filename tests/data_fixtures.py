@@ -3,7 +3,7 @@
 import os
 import shutil
 
-from data.input_pipeline import DataConfig
+from data.config import DataConfig
 from data.stdlib_corpus import source_files, split_of, stdlib_dir
 from moe.model.presets import get_preset
 

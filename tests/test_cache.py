@@ -3,7 +3,7 @@ C++ kernel together."""
 
 import os
 
-from data.input_pipeline import DataConfig
+from data.config import DataConfig
 from moe import cache
 
 

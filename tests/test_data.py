@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from data import input_pipeline, packing
-from data.input_pipeline import ArrayBatches, DataConfig, Rows, StreamBatches, make_datasets
+from data import documents, input_pipeline, packing
+from data.config import DataConfig
+from data.input_pipeline import ArrayBatches, Rows, StreamBatches, make_datasets
 from data.stdlib_corpus import split_of
 from data.tokenizer import Tokenizer, check_token_ids, train_tokenizer
 from tests.data_fixtures import N_TRAIN, N_VALID, small_data_config
@@ -14,13 +15,13 @@ from tests.data_fixtures import N_TRAIN, N_VALID, small_data_config
 
 def test_builder_prepares_offline_with_metadata(small_corpus):
   import platform
-  b = input_pipeline.builder(small_data_config(small_corpus))
+  b = documents.builder(small_data_config(small_corpus))
   assert b.info.splits["train"].num_examples == N_TRAIN
   assert b.info.splits["validation"].num_examples == N_VALID
   assert b.info.metadata["python_version"] == platform.python_version()
   with open(os.path.join(b.data_dir, "metadata.json")) as f:
     assert json.load(f)["python_version"] == platform.python_version()
-  paths = [p for p, _ in zip(input_pipeline.documents(small_data_config(small_corpus), "validation"), range(99))]
+  paths = [p for p, _ in zip(documents.documents(small_data_config(small_corpus), "validation"), range(99))]
   assert len(paths) == N_VALID
 
 
@@ -34,12 +35,12 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
   (tmp_path / "src").mkdir()
   cfg = DataConfig(source_dir=str(tmp_path / "src"), data_dir=str(tmp_path / "tfds"))
   with pytest.raises(ValueError, match=r"0 \.py file\(s\).*empty"):
-    input_pipeline.builder(cfg)
+    documents.builder(cfg)
 
 
 def test_source_dir_is_only_for_the_embedded_corpus(tmp_path):
   with pytest.raises(ValueError, match="source_dir applies to the embedded corpus only"):
-    input_pipeline.builder(DataConfig(dataset="lm1b", source_dir=str(tmp_path), data_dir=str(tmp_path)))
+    documents.builder(DataConfig(dataset="lm1b", source_dir=str(tmp_path), data_dir=str(tmp_path)))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_unknown_text_feature_is_named(tmp_path):
   cfg = DataConfig(dataset="lm1b", data_dir=str(tmp_path), text_key="body")
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises(KeyError, match="no feature 'body'"):
-      next(input_pipeline.documents(cfg, "train"))
+      next(documents.documents(cfg, "train"))
 
 
 def test_embedded_corpus_end_to_end(small_corpus):
@@ -173,3 +174,11 @@ def test_embedded_corpus_end_to_end(small_corpus):
   assert batch["inputs"].shape == (8, 64)
   assert 3.0 < data.unigram_entropy < np.log(512)
   assert len(data.eval_batches) == 2
+
+
+def test_missing_split_names_the_splits_there_are(tmp_path, small_corpus):
+  with pytest.raises(ValueError, match=r"no split 'test'; its splits are \['train', 'validation'\]"):
+    next(documents.documents(small_data_config(small_corpus), "test"))
+  documents.check_split("lm1b", "train[:90%]+test", ["test", "train"])  # split expressions
+  with pytest.raises(ValueError, match=r"'lm1b' has no split 'validation'.*\['test', 'train'\]"):
+    documents.check_split("lm1b", "validation", ["test", "train"])

@@ -21,7 +21,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "**", "*
 
 
 def build(path):
-  from data.input_pipeline import DataConfig
+  from data.config import DataConfig
   from moe.train.config import TrainConfig
 
   gin.clear_config()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.input_pipeline import DataConfig
+from data.config import DataConfig
 
 from moe.train import optim
 from moe.train.checkpoint import CheckpointError, Checkpointer

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from data import input_pipeline
+from data.config import EMBEDDED
+from data.input_pipeline import make_datasets
 from data.code_categories import CATEGORIES
 from moe.model.routers import ROUTERS
 from moe.research.analyses import (disable_top_experts, evaluate_with, vary_activated,
@@ -33,7 +34,7 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
   for name, workdir in workdirs.items():
     run = restore_run(workdir, step)
     cfg = run.model_cfg
-    data = input_pipeline.make_datasets(run.data_cfg, cfg.vocab_size)
+    data = make_datasets(run.data_cfg, cfg.vocab_size)
     batches = data.eval_batches
     r: dict[str, Any] = {"model": cfg.name, "step": run.step}
     log(f"[{name}] {cfg.name} step {run.step}")
@@ -53,7 +54,7 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
                       "loss_without_dropping": without_token_dropping(run, batches)}
       if "topk" in analyses and cfg.router == "topk":
         r["topk"] = vary_activated(run, batches)
-      if "categories" in analyses and run.data_cfg.dataset == input_pipeline.EMBEDDED:
+      if "categories" in analyses and run.data_cfg.dataset == EMBEDDED:
         spec = specialization(run, max_tokens)
         r["categories"] = {"mutual_info_bits": spec.mutual_info.tolist(),
                            "shuffled_mutual_info_bits": spec.shuffled_info.tolist(),

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data import input_pipeline
+from data.documents import documents
+from data.input_pipeline import tokenizer_for
 from data.code_categories import CATEGORIES, token_categories
 from moe.model.intervention import Intervention, intervene
 from moe.research.analyses import require_moe
@@ -30,9 +31,9 @@ def category_rows(run: RestoredRun, max_tokens: int) -> tuple[np.ndarray, np.nda
   """Held-out documents of the run's (embedded Python) corpus as model rows:
   (ids [R, seq_len], categories [R, seq_len], -1 = padding)."""
   cfg = run.data_cfg
-  tok = input_pipeline.tokenizer_for(cfg)
+  tok = tokenizer_for(cfg)
   ids, cats = [], []
-  for text in input_pipeline.documents(cfg, cfg.eval_split):
+  for text in documents(cfg, cfg.eval_split):
     i, c = token_categories(tok.sp, text)
     ids.append(i)
     cats.append(c)

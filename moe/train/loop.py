@@ -19,7 +19,8 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from data.input_pipeline import DataConfig, make_datasets
+from data.config import DataConfig
+from data.input_pipeline import make_datasets
 from moe.model.config import ModelConfig
 from moe.model.presets import model_config
 from moe.parallel.mesh import MeshConfig, make_mesh

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from data.input_pipeline import DataConfig
+from data.config import DataConfig
 from moe.model.config import ModelConfig
 from moe.train.checkpoint import CheckpointError, Checkpointer
 from moe.train.run_files import read_run_configs

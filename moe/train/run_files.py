@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import gin
 import numpy as np
 
-from data.input_pipeline import DataConfig
+from data.config import DataConfig
 from moe.model.config import RENAMED_FIELDS, ModelConfig
 from moe.train.checkpoint import CheckpointError
 from moe.train.config import TrainConfig

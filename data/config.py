@@ -1,0 +1,45 @@
+"""DataConfig: which text dataset, where it is prepared, how it is tokenised and batched;
+gin-configurable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import gin
+
+from moe.cache import cache_dir
+
+EMBEDDED = "python_stdlib"  # the embedded corpus: this interpreter's standard-library sources
+
+
+def default_data_dir() -> str:
+  return cache_dir("tfds")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str = EMBEDDED    # the embedded corpus, or a tfds text dataset: 'c4/en', 'lm1b', ...
+  source_dir: str | None = None  # embedded corpus only: read these .py sources, not the stdlib
+  data_dir: str | None = None  # None: the cache root's tfds/ (moe.cache; $MOE_CACHE_DIR)
+  text_key: str = "text"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  tokenizer_path: str | None = None  # None: train BPE on the train split, cached in data_dir
+  vocab_size: int = 8192             # of a trained tokenizer
+  tokenizer_lines: int = 300_000     # lines of training text the BPE trainer reads
+  seq_len: int = 128
+  batch_size: int = 16
+  eval_batches: int = 8
+  seed: int = 0
+  materialize: bool | None = None  # hold all packed rows in memory; None: embedded corpus only
+
+  def __post_init__(self):
+    for field in ("vocab_size", "seq_len", "batch_size", "eval_batches", "tokenizer_lines"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} must be positive")
+
+  @property
+  def root(self) -> str:
+    return os.path.expanduser(self.data_dir or default_data_dir())
