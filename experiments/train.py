@@ -4,6 +4,7 @@
   python -m experiments.train --workdir=/tmp/run --gin_file=experiments/configs/x.gin \
       --gin.model_config.preset="'deepseekmoe_2b'" --gin.TrainConfig.steps=1000
   python -m experiments.train --mesh=fsdp:2,expert:4     # 8 devices, experts split 4 ways
+  python -m experiments.train --profile_steps=10:12      # jax.profiler trace of steps 10-12
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from moe.model.presets import model_config
 from moe.parallel.hosts import initialize_distributed
 from moe.parallel.mesh import MeshConfig, MeshError
 from moe.train.loop import train_and_evaluate
+from moe.train.profile import parse_steps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: ./workdirs/<preset>)")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "checkpoint and exit after this many steps; rerun to resume")
 _MESH = flags.DEFINE_string("mesh", None, "device mesh, e.g. data:-1 or fsdp:4,expert:8 "
                             "(default: gin's MeshConfig.shape; empty = one device)")
+_PROFILE = flags.DEFINE_string("profile_steps", None, "FIRST:LAST: trace these steps with "
+                               "jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "multi-host: call jax.distributed.initialize() first (TPU pods)")
 
@@ -41,11 +45,15 @@ def main(argv):
     logging.warning("using 1 of %d devices: pass --mesh=data:-1 (or another layout) to use all",
                     jax.device_count())
   workdir = _WORKDIR.value or os.path.join("workdirs", model_cfg.name)
+  try:
+    profile_steps = parse_steps(_PROFILE.value) if _PROFILE.value else None
+  except ValueError as e:
+    raise app.UsageError(f"--profile_steps: {e}") from None
   print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}  mesh: {mesh_cfg.shape or 'one device'}",
         flush=True)
   try:
     result = train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
-                                mesh_cfg=mesh_cfg)
+                                mesh_cfg=mesh_cfg, profile_steps=profile_steps)
   except MeshError as e:
     raise SystemExit(f"bad mesh: {e}") from None
   print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")

@@ -257,3 +257,16 @@ def test_eval_script_honours_data_overrides_and_refuses_others(straight_run):
   refused = subprocess.run(cmd + ["--gin.model_config.n_layers=1"], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
   assert refused.returncode != 0 and "{'model_config': ['n_layers']} do not apply" in refused.stderr
+
+
+def test_profile_steps_write_a_trace(tmp_path, small_corpus):
+  from moe.train.profile import parse_steps
+  assert parse_steps("3:5") == (3, 5) and parse_steps("4") == (4, 4)
+  for bad in ("5:3", "0:2", "a:b"):
+    with pytest.raises(ValueError, match="profile steps"):
+      parse_steps(bad)
+  result = train_and_evaluate(str(tmp_path), small_model(), small_data_config(small_corpus),
+                              train_cfg(steps=3), profile_steps=(2, 3))
+  assert result.status == "finished"
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces) and any(f.endswith(".trace.json.gz") for f in traces)

@@ -30,6 +30,7 @@ from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate
 from moe.train.metrics import MetricWriter, Progress
 from moe.train.optim import schedule_of
+from moe.train.profile import StepProfiler
 from moe.train.run_files import (RunResult, check_run_configs, record_run_configs, run_configs_dict,
                                  write_operative_config, write_result)
 from moe.train.state import init_state
@@ -70,18 +71,20 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
                        data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
                        stop_after_steps: int | None = None, stream=None,
-                       mesh_cfg: MeshConfig | None = None) -> RunResult:
+                       mesh_cfg: MeshConfig | None = None,
+                       profile_steps: tuple[int, int] | None = None) -> RunResult:
   """Train (or resume) in workdir. Configs default to what gin binds.
 
   mesh_cfg: the device mesh (default: gin's MeshConfig; its default is one device).
   stop_after_steps: end this process after that many steps (with a checkpoint), as a
   time-sliced job would; a later call resumes exactly where it stopped.
+  profile_steps: (first, last) steps to trace into workdir/profile (moe.train.profile).
   """
   # SIGTERM from here on (data preparation and compilation included) ends the run cleanly.
   with _StopFlag() as stop:
     return _train(workdir, model_cfg or model_config(), data_cfg or DataConfig(),
                   train_cfg or TrainConfig(), stop_after_steps, stream, stop,
-                  make_mesh(mesh_cfg or MeshConfig()))
+                  make_mesh(mesh_cfg or MeshConfig()), StepProfiler(workdir, profile_steps))
 
 
 def _datasets(data_cfg: DataConfig, vocab_size: int, primary: bool):
@@ -95,7 +98,8 @@ def _datasets(data_cfg: DataConfig, vocab_size: int, primary: bool):
   return data or make_datasets(*args)
 
 
-def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh) -> RunResult:
+def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh,
+           profiler) -> RunResult:
   check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
   primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
   if primary:
@@ -136,8 +140,10 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         status = "preempted"
         break
       batch = next(data.train)
+      profiler.before(step + 1)
       state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
       step += 1
+      profiler.after(step, metrics)
       steps_since_log += 1
       loss = float(metrics["loss"])
       if not (math.isfinite(loss) and math.isfinite(float(metrics["param_norm"]))):
@@ -166,6 +172,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         status = "preempted" if stop.requested else "stopped"
         break
   finally:
+    profiler.close()
     progress.close()
     writer.close()
     ckpt.close()
