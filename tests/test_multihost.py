@@ -4,6 +4,8 @@ losses as one process with 8 devices."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 
@@ -24,7 +26,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_hosts(workdir, corpus, extra):
+def _start_two_hosts(workdir, corpus, extra):
   port = _free_port()
   args = _train_subprocess(workdir, corpus, [
       "--distributed", f"--mesh={MESH}", "--gin.TrainConfig.steps=4",
@@ -36,6 +38,11 @@ def _two_hosts(workdir, corpus, extra):
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _two_hosts(workdir, corpus, extra):
+  procs = _start_two_hosts(workdir, corpus, extra)
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -58,3 +65,27 @@ def test_two_processes_train_and_resume_like_one(tmp_path, small_corpus):
   assert two["train_loss"] == pytest.approx(one.train_loss, rel=1e-5)
   assert two["eval_loss"] == pytest.approx(one.eval["eval_loss"], rel=1e-5)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path, small_corpus):
+  """Only host 0 is pre-empted; both hosts agree on the step, save it once, exit cleanly."""
+  workdir = tmp_path / "preempt_one"
+  procs = _start_two_hosts(workdir, small_corpus, ["--gin.TrainConfig.steps=100000",
+                                                   "--gin.TrainConfig.checkpoint_every=100000",
+                                                   "--gin.TrainConfig.log_every=1"])
+  try:
+    for line in procs[0].stdout:  # wait until training runs
+      if line.startswith("step "):
+        break
+    procs[0].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stopped = [re.search(r"preempted at step (\d+)", out) for out, _ in outs]
+  assert all(stopped), outs
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step and step < 100000
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -42,7 +43,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopFlag:
-  """Set by SIGTERM (pre-emption): the loop saves a checkpoint and returns."""
+  """Set by SIGTERM (pre-emption): the loop saves a checkpoint and returns, on every host
+  at the same step."""
 
   def __init__(self):
     self.requested = False
@@ -56,6 +58,14 @@ class _StopFlag:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any host has been asked to stop. An all-gather of the flags, so that every
+    host stops after the same step: they save checkpoints collectively, and a host that
+    stopped alone would leave the others waiting in the save."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -135,10 +145,9 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     last_saved = at_step
 
   try:
-    while step < train_cfg.steps:
-      if stop.requested:  # before the first step: nothing new to save
-        status = "preempted"
-        break
+    if stop.agreed():  # before the first step: nothing new to save
+      status = "preempted"
+    while step < train_cfg.steps and status != "preempted":
       batch = next(data.train)
       profiler.before(step + 1)
       state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
@@ -166,10 +175,11 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         t_log, steps_since_log = time.time(), 0
       if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
         save(step)
-      if stop.requested or step == stop_at:
+      preempted = stop.agreed()
+      if preempted or step == stop_at:
         if last_saved != step:
           save(step)
-        status = "preempted" if stop.requested else "stopped"
+        status = "preempted" if preempted else "stopped"
         break
   finally:
     profiler.close()
