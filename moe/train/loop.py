@@ -38,6 +38,9 @@ from moe.train.state import init_state
 from moe.train.steps import make_steps, put_batch
 
 
+STOP_CHECK_EVERY = 5  # steps between the hosts' agreement on pre-emption (multi-host only)
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -59,12 +62,15 @@ class _StopFlag:
     del signum, frame
     self.requested = True
 
-  def agreed(self) -> bool:
-    """Whether any host has been asked to stop. An all-gather of the flags, so that every
-    host stops after the same step: they save checkpoints collectively, and a host that
-    stopped alone would leave the others waiting in the save."""
+  def agreed(self, step: int) -> bool:
+    """Whether any host has been asked to stop, decided after `step`. With several hosts an
+    all-gather of the flags, every STOP_CHECK_EVERY steps (it waits for the step to finish),
+    so that every host stops after the same step: they save checkpoints collectively, and a
+    host that stopped alone would leave the others waiting in the save."""
     if jax.process_count() == 1:
       return self.requested
+    if step % STOP_CHECK_EVERY:
+      return False
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def __exit__(self, *exc):
@@ -73,9 +79,35 @@ class _StopFlag:
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-  out = {k: float(v) for k, v in metrics.items() if k != "layers"}
+  out = {k: float(v) for k, v in metrics.items() if k not in ("layers", "finite")}
   out["balance_loss"] = out["expert_balance_loss"] + out["device_balance_loss"]
   return out
+
+
+class _Pending:
+  """Steps dispatched but not yet checked. The host never waits for the step it just
+  dispatched: it reads finiteness and losses only when it logs, saves or stops, and keeps
+  at most `depth` steps in flight (each holds its batch), so it prepares the next batch
+  while the device runs."""
+
+  def __init__(self, depth: int = 2):
+    self.depth, self.steps = depth, []
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    self.steps.append((step, metrics))
+    if len(self.steps) > self.depth:
+      jax.block_until_ready(self.steps[-self.depth - 1][1]["finite"])
+
+  def check(self) -> float | None:
+    """Raises NonFiniteLossError naming the first bad step; the last step's loss (None if
+    nothing was pending)."""
+    fetched = jax.device_get([(s, m["loss"], m["param_norm"], m["finite"]) for s, m in self.steps])
+    self.steps = []
+    for step, loss, param_norm, finite in fetched:
+      if not finite:
+        what = f"loss is {loss}" if not math.isfinite(loss) else "the updated parameters are not finite"
+        raise NonFiniteLossError(f"{what} at step {step}")
+    return float(fetched[-1][1]) if fetched else None
 
 
 def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
@@ -139,13 +171,27 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   stop_at = step + stop_after_steps if stop_after_steps else None
   t_log, steps_since_log = time.time(), 0
 
+  pending = _Pending()
+
+  def checked_loss() -> float:
+    """The pending steps' finiteness, read from the device; names the last good checkpoint."""
+    try:
+      last = pending.check()
+    except NonFiniteLossError as e:
+      ckpt.wait()
+      good = ckpt.path(last_saved) if last_saved is not None else "none"
+      raise NonFiniteLossError(f"{e}; stopping. The last good checkpoint is {good}; nothing "
+                               f"after it was saved") from None
+    return loss if last is None else last
+
   def save(at_step):
-    nonlocal last_saved
+    nonlocal last_saved, loss
+    loss = checked_loss()  # never save a state that went non-finite
     ckpt.save(at_step, nnx.to_pure_dict(state), data.train.get_state())
     last_saved = at_step
 
   try:
-    if stop.agreed():  # before the first step: nothing new to save
+    if stop.agreed(step):  # before the first step: nothing new to save
       status = "preempted"
     while step < train_cfg.steps and status != "preempted":
       batch = next(data.train)
@@ -153,15 +199,10 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
       state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
       step += 1
       profiler.after(step, metrics)
+      pending.add(step, metrics)
       steps_since_log += 1
-      loss = float(metrics["loss"])
-      if not (math.isfinite(loss) and math.isfinite(float(metrics["param_norm"]))):
-        ckpt.wait()
-        good = ckpt.path(last_saved) if last_saved is not None else "none"
-        what = f"loss is {loss}" if not math.isfinite(loss) else "the updated parameters are not finite"
-        raise NonFiniteLossError(f"{what} at step {step}; stopping. The last good "
-                                 f"checkpoint is {good}; nothing after it was saved")
       if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        loss = checked_loss()
         elapsed = time.time() - t_log
         scalars = _scalars(metrics)
         scalars["tokens_per_sec"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
@@ -175,12 +216,13 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         t_log, steps_since_log = time.time(), 0
       if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
         save(step)
-      preempted = stop.agreed()
+      preempted = stop.agreed(step)
       if preempted or step == stop_at:
         if last_saved != step:
           save(step)
         status = "preempted" if preempted else "stopped"
         break
+    loss = checked_loss()
   finally:
     profiler.close()
     progress.close()

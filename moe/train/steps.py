@@ -30,8 +30,11 @@ def _train_step(graphdef, mesh, state, batch, key):
     model, optimizer = nnx.merge(graphdef, state)
     (loss, metrics), grads = nnx.value_and_grad(batch_objective, has_aux=True)(model, batch, key)
     optimizer.update(model, grads)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(nnx.state(model, nnx.Param)))
+    param_norm = optax.tree.norm(nnx.state(model, nnx.Param))
+    # Checked on device; the loop reads it only when it logs or saves (moe.train.loop).
+    finite = jnp.isfinite(loss) & jnp.isfinite(param_norm)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), param_norm=param_norm,
+                   finite=finite)
     return nnx.state((model, optimizer)), metrics
 
 
