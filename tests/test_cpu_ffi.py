@@ -66,7 +66,8 @@ def _malformed_routings(n_rows: int, n_tokens: int):
   fits = np.full(E, n_rows // E, np.int32)
   fits[0] += n_rows - fits.sum()
   negative, too_many = fits.copy(), fits.copy()
-  negative[1], negative[2] = -1, negative[2] + 1 + negative[1]
+  negative[2] += negative[1] + 1  # the rows still add up: only the sign is wrong
+  negative[1] = -1
   too_many[0] += 1
   bad_token = order.copy()
   bad_token[n_rows // 2] = n_tokens + 3

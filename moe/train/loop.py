@@ -101,9 +101,9 @@ class _Pending:
   def check(self) -> float | None:
     """Raises NonFiniteLossError naming the first bad step; the last step's loss (None if
     nothing was pending)."""
-    fetched = jax.device_get([(s, m["loss"], m["param_norm"], m["finite"]) for s, m in self.steps])
+    fetched = jax.device_get([(s, m["loss"], m["finite"]) for s, m in self.steps])
     self.steps = []
-    for step, loss, param_norm, finite in fetched:
+    for step, loss, finite in fetched:
       if not finite:
         what = f"loss is {loss}" if not math.isfinite(loss) else "the updated parameters are not finite"
         raise NonFiniteLossError(f"{what} at step {step}")

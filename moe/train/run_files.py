@@ -36,6 +36,15 @@ def _upgraded(configs: dict[str, Any]) -> dict[str, Any]:
   return configs
 
 
+def _recorded(workdir: str) -> dict[str, Any] | None:
+  """workdir's run_config.json (renamed fields upgraded), None if there is none."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return _upgraded(json.load(f))
+
+
 def run_configs_dict(model_cfg: ModelConfig, data_cfg: DataConfig,
                      train_cfg: TrainConfig) -> dict[str, Any]:
   return {"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
@@ -54,11 +63,9 @@ RESUMABLE_CHANGES = {
 def check_run_configs(workdir: str, configs: dict[str, Any]) -> None:
   """Refuse a workdir whose recorded run has another architecture or data stream (fields
   outside RESUMABLE_CHANGES differ); a workdir without a record is fine."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.exists(path):
+  saved = _recorded(workdir)
+  if saved is None:
     return
-  with open(path) as f:
-    saved = _upgraded(json.load(f))
   for part, free in RESUMABLE_CHANGES.items():
     old, new = saved.get(part, {}), configs[part]
     diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
@@ -84,11 +91,10 @@ class RunConfigs(NamedTuple):
 
 def read_run_configs(workdir: str) -> RunConfigs:
   """The configs record_run_configs recorded for workdir's run."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.exists(path):
+  configs = _recorded(workdir)
+  if configs is None:
+    path = os.path.join(workdir, RUN_CONFIG)
     raise CheckpointError(f"{path!r} does not exist: is {workdir!r} a training workdir?")
-  with open(path) as f:
-    configs = _upgraded(json.load(f))
   return RunConfigs(ModelConfig(**_tuples(configs["model"])), DataConfig(**_tuples(configs["data"])),
                     TrainConfig(**_tuples(configs["train"])))
 
