@@ -11,6 +11,8 @@ import gin
 from moe.cache import cache_dir
 
 EMBEDDED = "python_stdlib"  # the embedded corpus: this interpreter's standard-library sources
+# array_record: random access (global shuffle, O(1) resume); tfrecord: read as a stream.
+FILE_FORMATS = ("array_record", "tfrecord")
 
 
 def default_data_dir() -> str:
@@ -33,12 +35,19 @@ class DataConfig:
   batch_size: int = 16
   eval_batches: int = 8
   seed: int = 0
-  materialize: bool | None = None  # hold all packed rows in memory; None: embedded corpus only
+  file_format: str = "array_record"  # how a dataset not yet prepared is written (tfrecord: streamed)
+  read_threads: int = 4      # threads reading and tokenising documents
+  prefetch_batches: int = 2  # batches prepared while the device runs the step; 0: none
 
   def __post_init__(self):
-    for field in ("vocab_size", "seq_len", "batch_size", "eval_batches", "tokenizer_lines"):
+    for field in ("vocab_size", "seq_len", "batch_size", "eval_batches", "tokenizer_lines",
+                  "read_threads"):
       if getattr(self, field) <= 0:
         raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} must be positive")
+    if self.prefetch_batches < 0:
+      raise ValueError(f"DataConfig.prefetch_batches={self.prefetch_batches!r} must be >= 0")
+    if self.file_format not in FILE_FORMATS:
+      raise ValueError(f"DataConfig.file_format={self.file_format!r}: choose from {FILE_FORMATS}")
 
   @property
   def root(self) -> str:

@@ -1,46 +1,24 @@
 """Packing documents into fixed-length rows with segment ids and positions.
 
 The documents, each followed by EOS, are concatenated and cut into rows of seq_len
-tokens: no padding except after the last document, no token lost or duplicated. A segment
-is the part of one document inside one row (ids 1, 2, ... within a row, 0 for padding);
-positions count from 0 in each segment.
+tokens (grain's concat-then-split): no padding except after the last document, no token
+lost or duplicated. A segment is the part of one document inside one row (ids 1, 2, ...
+within a row, 0 for padding); positions count from 0 in each segment.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
-
+import grain
 import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
 
 
-class Packed(NamedTuple):
-  tokens: np.ndarray       # [seq_len] int32, 0 where padded
-  segment_ids: np.ndarray  # [seq_len] int32, 0 where padded
-  positions: np.ndarray    # [seq_len] int32
-
-
-def pack(docs: Iterable[np.ndarray], seq_len: int, eos_id: int) -> Iterator[Packed]:
-  """docs: token arrays -> rows of seq_len tokens, in order."""
-  tokens = np.zeros(seq_len, np.int32)
-  segs = np.zeros(seq_len, np.int32)
-  pos = np.zeros(seq_len, np.int32)
-  fill, seg = 0, 0
-  for doc in docs:
-    doc = np.append(np.asarray(doc, np.int32), np.int32(eos_id))
-    start = 0
-    while start < len(doc):
-      take = min(seq_len - fill, len(doc) - start)
-      seg += 1
-      tokens[fill:fill + take] = doc[start:start + take]
-      segs[fill:fill + take] = seg
-      pos[fill:fill + take] = np.arange(take)
-      fill, start = fill + take, start + take
-      if fill == seq_len:
-        yield Packed(tokens.copy(), segs.copy(), pos.copy())
-        tokens[:], segs[:], pos[:] = 0, 0, 0
-        fill, seg = 0, 0
-  if fill:
-    yield Packed(tokens, segs, pos)
+def pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+  """docs: {'tokens': [n] int32} -> rows {'tokens', 'segment_ids', 'positions'}: [seq_len]
+  int32, in order. The iterator's state is the parent's plus the unfinished document."""
+  rows = ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len})
+  return rows.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
+                             "positions": r["tokens_positions"]})
 
 
 def lm_example(tokens: np.ndarray, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -46,8 +46,8 @@ class StdlibConfig(tfds.core.BuilderConfig):
 class PythonStdlib(tfds.core.GeneratorBasedBuilder):
   """The running interpreter's standard library sources, one file per example."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Prepared as ArrayRecord by default."}
   BUILDER_CONFIGS = [StdlibConfig(name="default", description="the interpreter's stdlib")]
 
   def _root(self) -> str:

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from data import documents, input_pipeline, packing
 from data.config import DataConfig
-from data.input_pipeline import ArrayBatches, Rows, StreamBatches, make_datasets
+from data.input_pipeline import make_datasets
 from data.stdlib_corpus import split_of
 from data.tokenizer import Tokenizer, check_token_ids, train_tokenizer
 from tests.data_fixtures import N_TRAIN, N_VALID, small_data_config
@@ -83,23 +83,31 @@ def test_tokenizer_larger_than_model_vocab_is_an_error(small_corpus, tokenizer):
     make_datasets(small_data_config(small_corpus), model_vocab_size=256)
 
 
+def _pack(docs, seq_len):
+  """docs: [n] token arrays (EOS included) -> packed rows, through grain."""
+  import grain
+  ds = grain.MapDataset.source([{"tokens": np.asarray(d, np.int32)} for d in docs]).to_iter_dataset()
+  return list(packing.pack(ds, seq_len))
+
+
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(0, 40), min_size=0, max_size=12), seq_len=st.integers(1, 17))
 def test_packing_loses_and_duplicates_nothing(lengths, seq_len):
   rng = np.random.default_rng(sum(lengths) + seq_len)
-  docs = [rng.integers(3, 100, n) for n in lengths]
-  rows = list(packing.pack(docs, seq_len, eos_id=2))
-  stream = np.concatenate([np.append(d, 2) for d in docs]) if docs else np.zeros(0, int)
-  tokens = np.concatenate([r.tokens for r in rows]) if rows else np.zeros(0, int)
-  segs = np.concatenate([r.segment_ids for r in rows]) if rows else np.zeros(0, int)
+  docs = [np.append(rng.integers(3, 100, n), 2) for n in lengths]  # each ends in EOS
+  rows = _pack(docs, seq_len)
+  stream = np.concatenate(docs) if docs else np.zeros(0, int)
+  tokens = np.concatenate([r["tokens"] for r in rows]) if rows else np.zeros(0, int)
+  segs = np.concatenate([r["segment_ids"] for r in rows]) if rows else np.zeros(0, int)
   np.testing.assert_array_equal(tokens[segs > 0], stream)   # same tokens, same order
   assert np.all(tokens[segs == 0] == 0)                     # padding only at the very end
-  assert all(len(r.tokens) == seq_len for r in rows)
+  assert all(len(r["tokens"]) == seq_len for r in rows)
   assert np.all(segs[: len(stream)] > 0) and np.all(segs[len(stream):] == 0)
   for r in rows:  # positions restart at each segment; segment ids count up from 1
-    for s in np.unique(r.segment_ids[r.segment_ids > 0]):
-      np.testing.assert_array_equal(r.positions[r.segment_ids == s], np.arange(np.sum(r.segment_ids == s)))
-    nz = r.segment_ids[r.segment_ids > 0]
+    for s in np.unique(r["segment_ids"][r["segment_ids"] > 0]):
+      np.testing.assert_array_equal(r["positions"][r["segment_ids"] == s],
+                                    np.arange(np.sum(r["segment_ids"] == s)))
+    nz = r["segment_ids"][r["segment_ids"] > 0]
     np.testing.assert_array_equal(np.unique(nz), np.arange(1, len(np.unique(nz)) + 1))
 
 
@@ -111,50 +119,98 @@ def test_lm_example_targets_stay_in_segment():
   np.testing.assert_array_equal(weights, [[1, 1, 0, 1, 1, 0, 0, 0]])
 
 
-def _rows(n=10, s=4):
-  t = np.arange(n * s, dtype=np.int32).reshape(n, s)
-  return Rows(t, np.ones_like(t), np.tile(np.arange(s, dtype=np.int32), (n, 1)))
+def _docs(cfg, tokenizer, n, **kw):
+  """The first n documents' first tokens (an id of each document) of tokenized_documents."""
+  it = iter(input_pipeline.tokenized_documents(cfg, tokenizer, "train", **kw))
+  out = [tuple(next(it)["tokens"][:24]) for _ in range(n)]
+  it.close()
+  return out
 
 
-def test_array_batches_are_deterministic_and_resume_exactly():
-  a = ArrayBatches(_rows(), batch_size=4, seed=3)
-  straight = [next(a)["inputs"] for _ in range(7)]
-  b = ArrayBatches(_rows(), batch_size=4, seed=3)
-  [next(b) for _ in range(3)]
-  c = ArrayBatches(_rows(), batch_size=4, seed=3)
-  c.set_state(b.get_state())
-  for i in range(3, 7):
-    np.testing.assert_array_equal(next(c)["inputs"], straight[i])
-  # Each epoch visits every row once.
-  epoch = np.concatenate([ArrayBatches(_rows(), 5, seed=1).batch(i)["inputs"] for i in range(2)])
-  assert sorted(epoch[:, 0].tolist()) == list(range(0, 40, 4))
+def test_each_epoch_is_a_new_seeded_shuffle_of_all_documents(small_corpus, tokenizer):
+  cfg = small_data_config(small_corpus)
+  two = _docs(cfg, tokenizer, 2 * N_TRAIN, shuffle=True, repeat=True)
+  stored = _docs(cfg, tokenizer, N_TRAIN, shuffle=False, repeat=False)
+  assert sorted(two[:N_TRAIN]) == sorted(two[N_TRAIN:]) == sorted(stored)  # every document once
+  assert two[:N_TRAIN] != two[N_TRAIN:] and two[:N_TRAIN] != stored
+  assert two == _docs(cfg, tokenizer, 2 * N_TRAIN, shuffle=True, repeat=True)  # seeded
+  assert two != _docs(small_data_config(small_corpus, seed=1), tokenizer, 2 * N_TRAIN,
+                      shuffle=True, repeat=True)
 
 
-def test_hosts_take_disjoint_slices_of_the_global_batch():
-  full = ArrayBatches(_rows(), 4, seed=0).batch(2)["inputs"]
-  parts = [ArrayBatches(_rows(), 4, seed=0, shard_index=i, shard_count=2).batch(2)["inputs"] for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate(parts), full)
+def test_hosts_read_disjoint_documents(small_corpus, tokenizer):
+  cfg = small_data_config(small_corpus)
+  hosts = [_docs(cfg, tokenizer, N_TRAIN // 2, shuffle=True, repeat=True, shard_index=i, shard_count=2)
+           for i in range(2)]
+  everything = _docs(cfg, tokenizer, N_TRAIN, shuffle=True, repeat=True)
+  assert hosts[0] == everything[0::2] and hosts[1] == everything[1::2]
+  assert input_pipeline.host_batch_size(8, 2) == 4
   with pytest.raises(ValueError, match="does not split over 3 hosts"):
-    ArrayBatches(_rows(), 4, seed=0, shard_count=3)
+    input_pipeline.host_batch_size(8, 3)
 
 
-def test_stream_batches_resume_exactly():
-  make = lambda: iter([packing.Packed(*r) for r in zip(*_rows(5))])
-  straight = StreamBatches(make, 2)
-  expected = [next(straight)["inputs"] for _ in range(6)]  # wraps around the 5 rows
-  resumed = StreamBatches(make, 2)
-  resumed.set_state({"step": 4})
-  np.testing.assert_array_equal(next(resumed)["inputs"], expected[4])
+class _CountingSource:
+  def __init__(self, source):
+    self.source, self.reads = source, 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.source[i]
+
+
+def _batches(cfg, tokenizer, n, state=None):
+  it = iter(input_pipeline.batches(cfg, tokenizer, "train", 512, train=True))
+  if state is not None:
+    it.set_state(state)
+  out = [next(it) for _ in range(n)]
+  state = it.get_state()
+  it.close()
+  return out, state
+
+
+def test_train_batches_resume_exactly_and_in_constant_reads(small_corpus, tokenizer, monkeypatch):
+  cfg = small_data_config(small_corpus, seq_len=1024, batch_size=32, read_threads=1)
+  straight, _ = _batches(cfg, tokenizer, 40)  # several epochs
+  _, state = _batches(cfg, tokenizer, 36)
+  position = state["parent_state"]["next_index"]  # documents read before the saved batch
+  assert position > 2 * N_TRAIN
+  counted = []
+  real = input_pipeline.random_access
+  monkeypatch.setattr(input_pipeline, "random_access",
+                      lambda *a: counted.append(_CountingSource(real(*a))) or counted[-1])
+  resumed, _ = _batches(cfg, tokenizer, 4, state)
+  for a, b in zip(straight[36:], resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  # Restoring reads the documents of the 4 batches and a few ahead, not those before.
+  assert counted[0].reads < N_TRAIN, (counted[0].reads, state)
+
+
+def test_a_dataset_prepared_as_tfrecord_streams_the_same_documents(small_corpus, tokenizer, tmp_path):
+  streamed = small_data_config((small_corpus[0], str(tmp_path)), file_format="tfrecord",
+                               tokenizer_path=tokenizer.path)
+  assert documents.random_access(streamed, "train") is None
+  assert (_docs(streamed, tokenizer, N_TRAIN, shuffle=False, repeat=False)
+          == _docs(small_data_config(small_corpus), tokenizer, N_TRAIN, shuffle=False, repeat=False))
+  straight, _ = _batches(streamed, tokenizer, 6)
+  _, state = _batches(streamed, tokenizer, 4)
+  assert "documents_read" in str(state)  # resumes by re-reading the stream
+  resumed, _ = _batches(streamed, tokenizer, 2, state)
+  for a, b in zip(straight[4:], resumed):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
 def test_real_tfds_dataset_path_with_mock_data(tmp_path):
   import tensorflow_datasets as tfds
   cfg = DataConfig(dataset="lm1b", data_dir=str(tmp_path), vocab_size=300, seq_len=32,
-                   batch_size=4, eval_batches=2, tokenizer_lines=2000)
+                   batch_size=4, eval_batches=2, tokenizer_lines=2000, eval_split="test")
   with tfds.testing.mock_data(num_examples=64):
     data = make_datasets(cfg, model_vocab_size=300)
     batch = next(data.train)
-  assert isinstance(data.train, StreamBatches)
+    data.train.close()
   assert batch["inputs"].shape == (4, 32) and batch["inputs"].max() < 300
   assert float(batch["weights"].sum()) > 0 and len(data.eval_batches) == 2
 
@@ -170,6 +226,7 @@ def test_unknown_text_feature_is_named(tmp_path):
 def test_embedded_corpus_end_to_end(small_corpus):
   data = make_datasets(small_data_config(small_corpus), model_vocab_size=512)
   batch = next(data.train)
+  data.train.close()
   assert set(batch) == {"inputs", "targets", "weights", "segment_ids", "positions"}
   assert batch["inputs"].shape == (8, 64)
   assert 3.0 < data.unigram_entropy < np.log(512)

@@ -1,12 +1,15 @@
-"""Checkpoints: an orbax CheckpointManager holding the train state and the data iterator's
-position; a checkpoint that cannot be read is named, and nothing on disk is changed."""
+"""Checkpoints: an orbax CheckpointManager holding the train state and the grain data
+iterator's state (one small JSON file per host); a checkpoint that cannot be read is
+named, and nothing on disk is changed."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import grain
 import orbax.checkpoint as ocp
+from grain.checkpoint import CheckpointRestore, CheckpointSave
 
 
 class CheckpointError(RuntimeError):
@@ -31,12 +34,48 @@ class Checkpointer:
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, data: grain.DatasetIterator) -> None:
+    """Saves `state` and the position of `data` (each host its own)."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)))
+                                                    data=CheckpointSave(data)))
 
-  def restore(self, step: int | None, abstract_state: Any) -> tuple[int, Any, dict[str, Any]]:
-    """(step, state, data_state) of `step` (default: the latest). Names what it cannot read."""
+  def restore(self, step: int | None, abstract_state: Any,
+              data: grain.DatasetIterator | None = None) -> tuple[int, Any]:
+    """(step, state) of `step` (default: the latest), and `data` moved to its saved position
+    when given. Names what it cannot read."""
+    steps = self.steps()
+    if step is None:
+      if not steps:
+        raise CheckpointError(f"no checkpoint in {self.directory!r}")
+      step = steps[-1]
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory!r}; "
+                            f"available steps: {steps}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data is not None:
+      items["data"] = CheckpointRestore(data)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for unreadable files
+      earlier = [s for s in steps if s < step]
+      raise CheckpointError(
+          f"checkpoint {self.path(step)!r} cannot be restored ({type(e).__name__}: {e}). "
+          f"Nothing was changed on disk; earlier checkpoints: {earlier}. Move the broken "
+          f"directory away to resume from an earlier one") from e
+    return step, out["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def restore_subtree(self, step: int | None, abstract_subtree: dict[Any, Any]) -> tuple[int, Any]:
+    """(step, entries of the saved state) for `step` (default: the latest): `abstract_subtree`
+    is some of the state's entries (e.g. {0: model params} of (model, optimizer)) as
+    ShapeDtypeStructs with shardings, each array read straight into its shards; nothing else
+    is read, neither the rest of the state nor the data position. Names what it cannot read."""
     steps = self.steps()
     if step is None:
       if not steps:
@@ -46,19 +85,14 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory!r}; "
                             f"available steps: {steps}")
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      # PyTreeRestore reads StandardSave's format; StandardRestore has no partial restore.
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract_subtree, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree))))
     except Exception as e:  # orbax raises many types for unreadable files
       earlier = [s for s in steps if s < step]
       raise CheckpointError(
           f"checkpoint {self.path(step)!r} cannot be restored ({type(e).__name__}: {e}). "
           f"Nothing was changed on disk; earlier checkpoints: {earlier}. Move the broken "
           f"directory away to resume from an earlier one") from e
-    return step, out["state"], dict(out["data"])
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    return step, out["state"]

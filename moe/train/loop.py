@@ -155,9 +155,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
                       train_cfg.async_checkpoints)
   step = 0
   if ckpt.steps():
-    step, restored, data_state = ckpt.restore(None, nnx.to_pure_dict(state))
+    step, restored = ckpt.restore(None, nnx.to_pure_dict(state), data.train)
     nnx.replace_by_pure_dict(state, restored)
-    data.train.set_state(data_state)
   if primary:  # setup succeeded: a failed one leaves no record to refuse a fixed config
     record_run_configs(workdir, configs)
   start_step = step
@@ -187,7 +186,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   def save(at_step):
     nonlocal last_saved, loss
     loss = checked_loss()  # never save a state that went non-finite
-    ckpt.save(at_step, nnx.to_pure_dict(state), data.train.get_state())
+    ckpt.save(at_step, nnx.to_pure_dict(state), data.train)
     last_saved = at_step
 
   try:
@@ -224,6 +223,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         break
     loss = checked_loss()
   finally:
+    data.train.close()  # stops its reading threads
     profiler.close()
     progress.close()
     writer.close()
