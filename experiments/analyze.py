@@ -2,6 +2,7 @@
 
   python -m experiments.analyze --workdir=/work/sweeps/cpu/deepseekmoe \
       --workdir=/work/sweeps/cpu/gshard_x1.5 --out_dir=/tmp/analysis
+  python -m experiments.analyze --workdir=... --mesh=fsdp:4,expert:2   # parameters in shards
 
 Writes OUT_DIR/analysis.md, analysis.json and plots: redundancy.png (paper Fig. 4),
 activated_experts.png (Fig. 5), load_<run>.png, categories_<run>.png.
@@ -14,7 +15,9 @@ import os
 
 from absl import app, flags, logging
 
+from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
+from moe.parallel.mesh import MeshError
 from moe.research import report
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "training run directory (repeatable)",
@@ -34,8 +37,11 @@ def main(argv):
   if len(set(names)) != len(names):
     names = [f"{i}_{n}" for i, n in enumerate(names)]
   out_dir = _OUT.value or os.path.join(_WORKDIRS.value[0], "analysis")
-  results = report.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
-                             _MAX_TOKENS.value, _STEP.value)
+  try:
+    results = report.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
+                             _MAX_TOKENS.value, _STEP.value, mesh_cfg=mesh_config())
+  except MeshError as e:
+    raise SystemExit(f"bad mesh: {e}") from None
   text = report.report(results)
   with open(os.path.join(out_dir, "analysis.md"), "w") as f:
     f.write(text + "\n")

@@ -2,9 +2,11 @@
 
   python -m experiments.eval --workdir=workdirs/tiny_deepseekmoe [--step=200]
   python -m experiments.eval --workdir=... --gin.DataConfig.eval_batches=64
+  python -m experiments.eval --workdir=... --mesh=fsdp:4,expert:2   # parameters in shards
 
 The run's own model and data configs are used; DataConfig bindings override the data
-config's fields, and bindings of anything else are refused.
+config's fields, `--mesh` (or MeshConfig.shape) restores the parameters in their shards
+onto a mesh and evaluates there, and bindings of anything else are refused.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from absl import app, flags, logging
 
 from data.config import DataConfig
 from experiments import gin_flags
+from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.model.presets import model_config
-from moe.parallel.mesh import MeshConfig
+from moe.parallel.mesh import MeshError
 from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate_checkpoint
 
@@ -41,17 +44,24 @@ def format_report(out: dict) -> str:
 
 def main(argv):
   gin_flags.parse(argv)
-  fixed = {c.__name__: sorted(gin.get_bindings(c)) for c in (model_config, TrainConfig, MeshConfig)
+  fixed = {c.__name__: sorted(gin.get_bindings(c)) for c in (model_config, TrainConfig)
            if gin.get_bindings(c)}
   if fixed:
     raise app.UsageError(f"gin bindings {fixed} do not apply: a checkpoint is evaluated with its run's "
-                         f"own model and on one device; only DataConfig may be overridden")
+                         f"own model; only DataConfig (and MeshConfig, or --mesh) may be set")
   logging.set_verbosity(logging.WARNING)
   enable_compile_cache()
   overrides = gin.get_bindings(DataConfig)
   if overrides:
     print(f"DataConfig overrides on top of the run's: {overrides}")
-  print(format_report(evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides)))
+  mesh_cfg = mesh_config()
+  if mesh_cfg.shape:
+    print(f"mesh: {mesh_cfg.shape}")
+  try:
+    out = evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides, mesh_cfg)
+  except MeshError as e:
+    raise SystemExit(f"bad mesh: {e}") from None
+  print(format_report(out))
 
 
 if __name__ == "__main__":

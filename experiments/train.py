@@ -15,18 +15,17 @@ import jax
 from absl import app, flags, logging
 
 from experiments import gin_flags
+from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.model.presets import model_config
 from moe.parallel.hosts import initialize_distributed
-from moe.parallel.mesh import MeshConfig, MeshError
+from moe.parallel.mesh import MeshError
 from moe.train.loop import train_and_evaluate
 from moe.train.profile import parse_steps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: ./workdirs/<preset>)")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "checkpoint and exit after this many steps; rerun to resume")
-_MESH = flags.DEFINE_string("mesh", None, "device mesh, e.g. data:-1 or fsdp:4,expert:8 "
-                            "(default: gin's MeshConfig.shape; empty = one device)")
 _PROFILE = flags.DEFINE_string("profile_steps", None, "FIRST:LAST: trace these steps with "
                                "jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
@@ -40,7 +39,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   enable_compile_cache()
   model_cfg = model_config()
-  mesh_cfg = MeshConfig(_MESH.value) if _MESH.value is not None else MeshConfig()
+  mesh_cfg = mesh_config()
   if not mesh_cfg.shape and jax.device_count() > 1 and jax.default_backend() != "cpu":
     logging.warning("using 1 of %d devices: pass --mesh=data:-1 (or another layout) to use all",
                     jax.device_count())

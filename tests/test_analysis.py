@@ -165,9 +165,8 @@ def test_mutual_information_against_entropies():
 
 def surgery(run: RestoredRun, cfg, edit=lambda params: None) -> RestoredRun:
   """The run with its model's parameters edited (and possibly another config)."""
-  model, optimizer = nnx.merge(run.graphdef, run.state)
-  graphdef, state = nnx.split((with_params(model, cfg, edit), optimizer))
-  return run._replace(model_cfg=cfg, graphdef=graphdef, state=state)
+  graphdef, params = nnx.split(with_params(nnx.merge(run.graphdef, run.params), cfg, edit), nnx.Param)
+  return run._replace(model_cfg=cfg, graphdef=graphdef, params=params)
 
 
 def test_analyses_of_a_trained_run(trained):
@@ -203,7 +202,7 @@ def test_specialization_counts_match_a_direct_count(trained):
   assert spec.tokens == 500
   # Independently: every category row through the model at once, counted in a plain loop.
   ids, cats = specialization.category_rows(run, 500)
-  model, _ = nnx.merge(run.graphdef, run.state)
+  model = nnx.merge(run.graphdef, run.params)
   with intervene(Intervention(capture=True)):
     chosen = np.asarray(model(jnp.asarray(ids))[1]["layers"]["expert_idx"])  # [L, R*S, K']
   counts = np.zeros_like(spec.counts)

@@ -216,13 +216,25 @@ def test_run_configs_recorded_under_old_field_names_still_resume(tmp_path):
     check_run_configs(str(tmp_path), other)
 
 
+def test_runs_of_the_pre_grain_pipeline_are_read_but_not_resumed(tmp_path):
+  configs = run_configs_dict(small_model(), DataConfig(), train_cfg())
+  old_data = {k: v for k, v in configs["data"].items()
+              if k not in ("file_format", "read_threads", "prefetch_batches")}
+  with open(tmp_path / RUN_CONFIG, "w") as f:
+    json.dump(dict(configs, data=dict(old_data, materialize=None)), f)
+  assert read_run_configs(str(tmp_path)).data.seq_len == DataConfig().seq_len  # evaluable
+  with pytest.raises(CheckpointError, match=r"fields differ: \['file_format'\]"):
+    check_run_configs(str(tmp_path), configs)  # another data stream: not resumed
+
+
 def test_resume_may_change_how_a_run_computes_not_what(straight_run, small_corpus):
   workdir = str(straight_run[0])
   recorded = read_run_configs(workdir)
   how = run_configs_dict(
       recorded.model.replace(name="other name", remat=True, dispatch_backend="tiled",
                              expert_capacity_factor=2.0),
-      dataclasses.replace(recorded.data, eval_batches=1, data_dir="/moved"),
+      dataclasses.replace(recorded.data, eval_batches=1, data_dir="/moved", read_threads=1,
+                          prefetch_batches=0),
       train_cfg(steps=40, log_every=5))
   check_run_configs(workdir, how)
   for part, changed, field in [

@@ -26,13 +26,14 @@ def evaluate_with(run: RestoredRun, batches, iv: Intervention = Intervention()) 
   """Held-out loss (nats/token) and expert load [n_moe_layers, N'] (None for a dense model)
   under an intervention: moe.train.evaluate with its eval step traced inside intervene()."""
 
-  def step(state, batch):
+  def step(params, batch):
     with intervene(iv):
-      return eval_step(run.graphdef, None, state, batch)
+      return eval_step(run.graphdef, run.mesh, params, batch)
 
-  # A new jitted function each call: the intervention is read when tracing.
-  steps = Steps(train=None, eval=jax.jit(step), mesh=None, state_shardings=None)
-  out = evaluate(steps, run.state, batches)
+  # A new jitted function each call: the intervention is read when tracing. On a mesh the
+  # parameters stay in the shards they were restored into; evaluate splits the batch.
+  steps = Steps(train=None, eval=jax.jit(step), mesh=run.mesh, state_shardings=None)
+  out = evaluate(steps, run.params, batches)
   return {"loss": out["eval_loss"], "load": out["layers"].get("load")}
 
 

@@ -12,6 +12,8 @@ from data.config import EMBEDDED
 from data.input_pipeline import make_datasets
 from data.code_categories import CATEGORIES
 from moe.model.routers import ROUTERS
+from moe.parallel.mesh import MeshConfig, make_mesh
+from moe.parallel.rules import check_batch
 from moe.research.analyses import (disable_top_experts, evaluate_with, vary_activated,
                                    without_shared_experts, without_token_dropping)
 from moe.research.plots import plot_heatmap, plot_lines
@@ -23,17 +25,20 @@ ANALYSES = ("redundancy", "shared", "topk", "load", "categories", "drops")
 
 
 def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_tokens: int = 20_000,
-            step: int | None = None, log=print) -> dict[str, Any]:
+            step: int | None = None, log=print, mesh_cfg: MeshConfig | None = None) -> dict[str, Any]:
   """{name: workdir} -> results per run (analyses that do not apply to a run are skipped),
-  plots in out_dir; returns {name: {analysis: result}}."""
+  plots in out_dir; returns {name: {analysis: result}}. Each run's parameters are restored
+  onto one device, or in their shards onto the mesh of `mesh_cfg` and evaluated there."""
   os.makedirs(out_dir, exist_ok=True)
   unknown = sorted(set(analyses) - set(ANALYSES))
   if unknown:
     raise ValueError(f"unknown analyses {unknown}; choose from {ANALYSES}")
+  mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
   results: dict[str, Any] = {}
   for name, workdir in workdirs.items():
-    run = restore_run(workdir, step)
+    run = restore_run(workdir, step, mesh)
     cfg = run.model_cfg
+    check_batch(mesh, run.data_cfg.batch_size, "DataConfig.batch_size")
     data = make_datasets(run.data_cfg, cfg.vocab_size)
     batches = data.eval_batches
     r: dict[str, Any] = {"model": cfg.name, "step": run.step}

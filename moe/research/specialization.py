@@ -16,8 +16,11 @@ from data.documents import documents
 from data.input_pipeline import tokenizer_for
 from data.code_categories import CATEGORIES, token_categories
 from moe.model.intervention import Intervention, intervene
+from moe.parallel.mesh import use_mesh
+from moe.parallel.rules import check_batch
 from moe.research.analyses import require_moe
 from moe.train.restore import RestoredRun
+from moe.train.steps import put_batch
 
 
 class Specialization(NamedTuple):
@@ -60,13 +63,13 @@ def mutual_information(counts: np.ndarray) -> float:
 def specialization(run: RestoredRun, max_tokens: int = 20_000, batch_size: int = 16,
                    seed: int = 0) -> Specialization:
   require_moe(run, "routing specialization")
+  check_batch(run.mesh, batch_size, "specialization batch_size")
   ids, cats = category_rows(run, max_tokens)
 
   @jax.jit
-  def choices(state, tokens):
-    with intervene(Intervention(capture=True)):
-      model, _ = nnx.merge(run.graphdef, state)
-      _, aux = model(tokens)
+  def choices(params, tokens):
+    with intervene(Intervention(capture=True)), use_mesh(run.mesh):
+      _, aux = nnx.merge(run.graphdef, params)(tokens)
       return aux["layers"]["expert_idx"]  # [L, B*S, K']
 
   n_layers, n_cat, n_exp = run.model_cfg.n_moe_layers, len(CATEGORIES), run.model_cfg.n_routed_experts
@@ -79,7 +82,8 @@ def specialization(run: RestoredRun, max_tokens: int = 20_000, batch_size: int =
   for start in range(0, len(ids), batch_size):
     rows = ids[start:start + batch_size]
     pad = batch_size - len(rows)  # one compiled shape for every batch
-    idx = np.asarray(choices(run.state, np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])))
+    tokens = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
+    idx = np.asarray(choices(run.params, put_batch({"tokens": tokens}, run.mesh)["tokens"]))
     idx = idx[:, :len(rows) * rows.shape[1]]
     for table, c in ((counts, cats), (shuffled, perm_cats)):
       c = c[start:start + batch_size].reshape(-1)

@@ -43,6 +43,22 @@ class Checkpointer:
               data: grain.DatasetIterator | None = None) -> tuple[int, Any]:
     """(step, state) of `step` (default: the latest), and `data` moved to its saved position
     when given. Names what it cannot read."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data is not None:
+      items["data"] = CheckpointRestore(data)
+    return self._read(step, items)
+
+  def restore_subtree(self, step: int | None, abstract_subtree: dict[Any, Any]) -> tuple[int, Any]:
+    """(step, entries of the saved state) for `step` (default: the latest): `abstract_subtree`
+    is some of the state's entries (e.g. {0: model params} of (model, optimizer)) as
+    ShapeDtypeStructs with shardings, each array read straight into its shards; nothing else
+    is read, neither the rest of the state nor the data position. Names what it cannot read."""
+    # PyTreeRestore reads StandardSave's format; StandardRestore has no partial restore.
+    return self._read(step, {"state": ocp.args.PyTreeRestore(
+        item=abstract_subtree, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree))})
+
+  def _read(self, step: int | None, items: dict[str, Any]) -> tuple[int, Any]:
     steps = self.steps()
     if step is None:
       if not steps:
@@ -51,9 +67,6 @@ class Checkpointer:
     if step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory!r}; "
                             f"available steps: {steps}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data is not None:
-      items["data"] = CheckpointRestore(data)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for unreadable files
@@ -70,29 +83,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-  def restore_subtree(self, step: int | None, abstract_subtree: dict[Any, Any]) -> tuple[int, Any]:
-    """(step, entries of the saved state) for `step` (default: the latest): `abstract_subtree`
-    is some of the state's entries (e.g. {0: model params} of (model, optimizer)) as
-    ShapeDtypeStructs with shardings, each array read straight into its shards; nothing else
-    is read, neither the rest of the state nor the data position. Names what it cannot read."""
-    steps = self.steps()
-    if step is None:
-      if not steps:
-        raise CheckpointError(f"no checkpoint in {self.directory!r}")
-      step = steps[-1]
-    if step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {self.directory!r}; "
-                            f"available steps: {steps}")
-    try:
-      # PyTreeRestore reads StandardSave's format; StandardRestore has no partial restore.
-      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=abstract_subtree, partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree))))
-    except Exception as e:  # orbax raises many types for unreadable files
-      earlier = [s for s in steps if s < step]
-      raise CheckpointError(
-          f"checkpoint {self.path(step)!r} cannot be restored ({type(e).__name__}: {e}). "
-          f"Nothing was changed on disk; earlier checkpoints: {earlier}. Move the broken "
-          f"directory away to resume from an earlier one") from e
-    return step, out["state"]

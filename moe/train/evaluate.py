@@ -11,6 +11,8 @@ import jax
 import numpy as np
 
 from data.input_pipeline import make_datasets
+from moe.parallel.mesh import MeshConfig, make_mesh
+from moe.parallel.rules import check_batch
 from moe.train.restore import restore_run
 from moe.train.steps import Steps, make_steps, put_batch
 
@@ -30,13 +32,18 @@ def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None,
-                        data_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Restore a checkpoint of workdir (default: the latest) with the run's own model config
-  and evaluate it on the held-out split of the run's data config, with `data_overrides`
-  (DataConfig fields, e.g. {'eval_batches': 32}) applied on top."""
-  run = restore_run(workdir, step)
+                        data_overrides: dict[str, Any] | None = None,
+                        mesh_cfg: MeshConfig | None = None) -> dict[str, Any]:
+  """Restore a checkpoint's parameters of workdir (default: the latest) with the run's own
+  model config and evaluate them on the held-out split of the run's data config, with
+  `data_overrides` (DataConfig fields, e.g. {'eval_batches': 32}) applied on top; on one
+  device, or with the parameters in their shards on the mesh of `mesh_cfg`."""
+  mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
+  run = restore_run(workdir, step, mesh)
   data_cfg = dataclasses.replace(run.data_cfg, **(data_overrides or {}))
-  data = make_datasets(data_cfg, run.model_cfg.vocab_size)
-  out = evaluate(make_steps(run.graphdef, run.state), run.state, data.eval_batches)
+  check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
+  # Each host reads its own documents, as in training.
+  data = make_datasets(data_cfg, run.model_cfg.vocab_size, jax.process_index(), jax.process_count())
+  out = evaluate(make_steps(run.graphdef, run.params, mesh), run.params, data.eval_batches)
   out.update(step=run.step, unigram_entropy=data.unigram_entropy)
   return out

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -98,16 +98,26 @@ class _Pending:
     if len(self.steps) > self.depth:
       jax.block_until_ready(self.steps[-self.depth - 1][1]["finite"])
 
-  def check(self) -> float | None:
-    """Raises NonFiniteLossError naming the first bad step; the last step's loss (None if
-    nothing was pending)."""
-    fetched = jax.device_get([(s, m["loss"], m["finite"]) for s, m in self.steps])
-    self.steps = []
+  def check(self, upto: int | None = None) -> float | None:
+    """Raises NonFiniteLossError naming the first bad step; the loss of the last step
+    checked (None if none was pending). Checks the steps up to `upto` (default: all)."""
+    now = [(s, m) for s, m in self.steps if upto is None or s <= upto]
+    self.steps = self.steps[len(now):]
+    fetched = jax.device_get([(s, m["loss"], m["finite"]) for s, m in now])
     for step, loss, finite in fetched:
       if not finite:
         what = f"loss is {loss}" if not math.isfinite(loss) else "the updated parameters are not finite"
         raise NonFiniteLossError(f"{what} at step {step}")
     return float(fetched[-1][1]) if fetched else None
+
+
+class _LogEntry(NamedTuple):
+  """A logged step's metrics, still on the device (copying to the host) until the next
+  step has been dispatched; then written."""
+  step: int
+  metrics: dict[str, Any]
+  extra: dict[str, float]  # tokens_per_sec, learning_rate, eval_loss, ...
+  eval_out: dict[str, Any] | None
 
 
 def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
@@ -171,11 +181,12 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   t_log, steps_since_log = time.time(), 0
 
   pending = _Pending()
+  due: _LogEntry | None = None
 
-  def checked_loss() -> float:
+  def checked_loss(upto: int | None = None) -> float:
     """The pending steps' finiteness, read from the device; names the last good checkpoint."""
     try:
-      last = pending.check()
+      last = pending.check(upto)
     except NonFiniteLossError as e:
       ckpt.wait()
       good = ckpt.path(last_saved) if last_saved is not None else "none"
@@ -183,8 +194,21 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
                                f"after it was saved") from None
     return loss if last is None else last
 
+  def write_log():
+    """Writes the due log entry (its step is done or nearly: a later one is queued)."""
+    nonlocal due, loss
+    if due is None:
+      return
+    loss = checked_loss(due.step)
+    scalars = {**_scalars(due.metrics), **due.extra}
+    writer.write(due.step, scalars, due.metrics["layers"])
+    extra = f" | eval {due.eval_out['eval_loss']:.3f}" if due.eval_out else ""
+    progress.update(due.step, loss, scalars["tokens_per_sec"], extra)
+    due = None
+
   def save(at_step):
     nonlocal last_saved, loss
+    write_log()
     loss = checked_loss()  # never save a state that went non-finite
     ckpt.save(at_step, nnx.to_pure_dict(state), data.train)
     last_saved = at_step
@@ -199,19 +223,19 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
       step += 1
       profiler.after(step, metrics)
       pending.add(step, metrics)
+      write_log()  # the previous logged step, now that this one is queued behind it
       steps_since_log += 1
       if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-        loss = checked_loss()
         elapsed = time.time() - t_log
-        scalars = _scalars(metrics)
-        scalars["tokens_per_sec"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
-        scalars["learning_rate"] = float(schedule(step - 1))
+        extra = {"tokens_per_sec": tokens_per_step * steps_since_log / max(elapsed, 1e-9),
+                 "learning_rate": float(schedule(step - 1))}
+        eval_now = None
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-          eval_out = evaluate(steps, state, data.eval_batches)
-          scalars.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
-        writer.write(step, scalars, metrics["layers"])
-        extra = f" | eval {eval_out['eval_loss']:.3f}" if eval_out else ""
-        progress.update(step, loss, scalars["tokens_per_sec"], extra)
+          eval_out = eval_now = evaluate(steps, state, data.eval_batches)
+          extra.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
+        for leaf in jax.tree.leaves(metrics):
+          leaf.copy_to_host_async()
+        due = _LogEntry(step, metrics, extra, eval_now)
         t_log, steps_since_log = time.time(), 0
       if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
         save(step)
@@ -221,6 +245,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
           save(step)
         status = "preempted" if preempted else "stopped"
         break
+    write_log()
     loss = checked_loss()
   finally:
     data.train.close()  # stops its reading threads

@@ -1,38 +1,72 @@
-"""A training run's checkpoint restored with the run's own configs (evaluation, analyses)."""
+"""A training run's parameters restored with the run's own configs (evaluation, analyses):
+from abstract shapes straight into their shards on a mesh (or onto one device), without the
+optimizer state."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, NamedTuple
 
+import jax
 from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from data.config import DataConfig
 from moe.model.config import ModelConfig
+from moe.model.decoder import Transformer
+from moe.parallel.rules import state_shardings
 from moe.train.checkpoint import CheckpointError, Checkpointer
 from moe.train.run_files import read_run_configs
-from moe.train.state import create_state
+
+# The model's entry of a checkpoint's state: nnx.to_pure_dict of the (model, optimizer)
+# state (moe.train.state) is {0: model variables, 1: optimizer state}.
+MODEL = 0
 
 
 class RestoredRun(NamedTuple):
   model_cfg: ModelConfig
   data_cfg: DataConfig
-  graphdef: Any
-  state: Any  # (model, optimizer) state of the checkpoint
+  graphdef: Any   # of the model alone: nnx.merge(graphdef, params) is the Transformer
+  params: Any     # nnx.State of the model's nnx.Param variables (no optimizer state)
   step: int
+  mesh: Mesh | None = None  # where params live (split by the rules); None: one device
 
 
-def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
-  """A training run's checkpoint (default: the latest), with the run's own configs."""
+def abstract_model(model_cfg: ModelConfig):
+  """(graphdef, params as ShapeDtypeStructs) of the model: nothing is allocated. Splitting
+  by nnx.Param fails if the model ever holds other variables, which this restore would drop."""
+  model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+  return nnx.split(model, nnx.Param)
+
+
+def restore_params(ckpt: Checkpointer, model_cfg: ModelConfig, step: int | None,
+                   mesh: Mesh | None):
+  """(step, graphdef, params) of a checkpoint: each parameter read straight into its shards
+  on `mesh` as the rules place it (None: onto this host's first device); the optimizer
+  state and the data position are never read."""
+  graphdef, params = abstract_model(model_cfg)
+  if mesh is None:
+    one = SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, params)
+  else:
+    shardings = state_shardings(params, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(params), nnx.to_pure_dict(shardings))
+  step, restored = ckpt.restore_subtree(step, {MODEL: target})
+  nnx.replace_by_pure_dict(params, restored[MODEL])
+  return step, graphdef, params
+
+
+def restore_run(workdir: str, step: int | None = None, mesh: Mesh | None = None) -> RestoredRun:
+  """A training run's parameters at a checkpoint (default: the latest), with the run's own
+  configs, on one device or in their shards on `mesh`."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoint directory {ckpt_dir!r}: is {workdir!r} a training workdir?")
   configs = read_run_configs(workdir)
-  graphdef, state = create_state(configs.model, configs.train)
   ckpt = Checkpointer(ckpt_dir, async_save=False)
   try:
-    step, restored, _ = ckpt.restore(step, nnx.to_pure_dict(state))
+    step, graphdef, params = restore_params(ckpt, configs.model, step, mesh)
   finally:
     ckpt.close()
-  nnx.replace_by_pure_dict(state, restored)
-  return RestoredRun(configs.model, configs.data, graphdef, state, step)
+  return RestoredRun(configs.model, configs.data, graphdef, params, step, mesh)

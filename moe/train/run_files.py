@@ -28,11 +28,18 @@ def _write_json(path: str, obj: Any, **kwargs) -> None:
   os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
+# DataConfig fields of earlier versions, dropped when read (the run can be evaluated; its
+# data stream is not today's, so resuming it is refused).
+RETIRED_DATA_FIELDS = ("materialize",)
+
+
 def _upgraded(configs: dict[str, Any]) -> dict[str, Any]:
   """A recorded run's configs with renamed fields under their current names."""
-  model = configs.get("model")
+  model, data = configs.get("model"), configs.get("data")
   if model:
     configs = dict(configs, model={RENAMED_FIELDS.get(k, k): v for k, v in model.items()})
+  if data:
+    configs = dict(configs, data={k: v for k, v in data.items() if k not in RETIRED_DATA_FIELDS})
   return configs
 
 
@@ -56,7 +63,7 @@ def run_configs_dict(model_cfg: ModelConfig, data_cfg: DataConfig,
 RESUMABLE_CHANGES = {
     "model": ("name", "remat", "scan_layers", "dispatch_backend", "expert_capacity_factor",
               "capacity_factor"),
-    "data": ("eval_batches", "data_dir", "materialize"),
+    "data": ("eval_batches", "data_dir", "read_threads", "prefetch_batches"),
 }
 
 

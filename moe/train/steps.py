@@ -39,9 +39,11 @@ def _train_step(graphdef, mesh, state, batch, key):
 
 
 def eval_step(graphdef, mesh, state, batch):
-  """-> (sum of weighted NLL, sum of weights, per-layer routing stats) of one batch."""
+  """-> (sum of weighted NLL, sum of weights, per-layer routing stats) of one batch. `state`
+  is of (model, optimizer) (training) or of the model alone (restored parameters)."""
   with use_mesh(mesh):
-    model, _ = nnx.merge(graphdef, state)
+    merged = nnx.merge(graphdef, state)
+    model = merged[0] if isinstance(merged, tuple) else merged
     _, metrics = batch_objective(model, batch, None)
     n = jnp.sum(batch["weights"])
     return metrics["lm_loss"] * n, n, metrics["layers"]
@@ -58,7 +60,8 @@ class Steps(NamedTuple):
 
 def make_steps(graphdef, state, mesh: Mesh | None = None) -> Steps:
   """Train/eval steps; on a mesh with the state's shardings (from the rules) in and out,
-  the batch split over the batch axes, metrics replicated. `state` may be abstract."""
+  the batch split over the batch axes, metrics replicated. `state` may be abstract, or the
+  model's alone (restored parameters: then only eval applies)."""
   train = functools.partial(_train_step, graphdef, mesh)
   evaluate_ = functools.partial(eval_step, graphdef, mesh)
   if mesh is None:

@@ -1,0 +1,15 @@
+"""The shared --mesh flag of training, evaluation and analyses."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from moe.parallel.mesh import MeshConfig
+
+_MESH = flags.DEFINE_string("mesh", None, "device mesh, e.g. data:-1 or fsdp:4,expert:8 "
+                            "(default: gin's MeshConfig.shape; empty = one device)")
+
+
+def mesh_config() -> MeshConfig:
+  """--mesh if given, else MeshConfig() as gin configures it (empty shape: one device)."""
+  return MeshConfig(_MESH.value) if _MESH.value is not None else MeshConfig()
