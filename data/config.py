@@ -28,7 +28,7 @@ class DataConfig:
   text_key: str = "text"
   train_split: str = "train"
   eval_split: str = "validation"
-  tokenizer_path: str | None = None  # None: train BPE on the train split, cached in data_dir
+  tokenizer_path: str | None = None  # SentencePiece model, tokenizer.json or checkpoint dir; None: train BPE, cached
   vocab_size: int = 8192             # of a trained tokenizer
   tokenizer_lines: int = 300_000     # lines of training text the BPE trainer reads
   seq_len: int = 128
@@ -37,6 +37,9 @@ class DataConfig:
   seed: int = 0
   file_format: str = "array_record"  # how a dataset not yet prepared is written (tfrecord: streamed)
   read_threads: int = 4      # threads reading and tokenising documents
+  # Packed rows shuffled in windows of this many (train only): a long document's rows
+  # would otherwise fill whole batches. Resume re-reads one window. 0: off.
+  shuffle_rows: int = 4096
   prefetch_batches: int = 2  # batches prepared while the device runs the step; 0: none
 
   def __post_init__(self):
@@ -44,6 +47,8 @@ class DataConfig:
                   "read_threads"):
       if getattr(self, field) <= 0:
         raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} must be positive")
+    if self.shuffle_rows < 0:
+      raise ValueError(f"DataConfig.shuffle_rows={self.shuffle_rows!r} must be >= 0")
     if self.prefetch_batches < 0:
       raise ValueError(f"DataConfig.prefetch_batches={self.prefetch_batches!r} must be >= 0")
     if self.file_format not in FILE_FORMATS:

@@ -1,13 +1,15 @@
-"""Input pipeline on grain: tfds documents -> SentencePiece ids -> packed rows -> batches.
+"""Input pipeline on grain: tfds documents -> token ids -> packed rows -> batches.
 
     source (ArrayRecord, random access)  ->  seeded global shuffle per epoch, repeat
       -> this host's documents (every process_count-th)  ->  tokenise (read_threads)
-      -> pack (concat-then-split)  ->  batch of this host's rows  ->  prefetch
+      -> pack (concat-then-split)  ->  shuffle rows in windows (shuffle_rows)
+      -> batch of this host's rows  ->  prefetch
 
 Batches are dicts of [batch / hosts, seq_len] arrays: inputs, targets, weights,
 segment_ids, positions. The train iterator is a grain DatasetIterator: its state (a few
-integers) is saved in each checkpoint and restored in O(1), so a resumed run sees exactly
-the batches it would have seen. A dataset prepared as TFRecord is read as a stream
+integers) is saved in each checkpoint and restored in a time that does not grow with the
+step (it re-reads one row-shuffle window), so a resumed run sees exactly the batches it
+would have seen. A dataset prepared as TFRecord is read as a stream
 (data.stream): the same batches, in stored order, but resuming re-reads the stream.
 """
 
@@ -18,25 +20,33 @@ from typing import Iterator, NamedTuple
 
 import grain
 import numpy as np
-from grain.experimental import ThreadPrefetchIterDataset
+from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from data import packing
 from data.config import DataConfig
 from data.documents import dataset_key, documents, random_access, text_of
 from data.stream import StreamDataset
-from data.tokenizer import Tokenizer, check_token_ids, train_tokenizer
+from data.text_tokenizer import TextTokenizer, load_tokenizer
+from data.tokenizer import check_token_ids, train_tokenizer
 
 Batch = dict[str, np.ndarray]
 ENTROPY_TOKENS = 1 << 20  # tokens of the train split behind the unigram-entropy reference
 
 
-def tokenizer_for(cfg: DataConfig) -> Tokenizer:
-  """Load DataConfig.tokenizer_path, or train BPE on the train split once and cache it."""
+def trained_tokenizer_path(cfg: DataConfig) -> str:
+  """Where the BPE model trained for this dataset (no DataConfig.tokenizer_path) is cached."""
+  return os.path.join(cfg.root, "tokenizers", f"{dataset_key(cfg)}-bpe{cfg.vocab_size}.model")
+
+
+def tokenizer_for(cfg: DataConfig) -> TextTokenizer:
+  """Load DataConfig.tokenizer_path (a SentencePiece model, a tokenizer.json, or a checkpoint
+  directory: data.text_tokenizer.load_tokenizer), or train BPE on the train split once and
+  cache it."""
   if cfg.tokenizer_path:
-    return Tokenizer(os.path.expanduser(cfg.tokenizer_path))
-  path = os.path.join(cfg.root, "tokenizers", f"{dataset_key(cfg)}-bpe{cfg.vocab_size}.model")
+    return load_tokenizer(cfg.tokenizer_path)
+  path = trained_tokenizer_path(cfg)
   if os.path.exists(path):
-    return Tokenizer(path)
+    return load_tokenizer(path)
   return train_tokenizer(documents(cfg, cfg.train_split), path, cfg.vocab_size, cfg.tokenizer_lines)
 
 
@@ -60,7 +70,7 @@ def host_batch_size(batch_size: int, shard_count: int) -> int:
   return batch_size // shard_count
 
 
-def tokenized_documents(cfg: DataConfig, tok: Tokenizer, split: str, *, shuffle: bool,
+def tokenized_documents(cfg: DataConfig, tok: TextTokenizer, split: str, *, shuffle: bool,
                         repeat: bool, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
   """This host's documents of `split` as {'tokens': [n] int32}, EOS appended. shuffle: a
   seeded global shuffle, different every epoch (a stream keeps its order); repeat: epochs
@@ -84,7 +94,7 @@ def tokenized_documents(cfg: DataConfig, tok: Tokenizer, split: str, *, shuffle:
                                               prefetch_buffer_size=16 * cfg.read_threads))
 
 
-def batches(cfg: DataConfig, tok: Tokenizer, split: str, model_vocab_size: int, *, train: bool,
+def batches(cfg: DataConfig, tok: TextTokenizer, split: str, model_vocab_size: int, *, train: bool,
             shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
   """This host's batches of `split` (see the module docstring)."""
   rows = host_batch_size(cfg.batch_size, shard_count)
@@ -95,7 +105,10 @@ def batches(cfg: DataConfig, tok: Tokenizer, split: str, model_vocab_size: int, 
     check_token_ids(r["tokens"], model_vocab_size, f"{cfg.dataset} {split}")
     return to_batch(r["tokens"], r["segment_ids"], r["positions"])
 
-  ds = packing.pack(docs, cfg.seq_len).batch(rows, drop_remainder=True).map(batch)
+  ds = packing.pack(docs, cfg.seq_len)
+  if train and cfg.shuffle_rows > 1:
+    ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_rows, seed=cfg.seed)
+  ds = ds.batch(rows, drop_remainder=True).map(batch)
   if not cfg.prefetch_batches:
     return ds
   return ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
@@ -104,7 +117,7 @@ def batches(cfg: DataConfig, tok: Tokenizer, split: str, model_vocab_size: int, 
 class Datasets(NamedTuple):
   train: grain.DatasetIterator  # this host's train batches; get_state/set_state resume it
   eval_batches: list[Batch]
-  tokenizer: Tokenizer
+  tokenizer: TextTokenizer
   unigram_entropy: float  # nats per token of the training tokens' unigram distribution
 
 

@@ -16,9 +16,33 @@ from grain.experimental import ConcatThenSplitIterDataset
 def pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   """docs: {'tokens': [n] int32} -> rows {'tokens', 'segment_ids', 'positions'}: [seq_len]
   int32, in order. The iterator's state is the parent's plus the unfinished document."""
-  rows = ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len})
+  rows = _JsonRestorable(ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len}))
   return rows.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
                              "positions": r["tokens_positions"]})
+
+
+class _JsonRestorable(grain.IterDataset):
+  """Concat-then-split whose state survives JSON (checkpoints): grain compares the saved
+  slices with the tuple (-1, -1) for "no unfinished document", and JSON turns them into
+  lists, so a restored iterator would invent one."""
+
+  def __iter__(self):
+    return _JsonRestorableIterator(self._parent.__iter__())
+
+
+class _JsonRestorableIterator(grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    self._parent.set_state(dict(state, remainder_slices=slices))
 
 
 def lm_example(tokens: np.ndarray, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,8 @@ EOS_ID = 2  # SentencePiece's default ids: 0 unk, 1 bos, 2 eos; no pad (we pad w
 
 
 class Tokenizer:
+  """A SentencePiece model; one implementation of data.text_tokenizer.TextTokenizer."""
+
   def __init__(self, model_path: str):
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
@@ -29,6 +31,14 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return self.sp.get_piece_size()
+
+  @property
+  def bos_id(self) -> int | None:
+    return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+  @property
+  def pad_id(self) -> int | None:
+    return self.sp.pad_id() if self.sp.pad_id() >= 0 else None
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.sp.encode(text), np.int32)

@@ -15,11 +15,12 @@ import jax
 from absl import app, flags, logging
 
 from experiments import gin_flags
+from experiments.generation import sample_continuation
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.model.presets import model_config
 from moe.parallel.hosts import initialize_distributed
-from moe.parallel.mesh import MeshError
+from moe.parallel.mesh import MeshError, make_mesh
 from moe.train.loop import train_and_evaluate
 from moe.train.profile import parse_steps
 
@@ -28,6 +29,8 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "checkpoint and exit after this many steps; rerun to resume")
 _PROFILE = flags.DEFINE_string("profile_steps", None, "FIRST:LAST: trace these steps with "
                                "jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)")
+_SAMPLE = flags.DEFINE_integer("sample_tokens", 48, "after a finished run, print a greedy "
+                               "continuation of this many tokens of a held-out prompt (0: none)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "multi-host: call jax.distributed.initialize() first (TPU pods)")
 
@@ -60,6 +63,18 @@ def main(argv):
     print(f"validation loss {result.eval['eval_loss']:.4f} nats/token "
           f"(perplexity {result.eval['eval_perplexity']:.1f}); "
           f"unigram entropy of the training tokens {result.unigram_entropy:.4f} nats/token")
+  if result.status == "finished" and _SAMPLE.value > 0:
+    print_sample(workdir, _SAMPLE.value, mesh_cfg)
+
+
+def print_sample(workdir: str, n_tokens: int, mesh_cfg) -> None:
+  """The trained model's greedy continuation of a held-out prompt (KV-cache decoding)."""
+  if jax.process_count() > 1:  # the decoder takes host arrays: one process only
+    print("(no sample: generation runs in single-process jobs)")
+    return
+  out = sample_continuation(workdir, n_tokens, make_mesh(mesh_cfg))
+  print(f"greedy continuation of a held-out prompt ({n_tokens} tokens):\n"
+        f"--- prompt ---\n{out['prompts'][0]}\n--- continuation ---\n{out['texts'][0]}")
 
 
 if __name__ == "__main__":

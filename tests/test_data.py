@@ -164,7 +164,7 @@ class _CountingSource:
 def _batches(cfg, tokenizer, n, state=None):
   it = iter(input_pipeline.batches(cfg, tokenizer, "train", 512, train=True))
   if state is not None:
-    it.set_state(state)
+    it.set_state(json.loads(json.dumps(state)))  # as checkpoints store it
   out = [next(it) for _ in range(n)]
   state = it.get_state()
   it.close()
@@ -172,11 +172,12 @@ def _batches(cfg, tokenizer, n, state=None):
 
 
 def test_train_batches_resume_exactly_and_in_constant_reads(small_corpus, tokenizer, monkeypatch):
-  cfg = small_data_config(small_corpus, seq_len=1024, batch_size=32, read_threads=1)
+  cfg = small_data_config(small_corpus, seq_len=1024, batch_size=32, read_threads=1, shuffle_rows=64)
   straight, _ = _batches(cfg, tokenizer, 40)  # several epochs
   _, state = _batches(cfg, tokenizer, 36)
-  position = state["parent_state"]["next_index"]  # documents read before the saved batch
-  assert position > 2 * N_TRAIN
+  # Documents read before the saved batch's shuffle window.
+  position = state["parent_window_start_state"]["parent_state"]["next_index"]
+  assert position > 3 * N_TRAIN
   counted = []
   real = input_pipeline.random_access
   monkeypatch.setattr(input_pipeline, "random_access",
@@ -185,8 +186,27 @@ def test_train_batches_resume_exactly_and_in_constant_reads(small_corpus, tokeni
   for a, b in zip(straight[36:], resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
-  # Restoring reads the documents of the 4 batches and a few ahead, not those before.
-  assert counted[0].reads < N_TRAIN, (counted[0].reads, state)
+  # Restoring reads one shuffle window, the 4 batches and a few ahead, not what came before.
+  assert counted[0].reads < position // 2, (counted[0].reads, state)
+
+
+def test_resume_at_the_start_of_a_window(small_corpus, tokenizer):
+  """The window's start state has no unfinished document: after JSON it must still say so."""
+  cfg = small_data_config(small_corpus, shuffle_rows=16)
+  straight, _ = _batches(cfg, tokenizer, 4)
+  _, state = _batches(cfg, tokenizer, 1)
+  resumed, _ = _batches(cfg, tokenizer, 3, state)
+  for a, b in zip(straight[1:], resumed):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_train_rows_are_shuffled_in_windows(small_corpus, tokenizer):
+  in_order, _ = _batches(small_data_config(small_corpus, shuffle_rows=0), tokenizer, 4)
+  windowed, _ = _batches(small_data_config(small_corpus, shuffle_rows=16), tokenizer, 4)
+  for i in (0, 2):  # each window of 16 rows (2 batches) is a permutation of the same rows
+    a = np.concatenate([b["inputs"] for b in in_order[i:i + 2]])
+    b = np.concatenate([b["inputs"] for b in windowed[i:i + 2]])
+    assert sorted(map(bytes, a)) == sorted(map(bytes, b)) and not np.array_equal(a, b)
 
 
 def test_a_dataset_prepared_as_tfrecord_streams_the_same_documents(small_corpus, tokenizer, tmp_path):

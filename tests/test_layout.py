@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subpackages of moe/ from the bottom up: each may import itself and those before it.
-LAYERS = ["dispatch", "parallel", "model", "hub", "train", "research"]
+LAYERS = ["dispatch", "parallel", "model", "decode", "hub", "train", "research"]
 LEAVES = {"moe", "moe.cache", "moe.scoped"}  # top-level modules any layer may use
 PACKAGES = ("moe", "data", "pallas_kernels", "experiments")
 
@@ -76,6 +76,8 @@ def test_the_layer_check_can_fail():
       "moe.model.decoder (model) imports moe.train.loop"]
   assert upward("moe.dispatch.backend", {"moe.model.config"})
   assert upward("moe.parallel.mesh", {"data.input_pipeline"})
+  assert upward("moe.decode.generate", {"moe.train.restore"})  # decoding stays below training
+  assert not upward("moe.decode.generate", {"moe.model.decoder", "moe.parallel.rules"})
   assert upward("moe.research.report", {"experiments.train"})
   assert not upward("moe.research.report", {"data.input_pipeline", "moe.train.restore", "moe.cache"})
 

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moe.dispatch import experts, fused_loop
+from moe.dispatch import experts, fused_loop, sorting
 from moe.dispatch.experts import GroupedMatmul
 from moe.dispatch.sorting import SortedRouting
 
@@ -25,6 +25,11 @@ class Backend:
   gmm: GroupedMatmul                                                      # [m,k] x [G,k,n] -> [m,n]
   permute: Callable[[jax.Array, SortedRouting, int], jax.Array]           # [T,d] -> [T*K,d]
   combine: Callable[[jax.Array, SortedRouting, jax.Array], jax.Array]     # -> [T,d]
+
+  def routed(self, x: jax.Array, expert_idx: jax.Array, gates: jax.Array, weights) -> jax.Array:
+    """x: [T, d], expert_idx, gates: [T, K'] -> sum_k gate_k * expert_k(x), [T, d]: the rows
+    sorted by expert, then `experts` (a backend that needs no sort overrides this)."""
+    return self.experts(x, sorting.sort_by_expert(expert_idx, weights[0].shape[0]), gates, weights)
 
   def experts(self, x: jax.Array, routing: SortedRouting, gates: jax.Array, weights) -> jax.Array:
     """x: [T, d], gates: [T, K'] -> sum_k gate_k * expert_k(x), [T, d]."""

@@ -8,6 +8,7 @@ so that importing the model loads neither Pallas nor the C++ kernel.
     ragged_or_fused  ragged_dot while XLA's dense expansion of it stays small, else fused
     pallas           Pallas DMA gathers + Pallas gmm/tgmm (Mosaic, TPU)
     pallas_interpret the same kernels with interpret=True (tests, anywhere)
+    few_tokens       no sort: gathered expert weights per (token, choice), or all experts (decoding)
 
 "auto" picks by platform: Pallas on TPU, `ragged_or_fused` on GPU (JAX 0.11's XLA:GPU
 expands ragged_dot into a dense product per group, like XLA:CPU; docs/bench_moe_gpu.md),
@@ -22,9 +23,10 @@ import jax
 
 from moe.dispatch import sorting, tiled_gmm
 from moe.dispatch.backend import Backend, FusedLoopBackend, RaggedOrFusedBackend, ragged_dot_gmm
+from moe.dispatch.few_tokens import FewTokensBackend
 
 BACKEND_NAMES = ("cpu_ffi", "fused", "tiled", "ragged_dot", "ragged_or_fused", "pallas",
-                 "pallas_interpret")
+                 "pallas_interpret", "few_tokens")
 NAMES = ("auto", *BACKEND_NAMES)
 AUTO = {"tpu": "pallas", "gpu": "ragged_or_fused", "cpu": "cpu_ffi"}
 
@@ -56,6 +58,7 @@ _BUILDERS = {
         gmm=None, small=get("ragged_dot"), large=get("fused"), **_XLA_MOVES),
     "pallas": lambda: _pallas(interpret=False),
     "pallas_interpret": lambda: _pallas(interpret=True),
+    "few_tokens": lambda: FewTokensBackend(gmm=tiled_gmm.gmm, **_XLA_MOVES),
 }
 assert tuple(_BUILDERS) == BACKEND_NAMES
 

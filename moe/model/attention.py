@@ -42,17 +42,27 @@ class Attention(nnx.Module):
     self.wv = param(rngs, cfg, (d, h, dh), ("embed", "heads", "head_dim"))
     self.wo = param(rngs, cfg, (h, dh, d), ("heads", "head_dim", "embed"))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: [B, S, d_model], positions: [B, S], mask: [B, 1, S, S] -> [B, S, d_model]."""
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [B, S, d_model], positions: [B, S] -> q, k, v [B, S, H, Dh], q and k rotated."""
     dtype = x.dtype
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dtype))
     v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dtype))
-    q = rotary(q, positions, self.cfg.rope_theta)
-    k = rotary(k, positions, self.cfg.rope_theta)
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+    return rotary(q, positions, self.cfg.rope_theta), rotary(k, positions, self.cfg.rope_theta), v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q: [B, Sq, H, Dh], k, v: [B, H, Sk, Dh], mask: [B, 1, Sq, Sk] -> [B, Sq, d_model].
+    Heads before length: a KV cache's layout (moe.decode, Sk > Sq), which the dots then
+    read without transposing it."""
+    dtype = q.dtype
+    scores = jnp.einsum("bqhk,bhsk->bhqs", q, k.astype(dtype), preferred_element_type=jnp.float32)
     scores = scores * (self.cfg.head_dim ** -0.5)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    out = jnp.einsum("bhqs,bhsk->bqhk", probs, v.astype(dtype))
     return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, S, d_model], positions: [B, S], mask: [B, 1, S, S] -> [B, S, d_model]."""
+    q, k, v = self.project(x, positions)
+    return self.attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)

@@ -38,6 +38,10 @@ class Block(nnx.Module):
   def __call__(self, x, positions, mask, token_ids, key):
     """x: [B, S, d], positions, token_ids: [B, S], mask: [B, 1, S, S] -> (x, aux)."""
     x = x + self.attn(self.attn_norm(x), positions, mask)
+    return self.feed_forward(x, token_ids, key)
+
+  def feed_forward(self, x, token_ids, key):
+    """The FFN half. x: [B, S, d] residual stream, token_ids: [B, S] -> (x + FFN(norm(x)), aux)."""
     h = self.ffn_norm(x)
     if self.kind != "moe":
       return constrain(x + self.ffn(h), ACTIVATIONS), {}
@@ -97,6 +101,18 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg, rngs)
     self.lm_head = param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens: [B, S] int -> the residual stream's input [B, S, d_model] in the compute dtype."""
+    # FSDP: gather the table whole before the row lookup, as for every other weight.
+    table = constrain(self.embed[...], ("embed_vocab", "act_embed"))
+    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return constrain(x, ACTIVATIONS)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """h: [..., d_model] final-norm hidden states -> logits [..., vocab] in fp32."""
+    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype),
+                      preferred_element_type=jnp.float32)
+
   def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                     positions: jax.Array | None = None, key: jax.Array | None = None):
     """tokens: [B, S] int -> (final-norm hidden states [B, S, d_model], per-layer MoE aux).
@@ -110,10 +126,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     mask = attention_mask(segment_ids)
-    # FSDP: gather the table whole before the row lookup, as for every other weight.
-    table = constrain(self.embed[...], ("embed_vocab", "act_embed"))
-    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    x = constrain(x, ACTIVATIONS)
+    x = self.embed_tokens(tokens)
     keys = [None] * len(self.stacks) if key is None else list(jax.random.split(key, len(self.stacks)))
     moe_aux = []
     for stack, k in zip(self.stacks, keys):
@@ -131,6 +144,4 @@ class Transformer(nnx.Module):
     with their total under 'aux_loss'.
     """
     h, stats = self.hidden_states(tokens, segment_ids, positions, key)
-    logits = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...].astype(h.dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, {"layers": stats, "losses": weighted_aux_losses(self.cfg, stats)}
+    return self.logits(h), {"layers": stats, "losses": weighted_aux_losses(self.cfg, stats)}

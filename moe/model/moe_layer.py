@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.dispatch import capacity, registry, sorting
+from moe.dispatch import capacity, registry
 from moe.dispatch.backend import Backend
 from moe.dispatch.experts import slotted_swiglu
 from moe.model import balance, intervention, routers
@@ -39,8 +39,7 @@ class RoutedExperts(nnx.Module):
 
 def dropless_moe(x: jax.Array, route: Route, weights, backend: Backend) -> tuple[jax.Array, jax.Array]:
   """x: [T, d] -> (sum_k g_k expert_k(x) [T, d], number of dropped pairs = 0)."""
-  sorted_routing = sorting.sort_by_expert(route.expert_idx, weights[0].shape[0])
-  return backend.experts(x, sorted_routing, route.gates, weights), jnp.zeros((), jnp.int32)
+  return backend.routed(x, route.expert_idx, route.gates, weights), jnp.zeros((), jnp.int32)
 
 
 def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) -> tuple[jax.Array, jax.Array]:

@@ -26,6 +26,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
   seed: int = 0
+  # A released-format checkpoint directory to fine-tune from (moe.train.finetune): its
+  # config.json, tokenizer and parameters start the run; a resume reads the run's own.
+  init_from_hf: str | None = None
 
   def __post_init__(self):
     for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):

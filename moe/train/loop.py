@@ -29,6 +29,7 @@ from moe.parallel.rules import check_batch
 from moe.train.checkpoint import Checkpointer
 from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate
+from moe.train.finetune import finetune_configs, load_into_state
 from moe.train.metrics import MetricWriter, Progress
 from moe.train.optim import schedule_of
 from moe.train.profile import StepProfiler
@@ -152,6 +153,8 @@ def _datasets(data_cfg: DataConfig, vocab_size: int, primary: bool):
 
 def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh,
            profiler) -> RunResult:
+  if train_cfg.init_from_hf:  # the checkpoint's architecture and tokenizer
+    model_cfg, data_cfg = finetune_configs(train_cfg.init_from_hf, model_cfg, data_cfg)
   check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
   primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
   if primary:
@@ -167,6 +170,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   if ckpt.steps():
     step, restored = ckpt.restore(None, nnx.to_pure_dict(state), data.train)
     nnx.replace_by_pure_dict(state, restored)
+  elif train_cfg.init_from_hf:  # a new run starts from the checkpoint; a resumed one from its own
+    load_into_state(state, train_cfg.init_from_hf, model_cfg, mesh)
   if primary:  # setup succeeded: a failed one leaves no record to refuse a fixed config
     record_run_configs(workdir, configs)
   start_step = step

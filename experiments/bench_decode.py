@@ -1,0 +1,106 @@
+"""Decode speed: KV-cache decoding (moe.decode) against recomputing the whole sequence for
+every new token, greedy, random initialisation; prints a markdown table.
+
+  python -m experiments.bench_decode [--preset=tiny_deepseekmoe --batches=1,8 --new_tokens=256]
+
+Both run as one compiled loop over fixed shapes [batch, max_len] (max_len = prompt + new
+tokens), so every recomputation step is the same full forward pass over [batch, max_len]:
+it is timed over --recompute_tokens steps (its tokens/s does not depend on how many).
+Compilation and the prefill are not timed; each time is the best of --reps runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from moe.cache import enable_compile_cache
+from moe.decode.generate import Decoder
+from moe.model.decoder import Transformer
+from moe.model.presets import get_preset
+
+_PRESET = flags.DEFINE_string("preset", "tiny_deepseekmoe", "model preset (random init)")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
+_NEW = flags.DEFINE_integer("new_tokens", 256, "new tokens per row")
+_PROMPT = flags.DEFINE_integer("prompt_len", 16, "prompt tokens per row")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype")
+_RECOMPUTE = flags.DEFINE_integer("recompute_tokens", 64, "new tokens timed without the cache")
+_REPS = flags.DEFINE_integer("reps", 3, "timed runs (best taken)")
+
+
+def recompute_loop(graphdef):
+  """Greedy decoding without a cache: the full model over [B, max_len] for every token."""
+  @jax.jit
+  def run(params, tokens, lengths, n_new):
+    model = nnx.merge(graphdef, params)
+    rows = jnp.arange(tokens.shape[0])
+
+    def body(_, state):
+      tokens, lengths = state
+      logits, _ = model(tokens)
+      nxt = jnp.argmax(logits[rows, lengths - 1], axis=-1).astype(jnp.int32)
+      return tokens.at[rows, lengths].set(nxt), lengths + 1
+
+    return jax.lax.fori_loop(0, n_new, body, (tokens, lengths))[0]
+  return run
+
+
+def best_of(reps: int, fn):
+  """(min wall time, last result) of `reps` calls of fn()."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return min(times), out
+
+
+def bench(preset: str, batch: int, n_new: int, prompt_len: int, dtype: str, n_recompute: int,
+          reps: int) -> dict:
+  cfg = get_preset(preset).replace(dtype=dtype)
+  graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+  prompts = np.random.default_rng(batch).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
+  decoder = Decoder(graphdef, params, batch, prompt_len + n_new)
+  decoder.generate(prompts, 2)  # compile
+  runs = [decoder.generate(prompts, n_new) for _ in range(reps)]
+  decode_s = min(r.decode_s for r in runs)
+  cached = np.stack(runs[-1].tokens)
+
+  run = recompute_loop(graphdef)
+  tokens = np.zeros((batch, decoder.max_len), np.int32)
+  tokens[:, :prompt_len] = prompts
+  lengths = np.full((batch,), prompt_len, np.int32)
+  jax.block_until_ready(run(params, tokens, lengths, np.int32(1)))  # compile
+  recompute_s, full = best_of(reps, lambda: np.asarray(run(params, tokens, lengths, np.int32(n_recompute))))
+  full = full[:, prompt_len:prompt_len + n_recompute]
+  cached_tps, full_tps = batch * n_new / decode_s, batch * n_recompute / recompute_s
+  return {"batch": batch, "max_len": decoder.max_len, "cached_tokens_per_s": cached_tps,
+          "recompute_tokens_per_s": full_tps, "speedup": cached_tps / full_tps,
+          "prefill_s": min(r.prefill_s for r in runs),
+          "same_tokens": float(np.mean(cached[:, :n_recompute] == full))}
+
+
+def main(argv):
+  del argv
+  enable_compile_cache()
+  print(f"{_PRESET.value}, {_DTYPE.value}, prompt {_PROMPT.value} tokens, {_NEW.value} new tokens "
+        f"(recomputation timed over {min(_RECOMPUTE.value, _NEW.value)}), greedy; "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs")
+  print("| batch | max_len | KV cache tokens/s | recompute tokens/s | speedup | prefill s | same tokens |")
+  print("|---|---|---|---|---|---|---|")
+  for b in map(int, _BATCHES.value):
+    r = bench(_PRESET.value, b, _NEW.value, _PROMPT.value, _DTYPE.value,
+              min(_RECOMPUTE.value, _NEW.value), _REPS.value)
+    print(f"| {r['batch']} | {r['max_len']} | {r['cached_tokens_per_s']:.1f} | "
+          f"{r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x | {r['prefill_s']:.3f} | "
+          f"{r['same_tokens']:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

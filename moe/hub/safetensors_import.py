@@ -1,0 +1,222 @@
+"""A checkpoint directory in the released format, read straight into the model's parameters
+in their shards: `model.safetensors` (or `model.safetensors.index.json` + shards) and
+`config.json`.
+
+    ckpt = import_checkpoint('deepseek-moe-16b-base', mesh)      # bf16 unless dtype=...
+    model = nnx.merge(ckpt.graphdef, ckpt.params)
+
+Everything is checked from the files' headers before a byte of data is read (missing shard
+files, tensors the index names that no shard holds, missing or unknown tensors, shapes and
+dtypes; CheckpointFormatError names them). Each parameter is then built with
+`jax.make_array_from_callback`: every device's shard reads only its own blocks of the
+memory-mapped tensors (moe.hub.hf_weights.Source.read), and the files are closed after each
+parameter, so the host holds about one stacked parameter at a time, never the whole model.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from moe.hub.hf_config import CheckpointFormatError, config_from_hf
+from moe.hub.hf_weights import Source, path_name, public_shapes, sources
+from moe.model.config import ModelConfig
+from moe.model.decoder import Transformer
+from moe.parallel.rules import state_shardings
+
+CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+# Stored dtypes that are read (and cast to the target dtype); others are refused by name.
+NP_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+
+
+class TensorInfo(NamedTuple):
+  file: str    # shard file name, relative to the directory
+  shape: tuple[int, ...]
+  dtype: str   # safetensors' name: F32, BF16, ...
+  offset: int  # of its first byte in the file
+
+
+def read_header(path: str) -> tuple[int, dict[str, Any]]:
+  """(offset of the data, {name: {'dtype', 'shape', 'data_offsets'}}) of a safetensors file:
+  an 8-byte little-endian header length, then the JSON header, then the tensors' bytes."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    try:
+      if not 2 <= n <= size - 8:
+        raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from None
+  header.pop("__metadata__", None)
+  for name, h in header.items():
+    begin, end = h["data_offsets"]
+    item = np.dtype(NP_DTYPES[h["dtype"]]).itemsize if h["dtype"] in NP_DTYPES else None
+    if 8 + n + end > size or (item and end - begin != item * math.prod(h["shape"])):
+      raise CheckpointFormatError(f"{path}: tensor {name!r}'s bytes [{begin}, {end}) do not hold "
+                                  f"{h['dtype']} {h['shape']} within the file's {size - 8 - n} "
+                                  f"data bytes (truncated or corrupt)")
+  return 8 + n, header
+
+
+class SafetensorsCheckpoint:
+  """A checkpoint directory's config.json and tensor headers; data is read lazily."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    config = os.path.join(directory, CONFIG)
+    if not os.path.exists(config):
+      raise CheckpointFormatError(f"{directory}: no {CONFIG}; is this a checkpoint directory?")
+    with open(config) as f:
+      self.hf_config: dict[str, Any] = json.load(f)
+    self.tensors = self._headers()
+
+  def _headers(self) -> dict[str, TensorInfo]:
+    index_path = os.path.join(self.directory, INDEX)
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        weight_map: dict[str, str] = json.load(f)["weight_map"]
+    elif os.path.exists(os.path.join(self.directory, SINGLE)):
+      weight_map = None
+    else:
+      raise CheckpointFormatError(f"{self.directory}: neither {SINGLE} nor {INDEX}")
+    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
+    for file in files:
+      if not os.path.exists(os.path.join(self.directory, file)):
+        named = sorted(n for n, f in weight_map.items() if f == file)
+        raise CheckpointFormatError(f"{INDEX} names shard file {file!r} ({len(named)} tensors, e.g. "
+                                    f"{named[0]!r}), which is not in {self.directory}")
+    out = {}
+    for file in files:
+      start, header = read_header(os.path.join(self.directory, file))
+      for name, h in header.items():
+        if weight_map is not None and weight_map.get(name) != file:
+          where = f"places in {weight_map[name]!r}" if name in weight_map else "does not name"
+          raise CheckpointFormatError(f"shard {file!r} holds tensor {name!r}, which {INDEX} {where}")
+        out[name] = TensorInfo(file, tuple(h["shape"]), h["dtype"], start + h["data_offsets"][0])
+    for name, file in (weight_map or {}).items():
+      if name not in out:
+        raise CheckpointFormatError(f"{INDEX} places tensor {name!r} in shard {file!r}, which "
+                                    f"does not hold it")
+    return out
+
+  def check(self, cfg: ModelConfig) -> None:
+    """Every tensor `cfg`'s model needs is here, with its shape and a float dtype, and no other."""
+    want = public_shapes(cfg)
+    missing = [n for n in want if n not in self.tensors]
+    if missing:
+      raise CheckpointFormatError(f"{self.directory}: {len(missing)} tensor(s) missing, e.g. "
+                                  f"{missing[:3]}; is config.json right for these weights?")
+    unknown = sorted(set(self.tensors) - set(want))
+    if unknown:
+      raise CheckpointFormatError(f"{self.directory}: {len(unknown)} unknown tensor(s) this model "
+                                  f"does not use, e.g. {unknown[:3]} (in {self.tensors[unknown[0]].file!r})")
+    for name, shape in want.items():
+      info = self.tensors[name]
+      if info.shape != shape:
+        raise CheckpointFormatError(f"tensor {name!r} in {info.file!r} has shape {info.shape}; "
+                                    f"config.json implies {shape}")
+      if info.dtype not in NP_DTYPES:
+        raise CheckpointFormatError(f"tensor {name!r} in {info.file!r} has dtype {info.dtype}; "
+                                    f"expected one of {sorted(NP_DTYPES)}")
+
+  @contextlib.contextmanager
+  def reader(self) -> Iterator[Any]:
+    """read(name, rows[, cols]) -> that block of a tensor (1-D or 2-D), read with plain file
+    reads, not a memory map: mapped pages would count as this process's memory until
+    unmapped. Reads whole rows of the row range (so at most one tensor's worth at a time)."""
+    files: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+      def read(name: str, rows: slice, *cols: slice) -> np.ndarray:
+        info = self.tensors[name]
+        if info.file not in files:
+          files[info.file] = stack.enter_context(open(os.path.join(self.directory, info.file), "rb"))
+        f = files[info.file]
+        start, stop, _ = rows.indices(info.shape[0])
+        out = np.empty((stop - start,) + info.shape[1:], NP_DTYPES[info.dtype])
+        f.seek(info.offset + start * out[:1].nbytes)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+          raise CheckpointFormatError(f"{info.file}: short read of tensor {name!r}")
+        return out[(slice(None),) + cols]
+      yield read
+
+
+def load_param(ckpt: SafetensorsCheckpoint, src: Source, sharding, dtype) -> jax.Array:
+  """One parameter in its shards: each addressable device's block read from the files and
+  put on the device before the next is read (a replicated block once, for all its devices),
+  so the host holds one block at a time."""
+  index_map = sharding.addressable_devices_indices_map(src.shape)
+  keys = {d: tuple(s.indices(n) for s, n in zip(index, src.shape)) for d, index in index_map.items()}
+  left = collections.Counter(keys.values())  # devices still to serve, per block
+  blocks: dict[Any, np.ndarray] = {}
+  arrays = []
+  with ckpt.reader() as read:
+    for device, index in index_map.items():
+      key = keys[device]
+      if key not in blocks:
+        blocks[key] = src.read(read, index, dtype)
+      arrays.append(jax.device_put(blocks[key], device))
+      left[key] -= 1
+      if not left[key]:
+        del blocks[key]
+  return jax.make_array_from_single_device_arrays(src.shape, sharding, arrays)
+
+
+def param_shardings(params: Any, mesh: Mesh | None) -> dict[Any, Any]:
+  """{path: sharding} of abstract params: the rules' on `mesh`, else this host's first device."""
+  if mesh is None:
+    one = SingleDeviceSharding(jax.local_devices()[0])
+    return {path: one for path, _ in nnx.to_flat_state(params)}
+  return {path: var.get_value() for path, var in nnx.to_flat_state(state_shardings(params, mesh))}
+
+
+def abstract_params(cfg: ModelConfig):
+  """(graphdef, params as ShapeDtypeStructs): nothing allocated."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+
+
+def stream_params(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, params: Any,
+                  mesh: Mesh | None) -> Iterator[tuple[Any, jax.Array]]:
+  """(path, array in its shards) of each parameter of the abstract `params`, one at a time."""
+  ckpt.check(cfg)
+  srcs, shardings = sources(cfg), param_shardings(params, mesh)
+  for path, var in nnx.to_flat_state(params):
+    src = srcs[path]
+    if src.shape != tuple(var.shape):  # the mapping and the model disagree: a bug here
+      raise CheckpointFormatError(f"{path_name(path)}: mapped shape {src.shape} != model shape {var.shape}")
+    yield path, load_param(ckpt, src, shardings[path], jnp.dtype(var.dtype))
+
+
+class ImportedCheckpoint(NamedTuple):
+  model_cfg: ModelConfig
+  graphdef: Any    # nnx.merge(graphdef, params) is the Transformer
+  params: Any      # nnx.State of the model's nnx.Param variables, in their shards
+  mesh: Mesh | None
+  hf_config: dict[str, Any]
+
+
+def import_checkpoint(directory: str, mesh: Mesh | None = None, dtype: str = "bfloat16",
+                      **overrides) -> ImportedCheckpoint:
+  """A checkpoint directory as this model's parameters, in `dtype` ('bfloat16' or
+  'float32'; the ModelConfig's param_dtype and, unless overridden, its compute dtype),
+  split over `mesh` by the rules (None: one device). `overrides`: ModelConfig fields that
+  do not change the parameters (remat, dispatch_backend, dtype, ...)."""
+  ckpt = SafetensorsCheckpoint(directory)
+  name = os.path.basename(os.path.normpath(directory))
+  cfg = config_from_hf(ckpt.hf_config, **{"name": name, "dtype": dtype, "param_dtype": dtype, **overrides})
+  graphdef, params = abstract_params(cfg)
+  variables = dict(nnx.to_flat_state(params))  # the same Variables `params` holds
+  for path, array in stream_params(ckpt, cfg, params, mesh):
+    variables[path].set_value(array)
+  return ImportedCheckpoint(cfg, graphdef, params, mesh, ckpt.hf_config)
