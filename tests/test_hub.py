@@ -160,6 +160,10 @@ def _broken(tensors, d, tmp):
       json.dump(idx, f)
 
   first_shard = "model-00001-of-"
+
+  def truncate(path):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) - 100)
   return {
       "missing shard file": (copy_then(lambda: os.remove(glob.glob(os.path.join(tmp, "model-00002-of-*"))[0])),
                              r"names shard file 'model-00002-of-\d+.safetensors' \(\d+ tensors"),
@@ -190,6 +194,9 @@ def _broken(tensors, d, tmp):
                      "neither model.safetensors nor model.safetensors.index.json"),
       "corrupt shard": (copy_then(lambda: open(glob.glob(os.path.join(tmp, first_shard + "*"))[0], "wb").write(b"junk" * 9)),
                         r"model-00001-of-\d+.safetensors: not a readable safetensors file"),
+      "truncated shard": (copy_then(lambda: truncate(glob.glob(os.path.join(tmp, first_shard + "*"))[0])),
+                          r"model-00001-of-\d+.safetensors: tensor '.*'s bytes \[\d+, \d+\) do not hold .* "
+                          r"\(truncated or corrupt\)"),
   }
 
 

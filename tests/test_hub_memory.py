@@ -108,6 +108,8 @@ def test_import_peak_memory_is_about_one_stacked_parameter(big_checkpoint, mode,
   # The largest parameter's bytes on all devices together (on CPU device memory is host
   # memory; the import's host blocks become the device buffers without a copy there).
   assert largest <= got["largest"] <= 2 * largest
+  # Measured here: 139 MiB (one device), 78 MiB (8 devices). A loader that held the
+  # checkpoint (924 MiB), or three stacked parameters at once, fails this bound.
   bound = got["kept"] + 2 * got["largest"] + CONSTANT
   print(f"\npeak RSS above baseline, {mode} on {layout or 'one device'}: {got['delta'] / MB:.0f} MiB "
         f"(kept model {got['kept'] / MB:.0f} MiB on all devices, largest stacked parameter "

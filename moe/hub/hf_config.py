@@ -97,7 +97,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int | None, eos_id: int |
       "first_k_dense_replace": cfg.first_k_dense_replace, "moe_layer_freq": cfg.moe_layer_freq,
       "norm_topk_prob": cfg.norm_topk_prob, "scoring_func": "softmax",
       "aux_loss_alpha": cfg.expert_balance_alpha, "seq_aux": True,
-      "hidden_act": "silu", "attention_bias": False, "rope_scaling": None,
+      "hidden_act": "silu", "attention_bias": False,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
       "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
       "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,

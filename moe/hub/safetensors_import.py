@@ -7,10 +7,15 @@ in their shards: `model.safetensors` (or `model.safetensors.index.json` + shards
 
 Everything is checked from the files' headers before a byte of data is read (missing shard
 files, tensors the index names that no shard holds, missing or unknown tensors, shapes and
-dtypes; CheckpointFormatError names them). Each parameter is then built with
-`jax.make_array_from_callback`: every device's shard reads only its own blocks of the
-memory-mapped tensors (moe.hub.hf_weights.Source.read), and the files are closed after each
-parameter, so the host holds about one stacked parameter at a time, never the whole model.
+dtypes; CheckpointFormatError names them). Each parameter is then built one device's block
+at a time: the block reads only the tensors, and their rows, it covers
+(moe.hub.hf_weights.Source.read) and goes onto its device before the next block is read,
+so a host holds one block of one parameter, never the whole model.
+
+The tensors are read with plain file reads at the offsets the safetensors header gives,
+not through `safetensors.safe_open`'s memory map: pages of a mapped file count as the
+process's memory until the file is closed, and reopening it per tensor re-parses its header
+(milliseconds, for thousands of tensors per shard).
 """
 
 from __future__ import annotations
@@ -57,15 +62,15 @@ def read_header(path: str) -> tuple[int, dict[str, Any]]:
       if not 2 <= n <= size - 8:
         raise ValueError(f"header length {n} does not fit a file of {size} bytes")
       header = json.loads(f.read(n))
-    except ValueError as e:
-      raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from None
-  header.pop("__metadata__", None)
-  for name, h in header.items():
-    begin, end = h["data_offsets"]
-    item = np.dtype(NP_DTYPES[h["dtype"]]).itemsize if h["dtype"] in NP_DTYPES else None
-    if 8 + n + end > size or (item and end - begin != item * math.prod(h["shape"])):
+      header.pop("__metadata__", None)
+      spans = {name: (h["dtype"], tuple(h["shape"]), *h["data_offsets"]) for name, h in header.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e!r})") from None
+  for name, (dtype, shape, begin, end) in spans.items():
+    item = np.dtype(NP_DTYPES[dtype]).itemsize if dtype in NP_DTYPES else None
+    if 8 + n + end > size or (item and end - begin != item * math.prod(shape)):
       raise CheckpointFormatError(f"{path}: tensor {name!r}'s bytes [{begin}, {end}) do not hold "
-                                  f"{h['dtype']} {h['shape']} within the file's {size - 8 - n} "
+                                  f"{dtype} {list(shape)} within the file's {size - 8 - n} "
                                   f"data bytes (truncated or corrupt)")
   return 8 + n, header
 

@@ -48,10 +48,8 @@ def _score(graphdef, mesh, params, batch):
 
 @functools.lru_cache(maxsize=4)
 def _scorer(graphdef, mesh):
-  fn = functools.partial(_score, graphdef, mesh)
-  if mesh is None:
-    return jax.jit(fn)
-  return fn  # jitted per call below, with the params' shardings
+  # On a mesh the parameters and the batch arrive in their shards; jit follows them.
+  return jax.jit(functools.partial(_score, graphdef, mesh))
 
 
 def batch_rows(mesh: Mesh | None) -> int:
@@ -68,10 +66,6 @@ def score_rows(lm: LM, rows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: i
   batch_size = batch_size or batch_rows(lm.mesh)
   rules.check_batch(lm.mesh, batch_size, "batch_size")
   fn = _scorer(lm.graphdef, lm.mesh)
-  if lm.mesh is not None:
-    sh = rules.state_shardings(lm.params, lm.mesh)
-    fn = jax.jit(fn, in_shardings=(sh, rules.batch_sharding(lm.mesh)),
-                 out_shardings=rules.replicated(lm.mesh))
   sums, counts, stats = [], [], []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
