@@ -23,6 +23,7 @@ TOKENIZER_JSON, TOKENIZER_CONFIG, SPM_MODEL = "tokenizer.json", "tokenizer_confi
 class TextTokenizer(Protocol):
   path: str
   eos_id: int                # appended to every document by the input pipeline
+  add_bos: bool              # whether a text the model reads starts with bos_id (with_bos)
 
   @property
   def vocab_size(self) -> int: ...  # ids lie in [0, vocab_size)
@@ -68,6 +69,9 @@ class HFTokenizer:
       raise ValueError(f"tokenizer {path!r}: no EOS id in {TOKENIZER_CONFIG} (eos_token) or "
                        f"config.json (eos_token_id)")
     self.eos_id = eos
+    # The released checkpoints were trained with BOS first (tokenizer_config's add_bos_token,
+    # true when absent as in LLaMA-style configs); our exports write it false.
+    self.add_bos = self._bos is not None and bool(token_cfg.get("add_bos_token", True))
 
   @property
   def vocab_size(self) -> int:
@@ -86,6 +90,12 @@ class HFTokenizer:
 
   def decode(self, ids) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def with_bos(tok: TextTokenizer, ids) -> np.ndarray:
+  """ids: [n] -> [n] or [1 + n] int32: BOS first where the tokenizer's model was trained so."""
+  ids = np.asarray(ids, np.int32)
+  return np.concatenate([np.asarray([tok.bos_id], np.int32), ids]) if tok.add_bos else ids
 
 
 def load_tokenizer(path: str) -> TextTokenizer:

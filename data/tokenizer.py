@@ -19,6 +19,10 @@ EOS_ID = 2  # SentencePiece's default ids: 0 unk, 1 bos, 2 eos; no pad (we pad w
 class Tokenizer:
   """A SentencePiece model; one implementation of data.text_tokenizer.TextTokenizer."""
 
+  # Our runs pack documents with EOS between them and never see BOS, so text scored or
+  # prompted for them starts without it.
+  add_bos = False
+
   def __init__(self, model_path: str):
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")

@@ -1,17 +1,27 @@
 """Decode speed: KV-cache decoding (moe.decode) against recomputing the whole sequence for
-every new token, greedy, random initialisation; prints a markdown table.
+every new token, greedy, random initialisation; then the released-format import's
+throughput. Prints markdown tables.
 
   python -m experiments.bench_decode [--preset=tiny_deepseekmoe --batches=1,8 --new_tokens=256]
+                                     [--import_preset=deepseekmoe_16b --import_layers=2]
 
 Both run as one compiled loop over fixed shapes [batch, max_len] (max_len = prompt + new
 tokens), so every recomputation step is the same full forward pass over [batch, max_len]:
 it is timed over --recompute_tokens steps (its tokens/s does not depend on how many).
 Compilation and the prefill are not timed; each time is the best of --reps runs.
+
+Import: a randomly initialised --import_preset cut to --import_layers layers is exported
+in bf16 (moe.hub.safetensors_export, 1 GiB shards) to a temporary directory and read back
+with moe.hub.safetensors_import.import_checkpoint onto one device, in bf16 and in f32;
+MB/s is the files' bytes over the wall time (config parsing and header checks included,
+first read after writing: the page cache may hold the files).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -22,6 +32,8 @@ from flax import nnx
 
 from moe.cache import enable_compile_cache
 from moe.decode.generate import Decoder
+from moe.hub.safetensors_export import export_checkpoint
+from moe.hub.safetensors_import import import_checkpoint
 from moe.model.decoder import Transformer
 from moe.model.presets import get_preset
 
@@ -32,6 +44,10 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 16, "prompt tokens per row")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype")
 _RECOMPUTE = flags.DEFINE_integer("recompute_tokens", 64, "new tokens timed without the cache")
 _REPS = flags.DEFINE_integer("reps", 3, "timed runs (best taken)")
+_IMPORT_PRESET = flags.DEFINE_string("import_preset", "deepseekmoe_16b", "preset written and "
+                                     "imported (random init); empty: skip the import table")
+_IMPORT_LAYERS = flags.DEFINE_integer("import_layers", 2, "layers of --import_preset kept "
+                                      "(2: the 16B's dense first layer and one MoE layer)")
 
 
 def recompute_loop(graphdef):
@@ -86,6 +102,28 @@ def bench(preset: str, batch: int, n_new: int, prompt_len: int, dtype: str, n_re
           "same_tokens": float(np.mean(cached[:, :n_recompute] == full))}
 
 
+def bench_import(preset: str, n_layers: int, reps: int) -> list[dict]:
+  """Export a random `preset` (n_layers layers) in bf16, then time importing it."""
+  cfg = get_preset(preset).replace(n_layers=n_layers, param_dtype="bfloat16", dtype="bfloat16")
+  params = nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+  directory = tempfile.mkdtemp(prefix="bench_import_")
+  try:
+    files = export_checkpoint(directory, cfg, params, "bfloat16", max_shard_bytes=1 << 30)
+    del params
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+      def load():
+        out = import_checkpoint(directory, None, dtype).params
+        jax.block_until_ready(jax.tree.leaves(out))
+      seconds, _ = best_of(reps, load)
+      rows.append({"dtype": dtype, "files": len(files), "mb": size / 1e6, "seconds": seconds,
+                   "mb_per_s": size / 1e6 / seconds})
+    return rows
+  finally:
+    shutil.rmtree(directory)
+
+
 def main(argv):
   del argv
   enable_compile_cache()
@@ -100,6 +138,14 @@ def main(argv):
     print(f"| {r['batch']} | {r['max_len']} | {r['cached_tokens_per_s']:.1f} | "
           f"{r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x | {r['prefill_s']:.3f} | "
           f"{r['same_tokens']:.0%} |", flush=True)
+  if _IMPORT_PRESET.value:
+    print(f"\nimport of {_IMPORT_PRESET.value} cut to {_IMPORT_LAYERS.value} layers, stored bf16, "
+          f"one device, best of {_REPS.value}")
+    print("| into | files | MB on disk | seconds | MB/s |")
+    print("|---|---|---|---|---|")
+    for r in bench_import(_IMPORT_PRESET.value, _IMPORT_LAYERS.value, _REPS.value):
+      print(f"| {r['dtype']} | {r['files']} | {r['mb']:.0f} | {r['seconds']:.2f} | "
+            f"{r['mb_per_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,13 @@ text and timing out. No flags here, so training can import it.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 import time
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
+from data.text_tokenizer import TextTokenizer, with_bos
 from moe.decode.generate import Decoder, graphdef_for
 from moe.decode.sampling import Sampling
 from moe.model.config import ModelConfig
@@ -25,7 +22,7 @@ class Loaded(NamedTuple):
   cfg: ModelConfig
   graphdef: Any
   params: Any      # nnx.State of the model's Params
-  tokenizer: Any   # encode(text) -> ids, decode(ids) -> text, eos_id
+  tokenizer: TextTokenizer
   mesh: Mesh | None
   data_cfg: Any = None  # a training run's DataConfig (None for a checkpoint directory)
 
@@ -45,49 +42,14 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   return Loaded(cfg, graphdef, run.params, tokenizer_for(run.data_cfg), mesh, run.data_cfg)
 
 
-class HFTokenizer:
-  """A `tokenizer.json` (HF tokenizers) behind the SentencePiece Tokenizer's interface."""
-
-  def __init__(self, path: str, eos_id: int):
-    from tokenizers import Tokenizer
-
-    self.tok, self.eos_id = Tokenizer.from_file(path), eos_id
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self.tok.encode(text).ids, np.int32)  # with the file's BOS rule
-
-  def decode(self, ids) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
 def load_hf_checkpoint(directory: str, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Loaded:
-  """A public-format checkpoint directory (config.json, *.safetensors, tokenizer.json),
-  parameters stored in `dtype`. Written against moe.hub's config_from_hf and
-  load_public_checkpoint (all tensors read at once); the one place to swap for the hub's
-  directory importer."""
-  from safetensors import safe_open
+  """A released-format checkpoint directory (config.json, *.safetensors, tokenizer.json),
+  parameters read straight into their shards on `mesh` in `dtype` (moe.hub's importer)."""
+  from data.text_tokenizer import load_tokenizer
+  from moe.hub.safetensors_import import import_checkpoint
 
-  from moe.hub.hf_config import config_from_hf
-  from moe.hub.hf_weights import load_public_checkpoint
-  from moe.model.decoder import Transformer
-
-  with open(os.path.join(directory, "config.json")) as f:
-    hf = json.load(f)
-  cfg = config_from_hf(hf, dtype=dtype, param_dtype=dtype)
-  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {directory!r}")
-  tensors = {}
-  for path in files:
-    with safe_open(path, framework="flax") as f:  # flax: bf16 tensors load (numpy has no bf16)
-      tensors.update({name: f.get_tensor(name) for name in f.keys()})
-  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))  # no random init to overwrite
-  load_public_checkpoint(model, tensors)
-  graphdef, params = nnx.split(model, nnx.Param)
-  eos = hf.get("eos_token_id")
-  tokenizer = HFTokenizer(os.path.join(directory, "tokenizer.json"),
-                          -1 if eos is None else int(eos[0] if isinstance(eos, list) else eos))
-  return Loaded(cfg, graphdef, params, tokenizer, mesh)
+  ckpt = import_checkpoint(directory, mesh, dtype)
+  return Loaded(ckpt.model_cfg, ckpt.graphdef, ckpt.params, load_tokenizer(directory), mesh)
 
 
 def decode_batch(n_prompts: int, mesh: Mesh | None) -> int:
@@ -103,7 +65,7 @@ def generate_text(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int,
   `warmup` compiles first (a 1-token run), so the timing is of compiled code."""
   tok = loaded.tokenizer
   ids = [list(map(int, p)) for p in prompt_ids] if prompt_ids is not None else \
-        [tok.encode(p).tolist() for p in prompts]
+        [with_bos(tok, tok.encode(p)).tolist() for p in prompts]
   decoder = Decoder(loaded.graphdef, loaded.params, decode_batch(len(ids), loaded.mesh),
                     max(map(len, ids)) + max_new_tokens, loaded.mesh)
   t0 = time.perf_counter()
@@ -112,7 +74,7 @@ def generate_text(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int,
   compile_s = time.perf_counter() - t0
   out = decoder.generate(ids, max_new_tokens, sampling, seed, tok.eos_id)
   texts = [tok.decode([t for t in row if t != tok.eos_id]) for row in out.tokens]
-  return {"prompts": [tok.decode(p) for p in ids], "prompt_ids": ids,
+  return {"prompts": [tok.decode(p[1:] if tok.add_bos else p) for p in ids], "prompt_ids": ids,
           "generated_ids": [row.tolist() for row in out.tokens], "texts": texts,
           "max_new_tokens": max_new_tokens, "sampling": sampling._asdict(), "seed": seed,
           "dtype": loaded.cfg.dtype, "batch": decoder.batch, "max_len": decoder.max_len,

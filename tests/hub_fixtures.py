@@ -93,18 +93,24 @@ def write_checkpoint(directory, tensors, hf=HF, max_shard_bytes=None, dtype=torc
       current, size = {}, 0
     current[name], size = t, size + nbytes
   shards.append(current)
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-      weight_map.update({name: file for name in shard})
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+  save_shards(directory, shards, save_file)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf, f)
+
+
+def save_shards(directory, shards, save):
+  """[{name: tensor}] -> one model.safetensors, or HF's model-0000i-of-0000n shards and
+  model.safetensors.index.json; `save` is safetensors' torch or numpy save_file."""
+  if len(shards) == 1:
+    save(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save(shard, os.path.join(directory, file), metadata={"format": "pt"})
+    weight_map.update({name: file for name in shard})
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
 
 
 def write_tokenizer(directory, texts, vocab_size):

@@ -114,14 +114,15 @@ def test_decode_steps_route_without_sorting():
 def test_greedy_tokens_equal_a_transformers_reference_loop():
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from tests.test_hf_parity import HF, public_state_dict, reference_model
+  from tests import hub_fixtures as fx
+  from tests.test_hf_parity import HF
   from moe.hub.hf_config import config_from_hf
   from moe.hub.hf_weights import load_public_checkpoint
 
-  ref = reference_model(seed=3)
+  ref = fx.reference_model(HF, seed=3)
   lm_head = np.random.default_rng(3).normal(0, 0.3, (HF["vocab_size"], HF["hidden_size"])).astype(np.float32)
   model = Transformer(config_from_hf(HF), nnx.Rngs(0))
-  load_public_checkpoint(model, public_state_dict(ref, lm_head))
+  load_public_checkpoint(model, fx.public_tensors(ref, lm_head))
   prompts = [[4, 17, 33], [60, 2, 2, 91, 45, 8, 13, 77, 5], [30, 31, 32, 33, 34, 35]]
   n_new = 12
   expected = []

@@ -1,6 +1,7 @@
 """Parity with an independent implementation: transformers' DeepSeek-OCR-2 text model,
 which has DeepSeekMoE v1's structure. Its weights are renamed to the public DeepSeek-MoE
-checkpoint naming and imported with moe.convert."""
+checkpoint naming and imported with moe.hub.hf_weights (the
+in-memory path; tests/test_hub.py goes through files)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from moe.hub.hf_config import config_from_hf  # noqa: E402
 from moe.hub.hf_weights import convert_public_checkpoint, load_public_checkpoint  # noqa: E402
 from moe.model.decoder import Transformer  # noqa: E402
+from tests import hub_fixtures as fx  # noqa: E402
 
 HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
@@ -21,53 +23,11 @@ HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_
           tie_word_embeddings=False)
 
 
-def reference_model(seed=0):
-  """A random DeepseekOcr2TextModel; every parameter redrawn (its router starts at zero)."""
-  cfg = transformers.DeepseekOcr2TextConfig(
-      vocab_size=HF["vocab_size"], hidden_size=HF["hidden_size"],
-      intermediate_size=HF["intermediate_size"], moe_intermediate_size=HF["moe_intermediate_size"],
-      num_hidden_layers=HF["num_hidden_layers"], num_attention_heads=HF["num_attention_heads"],
-      num_key_value_heads=HF["num_key_value_heads"], n_routed_experts=HF["n_routed_experts"],
-      n_shared_experts=HF["n_shared_experts"], num_experts_per_tok=HF["num_experts_per_tok"],
-      topk_method="greedy", routed_scaling_factor=1.0, n_group=1, topk_group=1,
-      mlp_layer_types=["dense"] + ["sparse"] * (HF["num_hidden_layers"] - 1),
-      rms_norm_eps=HF["rms_norm_eps"], max_position_embeddings=HF["max_position_embeddings"],
-      attn_implementation="eager")
-  torch.manual_seed(seed)
-  model = transformers.DeepseekOcr2TextModel(cfg).float().eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("layernorm.weight") or name == "norm.weight":
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.3 * torch.randn_like(p))
-  return model
-
-
-def public_state_dict(model, lm_head):
-  """transformers' tensors renamed to the public DeepSeek-MoE naming (per-expert weights)."""
-  out = {"lm_head.weight": lm_head}
-  for name, t in model.state_dict().items():
-    t = t.detach().float().numpy()
-    if name.endswith("mlp.experts.gate_up_proj"):
-      prefix, width = "model." + name[: -len("gate_up_proj")], HF["moe_intermediate_size"]
-      for e in range(t.shape[0]):
-        out[f"{prefix}{e}.gate_proj.weight"] = t[e, :width]
-        out[f"{prefix}{e}.up_proj.weight"] = t[e, width:]
-    elif name.endswith("mlp.experts.down_proj"):
-      prefix = "model." + name[: -len("down_proj")]
-      for e in range(t.shape[0]):
-        out[f"{prefix}{e}.down_proj.weight"] = t[e]
-    else:
-      out["model." + name] = t
-  return out
-
-
 @pytest.fixture(scope="module")
 def pair():
-  ref = reference_model()
+  ref = fx.reference_model(HF)
   lm_head = np.random.default_rng(0).normal(0, 0.3, (HF["vocab_size"], HF["hidden_size"]))
-  tensors = public_state_dict(ref, lm_head.astype(np.float32))
+  tensors = fx.public_tensors(ref, lm_head)
   model = Transformer(config_from_hf(HF), nnx.Rngs(0))
   load_public_checkpoint(model, tensors)
   return ref, model, tensors

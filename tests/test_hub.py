@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from data.text_tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
+from data.text_tokenizer import with_bos, HFTokenizer, load_tokenizer  # noqa: E402
 from moe.hub.hf_config import CheckpointFormatError, config_from_hf, config_to_hf  # noqa: E402
 from moe.hub.safetensors_export import export_checkpoint, public_tensors  # noqa: E402
 from moe.hub.safetensors_import import import_checkpoint  # noqa: E402
@@ -245,3 +245,5 @@ def test_tokenizer_json_behind_the_interface(ckpt):
   ids = tok.encode(text)
   assert ids.dtype == np.int32 and 0 not in ids and tok.decode(ids) == text
   assert tok.decode([0]) == fx.BOS
+  # The released checkpoints read BOS first (add_bos_token absent: true, as LLaMA's).
+  assert tok.add_bos and with_bos(tok, ids).tolist() == [0] + ids.tolist()

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from moe.hub.hf_config import config_from_hf
 from moe.hub.hf_weights import public_shapes
+from tests.hub_fixtures import save_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
@@ -78,13 +79,7 @@ def big_checkpoint(tmp_path_factory):
       current, size = {}, 0
     current[name], size = t, size + t.nbytes
   shards.append(current)
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(d, file), metadata={"format": "pt"})
-    weight_map.update({name: file for name in shard})
-  with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  save_shards(d, shards, save_file)
   with open(os.path.join(d, "config.json"), "w") as f:
     json.dump(HF, f)
   total = sum(4 * math.prod(s) for s in shapes.values())

@@ -108,6 +108,7 @@ def test_export_of_a_training_run(small_corpus, tmp_path):
   text = open(glob.glob(os.path.join(small_corpus[0], "**", "*.py"), recursive=True)[0]).read()
   assert converted.encode(text).tolist() == spm.encode(text).tolist()
   assert (converted.bos_id, converted.eos_id) == (spm.bos_id, spm.eos_id) == (1, 2)
+  assert not spm.add_bos and not converted.add_bos  # trained without BOS; exported so
   with open(os.path.join(out, "config.json")) as f:
     assert (json.load(f)["bos_token_id"], spm.vocab_size) == (1, 512)
   auto = transformers.AutoTokenizer.from_pretrained(out)

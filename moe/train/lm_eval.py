@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from data.text_tokenizer import TextTokenizer
+from data.text_tokenizer import TextTokenizer, with_bos
 from moe.parallel import rules
 from moe.parallel.mesh import BATCH_AXES, use_mesh
 from moe.train.steps import put_batch
@@ -95,11 +95,9 @@ def text_rows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarra
 
 def perplexity(lm: LM, tok: TextTokenizer, text: str, seq_len: int,
                batch_size: int | None = None) -> dict[str, Any]:
-  """NLL per token (nats) and perplexity of `text` (BOS first when the tokenizer has one),
+  """NLL per token (nats) and perplexity of `text` (BOS first where the tokenizer says so: with_bos),
   in non-overlapping windows of seq_len, with the routing statistics over them."""
-  ids = tok.encode(text)
-  if tok.bos_id is not None:
-    ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
+  ids = with_bos(tok, tok.encode(text))
   if len(ids) < 2:
     raise ValueError("the text has fewer than 2 tokens: nothing to predict")
   lp, n, layers = score_rows(lm, text_rows(ids, seq_len), seq_len, batch_size)
@@ -113,9 +111,8 @@ def choice_row(tok: TextTokenizer, context: str, choice: str, seq_len: int):
   """(ids, weights) of a choice after its context: the choice's ids are those of context +
   choice past the context's own (as the pair tokenises), or the choice alone when the
   context's ids are not a prefix. Cut from the left to seq_len predictions."""
-  bos = [tok.bos_id] if tok.bos_id is not None else []
-  ctx = bos + tok.encode(context).tolist()
-  whole = bos + tok.encode(context + choice).tolist()
+  ctx = with_bos(tok, tok.encode(context)).tolist()
+  whole = with_bos(tok, tok.encode(context + choice)).tolist()
   cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else tok.encode(choice).tolist()
   if not cont or len(cont) > seq_len:
     raise ValueError(f"choice {choice!r} has {len(cont)} tokens; need 1 to seq_len={seq_len}")
