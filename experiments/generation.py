@@ -74,7 +74,7 @@ def generate_text(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int,
   compile_s = time.perf_counter() - t0
   out = decoder.generate(ids, max_new_tokens, sampling, seed, tok.eos_id)
   texts = [tok.decode([t for t in row if t != tok.eos_id]) for row in out.tokens]
-  return {"prompts": [tok.decode(p[1:] if tok.add_bos else p) for p in ids], "prompt_ids": ids,
+  return {"prompts": [tok.decode(p[1:] if p[:1] == [tok.bos_id] else p) for p in ids], "prompt_ids": ids,
           "generated_ids": [row.tolist() for row in out.tokens], "texts": texts,
           "max_new_tokens": max_new_tokens, "sampling": sampling._asdict(), "seed": seed,
           "dtype": loaded.cfg.dtype, "batch": decoder.batch, "max_len": decoder.max_len,

@@ -271,11 +271,12 @@ def test_generate_script_on_a_checkpoint_directory(tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
   from safetensors.numpy import save_file
-  from tests.test_hf_parity import HF, public_state_dict, reference_model
+  from tests import hub_fixtures as fx
+  from tests.test_hf_parity import HF
 
-  ref = reference_model(seed=4)
+  ref = fx.reference_model(HF, seed=4)
   lm_head = np.random.default_rng(4).normal(0, 0.3, (HF["vocab_size"], HF["hidden_size"])).astype(np.float32)
-  save_file({k: np.ascontiguousarray(v) for k, v in public_state_dict(ref, lm_head).items()},
+  save_file({k: np.ascontiguousarray(v) for k, v in fx.public_tensors(ref, lm_head).items()},
             str(tmp_path / "model.safetensors"))
   (tmp_path / "config.json").write_text(json.dumps(dict(HF, eos_token_id=1)))
   _word_tokenizer(str(tmp_path / "tokenizer.json"), HF["vocab_size"])
@@ -286,7 +287,8 @@ def test_generate_script_on_a_checkpoint_directory(tmp_path):
        f"--json_out={out_json}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(out_json.read_text())
-  assert out["prompt_ids"] == [[5, 17, 40, 2], [9]]
+  assert out["prompt_ids"] == [[5, 17, 40, 2], [9]]  # no BOS: config.json names none
+  assert out["prompts"] == ["w5 w17 w40 w2", "w9"]
   with torch.no_grad():
     for prompt, generated in zip(out["prompt_ids"], out["generated_ids"]):
       ids = list(prompt)
