@@ -1,8 +1,11 @@
-"""Will a preset fit a TPU slice? Compile its sharded train step ahead of time on a simulated
-CPU mesh of that many devices (abstract shapes only: nothing is allocated) and print
-per-device memory, all_to_all traffic and compile time.
+"""Will a preset fit a TPU slice? Compile its sharded train step ahead of time (abstract
+shapes only: nothing is allocated) and print per-device memory, all_to_all traffic and
+compile time. With --topology the real TPU compiler compiles it for that slice (needs
+`jax[tpu]`; Mosaic kernels included, the TPU defaults for dispatch); without, XLA:CPU
+compiles it for a simulated CPU mesh of that many devices (an estimate).
 
-  python -m experiments.plan --preset=deepseekmoe_16b --mesh=fsdp:16,expert:4 --batch=64
+  python -m experiments.plan --topology=v5p:4x4x4 --preset=deepseekmoe_16b \
+      --mesh=fsdp:16,expert:4 --batch=64
   python -m experiments.plan --preset=deepseekmoe_145b --mesh=fsdp:32,expert:8 \
       --batch=256 --expert_capacity_factor=2
 
@@ -19,6 +22,7 @@ from absl import app, flags
 
 from experiments import gin_flags
 from moe.model.presets import model_config
+from moe.parallel import topology
 from moe.parallel.mesh import BATCH_AXES, MeshConfig, MeshError, make_mesh
 from moe.train.config import TrainConfig
 from moe.train.plan import plan
@@ -33,8 +37,11 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype (parameters 
 _CF = flags.DEFINE_float("expert_capacity_factor", 0.0,
                          "all_to_all block size as a multiple of the balanced share; 0 = dropless")
 _JSON = flags.DEFINE_string("json_out", None, "append the row as one JSON line to this file")
-
-CHIPS_GIB = {"v4": 32, "v5e": 16, "v5p": 95}  # HBM per chip
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile for this TPU slice with the TPU "
+                                "compiler, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4 (chips "
+                                "must equal the mesh's device count)")
+_DISPATCH = flags.DEFINE_string("dispatch", "auto", "dispatch backend (auto: the target "
+                                "platform's default, pallas on TPU)")
 
 
 def _gib(n: int) -> str:
@@ -47,23 +54,31 @@ def main(argv):
   if any(s.strip() == "-1" for s in sizes):
     raise MeshError("--mesh: give every axis size (no -1): the size sets the simulated device count")
   n_devices = math.prod(int(s) for s in sizes)
-  # Simulated devices must be requested before JAX starts its CPU backend (importing JAX
-  # does not start it).
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", n_devices)
-  if len(jax.devices()) != n_devices:
-    raise MeshError(f"JAX already started with {len(jax.devices())} devices; run the plan in a "
-                    f"fresh process (and without --xla_force_host_platform_device_count)")
+  jax.config.update("jax_platforms", "cpu")  # the host runs on CPU (no libtpu probing)
+  if _TOPOLOGY.value:
+    devices = topology.tpu_devices(_TOPOLOGY.value)
+    generation = topology.parse(_TOPOLOGY.value)[0]
+    chips = {generation: topology.HBM_GIB[generation]}
+  else:
+    # Simulated devices must be requested before JAX starts its CPU backend (importing JAX
+    # does not start it).
+    jax.config.update("jax_num_cpu_devices", n_devices)
+    if len(jax.devices()) != n_devices:
+      raise MeshError(f"JAX already started with {len(jax.devices())} devices; run the plan in a "
+                      f"fresh process (and without --xla_force_host_platform_device_count)")
+    devices, chips = None, topology.HBM_GIB
 
-  mesh = make_mesh(MeshConfig(_MESH.value))
+  mesh = make_mesh(MeshConfig(_MESH.value), devices)
   cfg = model_config(preset=_PRESET.value).replace(
-      remat=_REMAT.value, dtype=_DTYPE.value, expert_capacity_factor=_CF.value)
+      remat=_REMAT.value, dtype=_DTYPE.value, expert_capacity_factor=_CF.value,
+      dispatch_backend=_DISPATCH.value)
   batch = _BATCH.value or math.prod(mesh.shape[a] for a in BATCH_AXES)
   seq = _SEQ.value or cfg.max_seq_len
   p = plan(cfg, TrainConfig(), mesh, batch, seq)
 
   fits = ", ".join(f"{chip}: {'yes' if p.peak_bytes <= gib * 2**30 else 'no'}"
-                   for chip, gib in CHIPS_GIB.items())
+                   for chip, gib in chips.items())
+  compiler = f"the TPU compiler for {_TOPOLOGY.value}" if _TOPOLOGY.value else "XLA:CPU"
   print(f"{cfg.name} on {n_devices} devices, mesh {dict(mesh.shape)}, batch {batch} x {seq} "
         f"({p.tokens_per_device} tokens/device), dtype {cfg.dtype}, remat {cfg.remat}, "
         f"expert_capacity_factor {cfg.expert_capacity_factor}")
@@ -71,10 +86,12 @@ def main(argv):
   print("|---:|---:|---:|---:|---:|---:|---|")
   print(f"| {_gib(p.param_bytes)} | {_gib(p.optimizer_bytes)} | {_gib(p.temp_bytes)} | "
         f"{_gib(p.peak_bytes)} | {_gib(p.all_to_all_bytes)} | {p.compile_seconds:.1f} | {fits} |")
-  print("(per device; temporaries from XLA:CPU's memory analysis of the compiled step)")
+  print(f"(per device; temporaries from {compiler}'s memory analysis of the compiled step; "
+        f"dispatch {cfg.dispatch_backend})")
   if _JSON.value:
     with open(_JSON.value, "a") as f:
       f.write(json.dumps(dict(preset=cfg.name, mesh=_MESH.value, batch=batch, seq_len=seq,
+                              topology=_TOPOLOGY.value, dispatch=cfg.dispatch_backend,
                               expert_capacity_factor=cfg.expert_capacity_factor,
                               **p._asdict())) + "\n")
 

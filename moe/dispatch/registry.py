@@ -75,17 +75,17 @@ def get(name: str) -> Backend:
   return _BUILDERS[name]()
 
 
-def resolve(name: str) -> Backend:
-  """The backend called `name`; "auto" chooses by the default JAX platform."""
+def resolve(name: str, platform: str | None = None) -> Backend:
+  """The backend called `name`; "auto" chooses by `platform` (default: JAX's default)."""
   _check(name)
-  return get(default_name() if name == "auto" else name)
+  return get(default_name(platform) if name == "auto" else name)
 
 
-def default_name() -> str:
-  """The backend "auto" picks on this machine's default JAX platform; on CPU the C++ FFI
-  kernel where it builds (moe.dispatch.cpu_kernel.status() says why not), else the fused
-  loop."""
-  name = AUTO.get(jax.default_backend(), "fused")
+def default_name(platform: str | None = None) -> str:
+  """The backend "auto" picks on `platform` (default: this machine's default JAX platform);
+  on CPU the C++ FFI kernel where it builds (moe.dispatch.cpu_kernel.status() says why
+  not), else the fused loop."""
+  name = AUTO.get(platform or jax.default_backend(), "fused")
   if name == "cpu_ffi":
     from moe.dispatch import cpu_kernel
 

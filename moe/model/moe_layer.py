@@ -79,8 +79,8 @@ class MoE(nnx.Module):
     weights = self.experts.weights(x.dtype)
     mesh = meshes.active_mesh()
     if spec.dropless and mesh is not None:
-      y, n_dropped = expert_parallel_moe(x, route.gates, route.expert_idx, weights,
-                                         registry.resolve(cfg.dispatch_backend), mesh,
+      backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
+      y, n_dropped = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
                                          cfg.expert_capacity_factor)
     elif spec.dropless:
       y, n_dropped = dropless_moe(x, route, weights, registry.resolve(cfg.dispatch_backend))

@@ -95,3 +95,11 @@ def active_mesh() -> Mesh | None:
 def use_mesh(mesh: Mesh | None):
   """Trace the model under this mesh (None: single device). Functions jitted inside see it."""
   return _MESH.bound_to(mesh)
+
+
+def target_platform(mesh: Mesh | None = None) -> str:
+  """The platform a program is traced for: its mesh's devices' ("tpu" for an abstract TPU
+  slice compiled from a CPU host, moe.parallel.topology), else JAX's default backend. What
+  "auto" backends choose by."""
+  mesh = active_mesh() if mesh is None else mesh
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
