@@ -7,6 +7,9 @@ Prints forward and forward+backward time of ragged_dot([rows, k], [groups, k, n]
 equal groups, one dense matmul of the same FLOPs, and the compiled temporaries. A dense
 expansion shows as temporaries near moe.dispatch.backend.ragged_dot_bytes (groups x rows x max(k, n))
 and a time far above the dense matmul's; `ragged_or_fused` on GPU assumes it (docs/bench_moe_gpu.md).
+On a GPU it also prints the cuDNN version and whether XLA handed ragged_dot to a cuDNN
+grouped-GEMM fusion (forward, and forward+backward), and times tokamax.ragged_dot where
+that package is installed (moe.dispatch.gpu).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.timing import temp_bytes, time_ms
+from moe.dispatch import gpu
 from moe.dispatch.backend import ragged_dot_bytes
 
 
@@ -30,11 +34,22 @@ def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict
   fwd = jax.jit(ragged)
   grad = jax.jit(jax.grad(lambda a, b: jnp.sum(ragged(a, b)), argnums=(0, 1)))
   dense = jax.jit(lambda a, b: jnp.dot(a, b[0], preferred_element_type=jnp.float32))
-  return {"fwd_ms": time_ms(fwd, (lhs, rhs), reps), "fwd_bwd_ms": time_ms(grad, (lhs, rhs), reps),
-          "dense_fwd_ms": time_ms(dense, (lhs, rhs), reps),
-          "fwd_temp_mib": temp_bytes(fwd, (lhs, rhs)) / 2**20,
-          "fwd_bwd_temp_mib": temp_bytes(grad, (lhs, rhs)) / 2**20,
-          "dense_expansion_mib": ragged_dot_bytes(rows, rhs) / 2**20}
+  out = {"fwd_ms": time_ms(fwd, (lhs, rhs), reps), "fwd_bwd_ms": time_ms(grad, (lhs, rhs), reps),
+         "dense_fwd_ms": time_ms(dense, (lhs, rhs), reps),
+         "fwd_temp_mib": temp_bytes(fwd, (lhs, rhs)) / 2**20,
+         "fwd_bwd_temp_mib": temp_bytes(grad, (lhs, rhs)) / 2**20,
+         "dense_expansion_mib": ragged_dot_bytes(rows, rhs) / 2**20}
+  if jax.default_backend() == "gpu":
+    out["cudnn_version"] = gpu.cudnn_version() or 0
+    out["cudnn_fusion_fwd"] = gpu.cudnn_fusion_in(fwd.lower(lhs, rhs).compile().as_text())
+    out["cudnn_fusion_fwd_bwd"] = gpu.cudnn_fusion_in(grad.lower(lhs, rhs).compile().as_text())
+  if gpu.tokamax_status()[0]:
+    tok = lambda a, b: gpu.tokamax_gmm(a, b, sizes)
+    out["tokamax_fwd_ms"] = time_ms(jax.jit(tok), (lhs, rhs), reps)
+    out["tokamax_fwd_bwd_ms"] = time_ms(
+        jax.jit(jax.grad(lambda a, b: jnp.sum(tok(a, b).astype(jnp.float32)), argnums=(0, 1))),
+        (lhs, rhs), reps)
+  return out
 
 
 def _define_flags() -> None:
@@ -54,7 +69,7 @@ def main(argv):
   print(f"ragged_dot [{f.rows}, {f.k}] x [{f.groups}, {f.k}, {f.n}] {f.dtype} on "
         f"{jax.devices()[0].device_kind}")
   for name, value in result.items():
-    print(f"  {name:20s} {value:10.2f}")
+    print(f"  {name:20s} {value!s:>10s}" if isinstance(value, bool) else f"  {name:20s} {value:10.2f}")
   print(f"  forward over dense: {result['fwd_ms'] / result['dense_fwd_ms']:.1f}x")
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.dispatch import backend as backends, capacity, cpu_kernel, registry, sorting
+from moe.dispatch import backend as backends, capacity, cpu_kernel, gpu, registry, sorting
 from moe.model.moe_layer import capacity_moe, dropless_moe
 from moe.model.routers import Route
 from tests.reference import capacity_keep, loop_moe
@@ -55,6 +55,8 @@ def value_and_grads(fn, x, w, gates):
 def test_dropless_equals_loop(backend, case):
   if backend == "cpu_ffi" and not cpu_kernel.available():
     pytest.skip(f"cpu_ffi unavailable: {cpu_kernel.status()}")
+  if backend == "tokamax" and not gpu.tokamax_status()[0]:
+    pytest.skip(f"tokamax unavailable: {gpu.tokamax_status()[1]}")
   x, w = make_weights()
   idx, gates = routings(1)[case]
   y, grads = value_and_grads(lambda x, w, g: dropless(x, w, idx, g, backend), x, w, gates)

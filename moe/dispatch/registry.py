@@ -9,10 +9,12 @@ so that importing the model loads neither Pallas nor the C++ kernel.
     pallas           Pallas DMA gathers + Pallas gmm/tgmm (Mosaic, TPU)
     pallas_interpret the same kernels with interpret=True (tests, anywhere)
     few_tokens       no sort: gathered expert weights per (token, choice), or all experts (decoding)
+    tokamax          XLA gathers + tokamax.ragged_dot (Mosaic GPU kernels; optional package)
 
-"auto" picks by platform: Pallas on TPU, `ragged_or_fused` on GPU (JAX 0.11's XLA:GPU
-expands ragged_dot into a dense product per group, like XLA:CPU; docs/bench_moe_gpu.md),
-and on CPU the C++ kernel where it builds, else the fused loop.
+"auto" picks by platform: Pallas on TPU; on GPU tokamax where installed, else
+`ragged_or_fused` (JAX 0.11's XLA:GPU expanded ragged_dot into a dense product per group,
+like XLA:CPU; docs/bench_moe_gpu.md; moe.dispatch.gpu); and on CPU the C++ kernel where it
+builds, else the fused loop.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from moe.dispatch.backend import Backend, FusedLoopBackend, RaggedOrFusedBackend
 from moe.dispatch.few_tokens import FewTokensBackend
 
 BACKEND_NAMES = ("cpu_ffi", "fused", "tiled", "ragged_dot", "ragged_or_fused", "pallas",
-                 "pallas_interpret", "few_tokens")
+                 "pallas_interpret", "few_tokens", "tokamax")
 NAMES = ("auto", *BACKEND_NAMES)
 AUTO = {"tpu": "pallas", "gpu": "ragged_or_fused", "cpu": "cpu_ffi"}
 
@@ -41,6 +43,15 @@ def _pallas(interpret: bool) -> Backend:
       permute=lambda x, r, k: ops.permute(x, r.order, k, interpret),
       combine=lambda y, r, gates: ops.combine(y, r.order, gates, interpret),
   )
+
+
+def _tokamax() -> Backend:
+  from moe.dispatch import gpu
+
+  usable, why = gpu.tokamax_status()
+  if not usable:
+    raise ValueError(f"dispatch backend 'tokamax': {why}")
+  return Backend(gmm=gpu.tokamax_gmm, **_XLA_MOVES)
 
 
 def _cpu_ffi() -> Backend:
@@ -59,6 +70,7 @@ _BUILDERS = {
     "pallas": lambda: _pallas(interpret=False),
     "pallas_interpret": lambda: _pallas(interpret=True),
     "few_tokens": lambda: FewTokensBackend(gmm=tiled_gmm.gmm, **_XLA_MOVES),
+    "tokamax": lambda: _tokamax(),
 }
 assert tuple(_BUILDERS) == BACKEND_NAMES
 
@@ -85,7 +97,12 @@ def default_name(platform: str | None = None) -> str:
   """The backend "auto" picks on `platform` (default: this machine's default JAX platform);
   on CPU the C++ FFI kernel where it builds (moe.dispatch.cpu_kernel.status() says why
   not), else the fused loop."""
-  name = AUTO.get(platform or jax.default_backend(), "fused")
+  platform = platform or jax.default_backend()
+  if platform == "gpu":
+    from moe.dispatch import gpu
+
+    return gpu.default_name()
+  name = AUTO.get(platform, "fused")
   if name == "cpu_ffi":
     from moe.dispatch import cpu_kernel
 
