@@ -164,7 +164,7 @@ def _layer_inputs(t=64, d=16, e=8, f=8, k=2, seed=0):
 
 
 def _ep(mesh, x, gates, idx, w, cf, backend="tiled"):
-  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], registry.get(backend), mesh, cf))
+  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], registry.get(backend), mesh, cf)[:2])
   return fn(x, gates, idx, *w)
 
 
@@ -196,11 +196,12 @@ def test_expert_parallel_runs_the_pallas_kernels():
   np.testing.assert_allclose(y, loop_moe(x, idx, gates, *w), rtol=1e-5, atol=1e-5)
 
 
-def test_all_to_all_bytes_match_the_compiled_program():
-  """The plan's formula against the all-to-alls XLA actually emits (forward only)."""
+def test_capacity_all_to_all_bytes_match_the_compiled_program():
+  """The plan's formula for the capacity exchange against the all-to-alls XLA actually
+  emits (forward only; the dropless rounds: tests/test_rounds.py)."""
   mesh = mesh_of("data:2,expert:4")
   x, gates, idx, w = _layer_inputs()
-  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], registry.get("tiled"), mesh)[0])
+  fn = jax.jit(lambda *a: expert_parallel_moe(*a[:3], a[3:], registry.get("tiled"), mesh, 1.5)[0])
   hlo = fn.lower(x, gates, idx, *w).compile().as_text()
   total = 0
   for line in hlo.splitlines():
@@ -209,7 +210,7 @@ def test_all_to_all_bytes_match_the_compiled_program():
       for dtype, dims in re.findall(r"(f32|s32)\[([\d,]+)\]", result):
         total += 4 * math.prod(int(v) for v in dims.split(","))
   total = total * 3 // 4  # of the 4 blocks, one stays on the device
-  assert total == all_to_all_bytes(t_local=8, k=2, d_model=16, n_shards=4, capacity_factor=0.0,
+  assert total == all_to_all_bytes(t_local=8, k=2, d_model=16, n_shards=4, capacity_factor=1.5,
                                    itemsize=4)
 
 

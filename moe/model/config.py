@@ -41,9 +41,12 @@ class ModelConfig:
   norm_topk_prob: bool = False
   capacity_factor: float = 1.0  # switch / gshard only
   dispatch_backend: str = "auto"  # how dropless routers' rows reach experts: moe.dispatch.registry
-  # Expert parallelism (a mesh is active): rows per destination block of the all_to_all
-  # buffers, as a multiple of the balanced share; 0 = dropless (static worst case).
+  # Expert parallelism (a mesh is active). Dropless by default: all_to_all blocks of
+  # expert_block_factor x the balanced share, overflow in extra rounds (moe.parallel.rounds).
+  # expert_capacity_factor > 0 instead exchanges once with blocks of that multiple and
+  # drops what does not fit.
   expert_capacity_factor: float = 0.0
+  expert_block_factor: float = 1.25
 
   # Auxiliary losses, as weights on the training objective.
   expert_balance_alpha: float = 0.01
@@ -116,6 +119,9 @@ def _validate(c: ModelConfig) -> None:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
     _fail("init_std", c.init_std, "must be positive", "use e.g. 0.006 as in the paper")
+  if c.expert_block_factor <= 0:
+    _fail("expert_block_factor", c.expert_block_factor, "must be positive",
+          "use e.g. 1.25 (blocks of 1.25x the balanced share)")
   if c.rope_theta <= 0 or c.norm_eps <= 0:
     _fail("rope_theta" if c.rope_theta <= 0 else "norm_eps",
           c.rope_theta if c.rope_theta <= 0 else c.norm_eps, "must be positive",

@@ -80,8 +80,11 @@ class MoE(nnx.Module):
     mesh = meshes.active_mesh()
     if spec.dropless and mesh is not None:
       backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
-      y, n_dropped = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
-                                         cfg.expert_capacity_factor)
+      ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
+                               cfg.expert_capacity_factor, cfg.expert_block_factor)
+      y, n_dropped = ep.y, ep.n_dropped
+      ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
+                  "ep_rows_per_pair": ep.rows_per_pair}
     elif spec.dropless:
       y, n_dropped = dropless_moe(x, route, weights, registry.resolve(cfg.dispatch_backend))
     else:  # capacity routers keep global (single-device) semantics; XLA partitions them
@@ -89,6 +92,8 @@ class MoE(nnx.Module):
     if self.shared is not None and not iv.drop_shared:
       y = y + self.shared(x)
     aux = moe_aux(cfg, route, n_dropped)
+    if spec.dropless and mesh is not None:
+      aux.update(ep_stats)  # rounds and loads of expert parallelism, per layer
     if iv.capture:
       aux["expert_idx"] = route.expert_idx
     return y, aux

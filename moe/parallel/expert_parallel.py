@@ -3,25 +3,23 @@ the shard that owns their expert by all_to_all, and back.
 
 Inside shard_map, each device holds T_loc tokens (tokens are split over every non-tensor
 axis) and E / P_e experts (P_e = size of the `expert` axis), with each expert's FFN width
-split over `tensor`:
+split over `tensor`. Two ways to move the tokens:
 
-  1. every (token, choice) pair gets a slot in a send buffer [P_e, B, d], one block per
-     destination shard (moe.dispatch.capacity's layout, with shards as "experts");
-  2. all_to_all over `expert` swaps the blocks: the device now holds [P_e, B, d] rows from
-     every source, each tagged with its local expert;
-  3. the rows go through the same sort + grouped matmul as single-device (the backend's
-     kernels: Pallas on TPU);
-  4. all_to_all sends the outputs back and each token sums its gated choices.
-
-B = T_loc * K' (the default) is the static worst case: no pair is ever dropped, at the
-price of P_e-fold buffers. `capacity_factor` c > 0 uses B = ceil(c * T_loc * K' / P_e)
-and reports how many pairs found their block full. (`lax.ragged_all_to_all` would send only
-the filled rows but does not run on CPU; this is the path every platform runs.)
+  dropless (default)  moe.parallel.rounds: blocks of c x the balanced share
+      (`block_factor`, default 1.25), each token sent once per destination shard, overflow
+      in extra rounds until every pair is served; a balanced step costs one round.
+  capacity_factor c > 0  one exchange of blocks of B = ceil(c * T_loc * K' / P_e) pairs
+      per destination (GShard's layout, shards as "experts"); pairs that find their block
+      full are dropped and counted.
+Either way the rows on arrival go through the same sort + grouped matmul as on one device
+(the backend's `gmm`: Pallas on TPU). (`lax.ragged_all_to_all` would send only the filled
+rows but does not run on CPU.)
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,26 +28,33 @@ from jax.sharding import Mesh, PartitionSpec as P
 from moe.dispatch import capacity, sorting
 from moe.dispatch.backend import Backend
 from moe.dispatch.experts import grouped_swiglu
-from moe.parallel.mesh import BATCH_AXES, MeshError
+from moe.parallel import rounds
+from moe.parallel.mesh import BATCH_AXES, MESH_AXES, MeshError
 
 
 def block_rows(t_local: int, k: int, n_shards: int, capacity_factor: float) -> int:
-  """Rows per destination block B of the send/receive buffers."""
-  if capacity_factor <= 0:
-    return t_local * k
+  """Pairs per destination block B of the capacity exchange (capacity_factor > 0)."""
   return max(1, math.ceil(capacity_factor * t_local * k / n_shards))
 
 
 def all_to_all_bytes(t_local: int, k: int, d_model: int, n_shards: int, capacity_factor: float,
                      itemsize: int) -> int:
-  """Bytes one device sends per MoE layer forward: the (P_e - 1) / P_e of the [P_e, B, d]
-  token buffer (there and back) and of the [P_e, B] int32 expert tags that leave the
-  device. The backward pass sends the token buffers again."""
+  """Bytes one device sends per MoE layer forward in the capacity exchange: the
+  (P_e - 1) / P_e of the [P_e, B, d] token buffer (there and back) and of the [P_e, B]
+  int32 expert tags that leave the device. The backward pass sends the token buffers again."""
   b = block_rows(t_local, k, n_shards, capacity_factor)
   return (n_shards - 1) * b * (2 * d_model * itemsize + 4)
 
 
-def _local_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backend, n_shards: int,
+class EPResult(NamedTuple):
+  y: jax.Array          # [T, d]
+  n_dropped: jax.Array  # [] pairs dropped (capacity exchange; 0 in rounds)
+  rounds: jax.Array     # [] rounds run (1 for the capacity exchange)
+  max_block_load: jax.Array  # [] most pairs one device sent one shard, over the block's pairs
+  rows_per_pair: jax.Array   # [] token rows sent per (token, choice) pair
+
+
+def _capacity_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backend, n_shards: int,
                    cap: int):
   """One device. x: [T_loc, d], gates/expert_idx: [T_loc, K'], w_*: this shard's experts
   [E_loc, d, f_loc] / [E_loc, f_loc, d] -> (partial y [1, T_loc, d], dropped pairs [1])."""
@@ -74,11 +79,23 @@ def _local_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backe
   return y[None], slots.n_dropped.reshape(1)
 
 
+def _round_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backend, n_shards: int,
+                   blocks: rounds.Blocks):
+  """One device, dropless in rounds -> (partial y [1, T_loc, d], stats [3])."""
+  e_local = w_gate.shape[0]
+  sched, stats = rounds.schedule(expert_idx, e_local, n_shards, blocks, MESH_AXES)
+  y = rounds.rounds_moe(x, gates, w_gate, w_up, w_down, sched, backend=backend, e_local=e_local,
+                        n_shards=n_shards, blocks=blocks)
+  return y[None], jnp.stack([stats.rounds.astype(jnp.float32), stats.max_block_load, stats.rows_per_pair])
+
+
 def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, weights,
-                        backend: Backend, mesh: Mesh,
-                        capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                        backend: Backend, mesh: Mesh, capacity_factor: float = 0.0,
+                        block_factor: float = rounds.BLOCK_FACTOR) -> EPResult:
   """x: [T, d] (T split over the batch axes), gates, expert_idx: [T, K'], weights: routed
-  experts ([E, d, f], [E, d, f], [E, f, d]) -> (sum_k g_k expert_k(x) [T, d], dropped pairs)."""
+  experts ([E, d, f], [E, d, f], [E, f, d]) -> sum_k g_k expert_k(x) [T, d] and statistics.
+  capacity_factor > 0: one capacity exchange (drops); else dropless rounds of blocks of
+  block_factor x the balanced share."""
   n_experts = weights[0].shape[0]
   n_shards = mesh.shape["expert"]
   if n_experts % n_shards:
@@ -89,19 +106,28 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
   if n_tokens % token_shards:
     raise MeshError(f"{n_tokens} tokens do not split over {token_shards} devices "
                              f"(axes {BATCH_AXES}); make the batch a multiple")
-  cap = block_rows(n_tokens // token_shards, k, n_shards, capacity_factor)
+  t_local = n_tokens // token_shards
   tokens = P(BATCH_AXES, None)
   w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
-
-  def local(*args):
-    return _local_experts(*args, backend=backend, n_shards=n_shards, cap=cap)
-
-  partial, dropped = jax.shard_map(
+  if capacity_factor > 0:
+    cap = block_rows(t_local, k, n_shards, capacity_factor)
+    local = lambda *a: _capacity_experts(*a, backend=backend, n_shards=n_shards, cap=cap)
+    second = P(BATCH_AXES)
+  else:
+    blocks = rounds.block_sizes(t_local, k, n_experts, n_shards, block_factor)
+    local = lambda *a: _round_experts(*a, backend=backend, n_shards=n_shards, blocks=blocks)
+    second = P()  # the statistics are agreed over the mesh
+  partial, extra = jax.shard_map(
       local, mesh=mesh,
       in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
-      out_specs=(P("tensor", BATCH_AXES, None), P(BATCH_AXES)),
+      out_specs=(P("tensor", BATCH_AXES, None), second),
       check_vma=False,
   )(x, gates, expert_idx, *weights)
   # Each tensor shard holds its slice of the FFN width's contribution: sum them here, outside
   # shard_map, so autodiff sees a plain sum.
-  return jnp.sum(partial, axis=0), jnp.sum(dropped)
+  y = jnp.sum(partial, axis=0)
+  if capacity_factor > 0:
+    one = jnp.ones((), jnp.float32)
+    return EPResult(y, jnp.sum(extra), one, one * 0, one)  # load/rows: not tracked here
+  stats = jax.lax.stop_gradient(extra)
+  return EPResult(y, jnp.zeros((), jnp.int32), stats[0], stats[1], stats[2])

@@ -6,7 +6,7 @@ allocated) and read off what each device would hold.
 Per-device bytes of parameters and optimizer state come from the shardings the rules give
 (exact); temporaries from the compiled executable's memory analysis (XLA's CPU compiler
 here: a TPU's scheduler and fusions differ, so treat it as an estimate); all_to_all bytes
-from the expert-parallel buffer sizes (tests check the formula against compiled HLO).
+from the expert-parallel buffer sizes (tests check the formulas against compiled HLO).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moe.model.config import ModelConfig
-from moe.parallel import expert_parallel, rules
+from moe.parallel import expert_parallel, rounds, rules
 from moe.parallel.mesh import BATCH_AXES
 from moe.train.config import TrainConfig
 from moe.train.state import abstract_state
@@ -36,7 +36,8 @@ class Plan(NamedTuple):
   temp_bytes: int         # per device, compiled temporaries
   argument_bytes: int     # per device, the step's inputs (state + batch)
   peak_bytes: int         # per device: arguments + temporaries + outputs not aliased to inputs
-  all_to_all_bytes: int   # per device per step, sent
+  all_to_all_bytes: int   # per device per step, sent (dropless: every layer in one round)
+  extra_round_bytes: int  # dropless: what one more round in every MoE layer adds per step
   compile_seconds: float
   tokens_per_device: int
 
@@ -47,14 +48,22 @@ def _per_device_bytes(abstract, shardings) -> int:
                  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=is_var))))
 
 
-def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int) -> int:
+def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
+                          n_rounds: int = 1) -> int:
   """Bytes one device sends by all_to_all in a train step: every MoE layer forward, its
-  backward (the token buffers again) and, with remat, the recomputed forward."""
+  backward and, with remat, the recomputed forward. Dropless: `n_rounds` rounds per layer
+  (1 = balanced routing; moe.parallel.rounds). Capacity exchange: one, whatever the routing."""
   if not cfg.is_moe_model:
     return 0
   n_shards = mesh.shape["expert"]
   itemsize = jnp.dtype(cfg.dtype).itemsize
   k = cfg.n_activated_experts
+  if cfg.expert_capacity_factor <= 0:
+    blocks = rounds.block_sizes(tokens_per_device, k, cfg.n_routed_experts, n_shards,
+                                cfg.expert_block_factor)
+    fwd = rounds.round_bytes(blocks, n_shards, cfg.d_model, itemsize)
+    bwd = rounds.round_backward_bytes(blocks, n_shards, cfg.d_model, itemsize)
+    return cfg.n_moe_layers * n_rounds * (fwd * (2 if cfg.remat else 1) + bwd)
   fwd = expert_parallel.all_to_all_bytes(tokens_per_device, k, cfg.d_model, n_shards,
                                          cfg.expert_capacity_factor, itemsize)
   rows = expert_parallel.block_rows(tokens_per_device, k, n_shards, cfg.expert_capacity_factor)
@@ -92,4 +101,6 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
       optimizer_bytes=_per_device_bytes(opt_state, opt_sh),
       temp_bytes=temp, argument_bytes=args, peak_bytes=args + temp + max(out_new, 0),
       all_to_all_bytes=step_all_to_all_bytes(cfg, mesh, tokens),
+      extra_round_bytes=(step_all_to_all_bytes(cfg, mesh, tokens, 2) - step_all_to_all_bytes(cfg, mesh, tokens)
+                         if cfg.expert_capacity_factor <= 0 else 0),
       compile_seconds=seconds, tokens_per_device=tokens)
