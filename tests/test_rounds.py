@@ -121,3 +121,29 @@ def test_all_to_all_bytes_per_round_match_the_compiled_program():
   total = total * 3 // 4  # of the 4 blocks, one stays on the device
   blocks = rounds.block_sizes(T // 8, K, E, 4)
   assert total == rounds.round_bytes(blocks, 4, D, 4)  # the loop body: one round
+
+
+def test_ragged_exchange_compiles_for_tpu():
+  """lax.ragged_all_to_all does not run on CPU: the rounds with exchange="ragged" are
+  compiled, forward and backward, by the TPU compiler for a 4-chip slice instead."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from moe.parallel import topology
+  try:
+    devices = topology.tpu_devices("v5p:2x2x1")
+  except topology.TopologyError as e:
+    pytest.skip(str(e))
+  mesh = make_mesh(MeshConfig("expert:4"), devices)
+  x, gates, idx, w = inputs("random")
+  spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s))
+  args = (spec(x, P("expert")), spec(gates, P("expert")), spec(idx, P("expert")),
+          *(spec(a, P("expert")) for a in w))
+
+  def loss(x, g, i, *w):
+    out = expert_parallel_moe(x, g, i, w, registry.get("tiled"), mesh, exchange="ragged")
+    return jnp.sum(out.y ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4, 5))).lower(*args).compile().as_text()
+  # Rows there and back in the forward, the same in the recomputed forward of the backward,
+  # and the two transposes.
+  assert hlo.count("ragged-all-to-all(") >= 4

@@ -47,6 +47,9 @@ class ModelConfig:
   # drops what does not fit.
   expert_capacity_factor: float = 0.0
   expert_block_factor: float = 1.25
+  # How the rounds move rows: "all_to_all" (fixed blocks, every platform) or "ragged"
+  # (lax.ragged_all_to_all: only filled rows; TPU/GPU only).
+  expert_exchange: str = "all_to_all"
 
   # Auxiliary losses, as weights on the training objective.
   expert_balance_alpha: float = 0.01
@@ -119,6 +122,9 @@ def _validate(c: ModelConfig) -> None:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
     _fail("init_std", c.init_std, "must be positive", "use e.g. 0.006 as in the paper")
+  if c.expert_exchange not in ("all_to_all", "ragged"):
+    _fail("expert_exchange", c.expert_exchange, "unknown exchange",
+          "use 'all_to_all' (any platform) or 'ragged' (TPU/GPU)")
   if c.expert_block_factor <= 0:
     _fail("expert_block_factor", c.expert_block_factor, "must be positive",
           "use e.g. 1.25 (blocks of 1.25x the balanced share)")

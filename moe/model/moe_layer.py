@@ -81,7 +81,8 @@ class MoE(nnx.Module):
     if spec.dropless and mesh is not None:
       backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
       ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
-                               cfg.expert_capacity_factor, cfg.expert_block_factor)
+                               cfg.expert_capacity_factor, cfg.expert_block_factor,
+                               cfg.expert_exchange)
       y, n_dropped = ep.y, ep.n_dropped
       ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
                   "ep_rows_per_pair": ep.rows_per_pair}

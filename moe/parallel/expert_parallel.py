@@ -80,22 +80,23 @@ def _capacity_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Ba
 
 
 def _round_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backend, n_shards: int,
-                   blocks: rounds.Blocks):
+                   blocks: rounds.Blocks, exchange: str):
   """One device, dropless in rounds -> (partial y [1, T_loc, d], stats [3])."""
   e_local = w_gate.shape[0]
   sched, stats = rounds.schedule(expert_idx, e_local, n_shards, blocks, MESH_AXES)
   y = rounds.rounds_moe(x, gates, w_gate, w_up, w_down, sched, backend=backend, e_local=e_local,
-                        n_shards=n_shards, blocks=blocks)
+                        n_shards=n_shards, blocks=blocks, exchange=exchange)
   return y[None], jnp.stack([stats.rounds.astype(jnp.float32), stats.max_block_load, stats.rows_per_pair])
 
 
 def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, weights,
                         backend: Backend, mesh: Mesh, capacity_factor: float = 0.0,
-                        block_factor: float = rounds.BLOCK_FACTOR) -> EPResult:
+                        block_factor: float = rounds.BLOCK_FACTOR,
+                        exchange: str = "all_to_all") -> EPResult:
   """x: [T, d] (T split over the batch axes), gates, expert_idx: [T, K'], weights: routed
   experts ([E, d, f], [E, d, f], [E, f, d]) -> sum_k g_k expert_k(x) [T, d] and statistics.
   capacity_factor > 0: one capacity exchange (drops); else dropless rounds of blocks of
-  block_factor x the balanced share."""
+  block_factor x the balanced share, exchanged by `exchange` (moe.parallel.rounds.EXCHANGES)."""
   n_experts = weights[0].shape[0]
   n_shards = mesh.shape["expert"]
   if n_experts % n_shards:
@@ -115,7 +116,8 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
     second = P(BATCH_AXES)
   else:
     blocks = rounds.block_sizes(t_local, k, n_experts, n_shards, block_factor)
-    local = lambda *a: _round_experts(*a, backend=backend, n_shards=n_shards, blocks=blocks)
+    local = lambda *a: _round_experts(*a, backend=backend, n_shards=n_shards, blocks=blocks,
+                                      exchange=exchange)
     second = P()  # the statistics are agreed over the mesh
   partial, extra = jax.shard_map(
       local, mesh=mesh,

@@ -16,7 +16,8 @@ Schedule, from expert_idx alone (nothing has moved yet):
          exactly that many rounds: 1 when routing is near balanced, more when skewed.
 
 A round sends rows [P, Br, d] and pair tags [P, Bp] (row slot, local expert, gate) by
-all_to_all; on arrival each pair gathers its row, the pairs are sorted by expert and go
+all_to_all (or, with exchange="ragged" on TPU/GPU, the rows by `lax.ragged_all_to_all`,
+which moves only each block's filled rows; it does not run on CPU); on arrival each pair gathers its row, the pairs are sorted by expert and go
 through the grouped matmul (empty slots sort last and are left out of it), each row sums
 its gated pairs, and the rows go back. Nothing is dropped: overflow waits for a later
 round. The backward pass runs the same rounds (custom_vjp), recomputing each round's
@@ -37,6 +38,7 @@ from moe.dispatch.experts import grouped_swiglu
 
 # Default c: blocks of 1.25x the balanced share (ModelConfig.expert_block_factor).
 BLOCK_FACTOR = 1.25
+EXCHANGES = ("all_to_all", "ragged")  # ModelConfig.expert_exchange
 
 
 def balanced_rows_per_pair(n_experts: int, n_shards: int, k: int) -> float:
@@ -142,8 +144,25 @@ def _round_of(sched: Schedule, j: jax.Array) -> tuple[jax.Array, jax.Array]:
   return q, j - (ends[q] - sched.subs[q])
 
 
+def _swap(a: jax.Array) -> jax.Array:
+  """[P, ...] blocks: block s goes to shard s, block s comes from shard s."""
+  return jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
+
+
+def _ragged_swap(rows: jax.Array, sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """rows: [P, Br, d] whose block s has its sizes[s] filled rows first -> (the blocks from
+  every shard, [P, Br, d], unfilled rows zero; their sizes [P]). Moves only filled rows."""
+  n, br, d = rows.shape
+  starts = jnp.arange(n, dtype=jnp.int32) * br
+  recv_sizes = _swap(sizes)
+  at_receiver = jnp.full((n,), jax.lax.axis_index("expert") * br, jnp.int32)  # my block there
+  out = jax.lax.ragged_all_to_all(rows.reshape(n * br, d), jnp.zeros((n * br, d), rows.dtype),
+                                  starts, sizes, at_receiver, recv_sizes, axis_name="expert")
+  return out.reshape(n, br, d), recv_sizes
+
+
 def _one_round(x, gates, w_gate, w_up, w_down, sched: Schedule, j, *, backend: Backend,
-               e_local: int, n_shards: int, blocks: Blocks):
+               e_local: int, n_shards: int, blocks: Blocks, exchange: str):
   """Round j's contribution to y: [T, d]."""
   t, d = x.shape
   bp, br = blocks.pairs, blocks.rows
@@ -162,8 +181,12 @@ def _one_round(x, gates, w_gate, w_up, w_down, sched: Schedule, j, *, backend: B
   x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
   send = jnp.take(x_pad, row_token, axis=0).reshape(n_shards, br, d)
 
-  swap = lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
-  recv, pair_row, pair_expert, pair_gate = swap(send), swap(pair_row), swap(pair_expert), swap(pair_gate)
+  pair_row, pair_expert, pair_gate = _swap(pair_row), _swap(pair_expert), _swap(pair_gate)
+  if exchange == "ragged":
+    sizes = jnp.zeros((n_shards,), jnp.int32).at[sched.shard].add((active & sched.first).astype(jnp.int32))
+    recv, recv_sizes = _ragged_swap(send, sizes)
+  else:
+    recv = _swap(send)
 
   # Destination: pair p of source s reads row s * Br + pair_row (the zero row if empty).
   source = jnp.arange(n_shards, dtype=jnp.int32)[:, None]
@@ -176,15 +199,20 @@ def _one_round(x, gates, w_gate, w_up, w_down, sched: Schedule, j, *, backend: B
   gate = jnp.take(pair_gate.reshape(-1), routing.order)[:, None]
   out_rows = (jnp.zeros((n_shards * br + 1, d), jnp.float32)
               .at[src_row].add(out.astype(jnp.float32) * gate)[:-1].astype(x.dtype))
-  back = swap(out_rows.reshape(n_shards, br, d)).reshape(-1, d)
+  if exchange == "ragged":
+    back = _ragged_swap(out_rows.reshape(n_shards, br, d), recv_sizes)[0].reshape(-1, d)
+  else:
+    back = _swap(out_rows.reshape(n_shards, br, d)).reshape(-1, d)
   return jnp.zeros((t + 1, d), x.dtype).at[row_token].add(back)[:t]
 
 
 def rounds_moe(x, gates, w_gate, w_up, w_down, sched: Schedule, *, backend: Backend,
-               e_local: int, n_shards: int, blocks: Blocks) -> jax.Array:
+               e_local: int, n_shards: int, blocks: Blocks, exchange: str = "all_to_all") -> jax.Array:
   """One device: x [T, d], gates [T, K'], this shard's experts -> y [T, d] (this device's
   tensor slice of each expert's output)."""
-  static = dict(backend=backend, e_local=e_local, n_shards=n_shards, blocks=blocks)
+  if exchange not in EXCHANGES:
+    raise ValueError(f"exchange={exchange!r}: use one of {EXCHANGES}")
+  static = dict(backend=backend, e_local=e_local, n_shards=n_shards, blocks=blocks, exchange=exchange)
   loop = lambda body, init, sched: jax.lax.while_loop(lambda c: c[0] < sched.n_rounds, body, init)
 
   @jax.custom_vjp

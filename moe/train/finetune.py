@@ -21,7 +21,7 @@ from moe.train.restore import MODEL
 # What a fine-tuning run takes from its own model config (gin's model_config): how it
 # computes, not what; every other field comes from config.json.
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dispatch_backend",
-                  "expert_capacity_factor", "expert_block_factor")
+                  "expert_capacity_factor", "expert_block_factor", "expert_exchange")
 
 
 def finetune_configs(directory: str, model_cfg: ModelConfig,

@@ -62,7 +62,7 @@ def run_configs_dict(model_cfg: ModelConfig, data_cfg: DataConfig,
 # or the data stream. (Every TrainConfig field may change: cadence, and more steps.)
 RESUMABLE_CHANGES = {
     "model": ("name", "remat", "scan_layers", "dispatch_backend", "expert_capacity_factor",
-              "expert_block_factor", "capacity_factor"),
+              "expert_block_factor", "expert_exchange", "capacity_factor"),
     "data": ("eval_batches", "data_dir", "read_threads", "prefetch_batches"),
 }
 
