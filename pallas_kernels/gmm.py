@@ -69,6 +69,13 @@ def _row_mask(visits_refs, v, tm):
   return (rows >= starts[g]) & (rows < ends[g]) & (v < num_visits[0])
 
 
+def _precision(dtype) -> jax.lax.Precision:
+  """The MXU pass for inputs of `dtype`, set here rather than by jax_default_matmul_precision:
+  Mosaic rejects an f32-precision matmul of bf16 operands ("Bad lhs type"), and bf16
+  products are exact in the f32 accumulator anyway."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   pad = (-x.shape[axis]) % multiple
   if not pad:
@@ -103,7 +110,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling =
     def _():
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[...], preferred_element_type=jnp.float32)
+    acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[...], precision=_precision(lhs.dtype),
+                            preferred_element_type=jnp.float32)
 
     @pl.when(ki == k_tiles - 1)
     def _():
@@ -161,6 +169,7 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, num_groups: int,
     mask = _row_mask((group_ids, tile_ids, num_visits, starts, ends), v, tm)
     x = jnp.where(mask, lhs_ref[...], jnp.zeros_like(lhs_ref[...]))
     acc_ref[...] += jax.lax.dot_general(x, dy_ref[...], (((0,), (0,)), ((), ())),
+                                        precision=_precision(lhs.dtype),
                                         preferred_element_type=jnp.float32)
 
     @pl.when((v == n_visits - 1) | (g != group_ids[jnp.minimum(v + 1, n_visits - 1)]))

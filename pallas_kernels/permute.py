@@ -1,13 +1,19 @@
-"""Pallas token gather/scatter kernels for dropless MoE dispatch (TPU-style, interpretable).
+"""Pallas token gather/scatter kernels for dropless MoE dispatch (TPU; interpretable).
 
 gather_rows:  out[r] = x[src[r]]                              x [T, d], src [R] -> [R, d]
 combine_rows: out[t] = sum_j w[t, j] * y[src[t * J + j]]      y [R, d], src [T*J], w [T, J] -> [T, d]
 
-Rows are copied by DMA from x / y, which stay in HBM (memory space ANY), into a VMEM block
-of `block_rows` output rows; the indices are scalar-prefetched. Permuting tokens into
-expert order is gather_rows with src = sorted pair // K; combining expert outputs back is
-combine_rows with the inverse permutation and the gates. Both directions are gathers, so
-each is the other's VJP (see ops.py): no scatter-add over a dense buffer anywhere.
+Both copy single rows by DMA with scalar-prefetched indices. Mosaic only slices a tiled
+dimension at multiples of its tile, and a DMA may only move single rows of 32-bit data:
+16-bit rows are packed two per sublane. So rows travel as 32-bit words (bf16 pairs of
+adjacent columns packed into one uint32: `_to_words`), and
+  gather_rows  copies rows HBM -> HBM (the output stays in HBM; no VMEM tile is sliced);
+  combine_rows copies rows into a VMEM scratch [n, 1, d] whose row axis is a leading,
+               untiled axis, sums each token's J rows in f32 and stores [block_rows, d]
+               (16-bit words unpacked and re-packed in the kernel).
+Permuting tokens into expert order is gather_rows with src = sorted pair // K; combining
+expert outputs back is combine_rows with the inverse permutation and the gates. Both
+directions are gathers, so each is the other's VJP (ops.py): no scatter-add anywhere.
 """
 
 from __future__ import annotations
@@ -19,75 +25,120 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+SUPPORTED = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-def _copy_rows(src_ref, x_hbm, buf, sem, base, count):
-  """DMA rows x[src[base + i]] into buf[i] for i < count; all in flight, then waited."""
-  def start(i, _):
-    pltpu.make_async_copy(x_hbm.at[pl.ds(src_ref[base + i], 1)], buf.at[pl.ds(i, 1)], sem).start()
 
-  def wait(i, _):
-    pltpu.make_async_copy(x_hbm.at[pl.ds(0, 1)], buf.at[pl.ds(i, 1)], sem).wait()
+def _to_words(x: jax.Array) -> jax.Array:
+  """[n, d] -> [n, d] (32-bit) or [n, d / 2] uint32 (16-bit: columns 2i, 2i+1 in one word)."""
+  if x.dtype not in SUPPORTED:
+    raise TypeError(f"row kernels take {[jnp.dtype(t).name for t in SUPPORTED]}, not {x.dtype}")
+  if x.dtype.itemsize == 4:
+    return x
+  if x.shape[1] % 2:
+    raise ValueError(f"16-bit rows need an even width to pack into words, got d={x.shape[1]}")
+  return jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1, 2), jnp.uint32)
 
-  jax.lax.fori_loop(0, count, start, None)
-  jax.lax.fori_loop(0, count, wait, None)
+
+def _from_words(w: jax.Array, dtype) -> jax.Array:
+  if jnp.dtype(dtype).itemsize == 4:
+    return w
+  return jax.lax.bitcast_convert_type(w, dtype).reshape(w.shape[0], -1)
+
+
+def _bf16_halves(w: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """uint32 words of 16-bit pairs -> (even columns, odd columns) in f32."""
+  if jnp.dtype(dtype) == jnp.bfloat16:  # a bf16 is the top half of the f32 with its bits
+    lo = jax.lax.bitcast_convert_type(w << 16, jnp.float32)
+    hi = jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32)
+    return lo, hi
+  half = lambda bits: jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+  return half(w & jnp.uint32(0xFFFF)), half(w >> 16)
+
+
+def _bf16_word(lo: jax.Array, hi: jax.Array, dtype) -> jax.Array:
+  """f32 (even, odd) columns -> uint32 words of the pair, rounded to nearest even."""
+  def bits(v):
+    if jnp.dtype(dtype) == jnp.bfloat16:
+      u = jax.lax.bitcast_convert_type(v, jnp.uint32)
+      return (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) >> 16
+    return jax.lax.bitcast_convert_type(v.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+  return bits(lo) | (bits(hi) << 16)
+
+
+def _copy(src, dst, sem, count):
+  """count row DMAs src(i) -> dst(i), all in flight, then all waited."""
+  jax.lax.fori_loop(0, count, lambda i, _: pltpu.make_async_copy(src(i), dst(i), sem).start(), None)
+  jax.lax.fori_loop(0, count, lambda i, _: pltpu.make_async_copy(src(0), dst(i), sem).wait(), None)
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
 def gather_rows(x: jax.Array, src: jax.Array, block_rows: int = 8, interpret: bool = False) -> jax.Array:
   """x: [T, d], src: [R] int in [0, T) -> [R, d] with out[r] = x[src[r]]."""
+  words = _to_words(x)
   n_out = src.shape[0]
-  d = x.shape[1]
   pad = (-n_out) % block_rows
   src_p = jnp.pad(src.astype(jnp.int32), (0, pad))  # padded rows copy row 0, then are cut
 
-  def kernel(src_ref, x_hbm, out_ref, sem):
+  def kernel(src_ref, x_hbm, out_hbm, sem):
     base = pl.program_id(0) * block_rows
-    _copy_rows(src_ref, x_hbm, out_ref, sem, base, block_rows)
+    _copy(lambda i: x_hbm.at[pl.ds(src_ref[base + i], 1)], lambda i: out_hbm.at[pl.ds(base + i, 1)],
+          sem, block_rows)
 
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n_out + pad, d), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((n_out + pad, words.shape[1]), words.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=((n_out + pad) // block_rows,),
           in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=pl.BlockSpec((block_rows, d), lambda i, src: (i, 0)),
+          out_specs=pl.BlockSpec(memory_space=pl.ANY),
           scratch_shapes=[pltpu.SemaphoreType.DMA],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
-  )(src_p, x)
-  return out[:n_out]
+  )(src_p, words)
+  return _from_words(out[:n_out], x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
 def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: int = 8,
                  interpret: bool = False) -> jax.Array:
   """y: [R, d], src: [T*J] int in [0, R), weights: [T, J] -> [T, d] (f32 accumulation)."""
+  words = _to_words(y)
   n_tok, j = weights.shape
-  d = y.shape[1]
   pad = (-n_tok) % block_rows
   src_p = jnp.pad(src.astype(jnp.int32), (0, pad * j))
   w_p = jnp.pad(weights.astype(jnp.float32), ((0, pad), (0, 0)))
+  packed = y.dtype.itemsize == 2
+  n, width = block_rows * j, words.shape[1]
 
   def kernel(src_ref, w_ref, y_hbm, out_ref, buf, sem):
-    base = pl.program_id(0) * block_rows * j
-    _copy_rows(src_ref, y_hbm, buf, sem, base, block_rows * j)
-    rows = buf[...].astype(jnp.float32).reshape(block_rows, j, d)
-    out_ref[...] = jnp.sum(rows * w_ref[...][:, :, None], axis=1).astype(out_ref.dtype)
+    base = pl.program_id(0) * n
+    _copy(lambda i: y_hbm.at[pl.ds(src_ref[base + i], 1)], lambda i: buf.at[i], sem, n)
+    w = w_ref[...]
+    out = []
+    for b in range(block_rows):  # static: rows of the block, each a sum of its J rows
+      parts = None
+      for c in range(j):
+        row = buf[b * j + c]                                            # [1, width]
+        row = _bf16_halves(row, y.dtype) if packed else (row.astype(jnp.float32),)
+        scaled = tuple(p * w[b:b + 1, c:c + 1] for p in row)
+        parts = scaled if parts is None else tuple(a + s for a, s in zip(parts, scaled))
+      out.append(_bf16_word(*parts, y.dtype) if packed else parts[0].astype(y.dtype))
+    out_ref[...] = jnp.concatenate(out, axis=0)
 
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n_tok + pad, d), y.dtype),
+      out_shape=jax.ShapeDtypeStruct((n_tok + pad, width), words.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=((n_tok + pad) // block_rows,),
           in_specs=[pl.BlockSpec((block_rows, j), lambda i, src: (i, 0)),
                     pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=pl.BlockSpec((block_rows, d), lambda i, src: (i, 0)),
-          scratch_shapes=[pltpu.VMEM((block_rows * j, d), y.dtype), pltpu.SemaphoreType.DMA],
+          out_specs=pl.BlockSpec((block_rows, width), lambda i, src: (i, 0)),
+          scratch_shapes=[pltpu.VMEM((n, 1, width), words.dtype), pltpu.SemaphoreType.DMA],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
-  )(src_p, w_p, y)
-  return out[:n_tok]
+  )(src_p, w_p, words)
+  return _from_words(out[:n_tok], y.dtype)

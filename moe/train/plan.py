@@ -71,9 +71,10 @@ def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
   return cfg.n_moe_layers * (fwd * (2 if cfg.remat else 1) + bwd)
 
 
-def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
-         seq_len: int) -> Plan:
-  """Lower and compile the train step for [batch, seq_len] global batches on `mesh`."""
+def compile_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
+                 seq_len: int):
+  """(compiled train step for [batch, seq_len] global batches on `mesh`, abstract state,
+  its shardings, compile seconds): lowered from abstract shapes, nothing allocated."""
   rules.check_batch(mesh, batch, "batch")
   graphdef, abstract = abstract_state(cfg, train_cfg)
   steps = make_steps(graphdef, abstract, mesh)
@@ -88,10 +89,16 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
   key_in = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rules.replicated(mesh))
   start = time.perf_counter()
   compiled = steps.train.lower(state_in, batch_in, key_in).compile()
-  seconds = time.perf_counter() - start
+  return compiled, abstract, steps.state_shardings, time.perf_counter() - start
+
+
+def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
+         seq_len: int) -> Plan:
+  """Lower and compile the train step for [batch, seq_len] global batches on `mesh`."""
+  compiled, abstract, state_shardings, seconds = compile_step(cfg, train_cfg, mesh, batch, seq_len)
   mem = compiled.memory_analysis()
   model_state, opt_state = abstract[0], abstract[1]  # nnx.State keyed 0 (model), 1 (optimizer)
-  model_sh, opt_sh = steps.state_shardings[0], steps.state_shardings[1]
+  model_sh, opt_sh = state_shardings[0], state_shardings[1]
   tokens = batch * seq_len // math.prod(mesh.shape[a] for a in BATCH_AXES)
   args, temp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
   out_new = int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes)
