@@ -1,5 +1,6 @@
 """Multi-head causal self-attention with rotate-half rotary embeddings, no biases, over
-packed sequences (attention stays within a document)."""
+packed sequences (attention stays within a document). The attention itself is a backend
+per platform (moe.model.attention_backends); `attend` is the reference over a KV cache."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.model import attention_backends
 from moe.model.config import ModelConfig
 from moe.model.layers import param
+from moe.parallel import mesh as meshes
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -21,14 +24,6 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """segment_ids: [B, S] -> [B, 1, S, S] bool: causal and within the same packed document."""
-  s = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((s, s), bool))
-  same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same_doc)[:, None]
 
 
 class Attention(nnx.Module):
@@ -51,18 +46,16 @@ class Attention(nnx.Module):
     return rotary(q, positions, self.cfg.rope_theta), rotary(k, positions, self.cfg.rope_theta), v
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q: [B, Sq, H, Dh], k, v: [B, H, Sk, Dh], mask: [B, 1, Sq, Sk] -> [B, Sq, d_model].
-    Heads before length: a KV cache's layout (moe.decode, Sk > Sq), which the dots then
-    read without transposing it."""
-    dtype = q.dtype
-    scores = jnp.einsum("bqhk,bhsk->bhqs", q, k.astype(dtype), preferred_element_type=jnp.float32)
-    scores = scores * (self.cfg.head_dim ** -0.5)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bhqs,bhsk->bqhk", probs, v.astype(dtype))
-    return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dtype))
+    """q: [B, Sq, H, Dh], k, v: [B, H, Sk, Dh], mask: [B, 1, Sq, Sk] -> [B, Sq, d_model]:
+    the reference over a KV cache (moe.decode, Sk > Sq)."""
+    return self.output(attention_backends.masked(q, k, v, mask))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: [B, S, d_model], positions: [B, S], mask: [B, 1, S, S] -> [B, S, d_model]."""
+  def output(self, out: jax.Array) -> jax.Array:
+    """out: [B, S, H, Dh] per-head attention -> [B, S, d_model]."""
+    return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(out.dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x: [B, S, d_model], positions, segment_ids: [B, S] -> [B, S, d_model]."""
     q, k, v = self.project(x, positions)
-    return self.attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+    attend = attention_backends.resolve(self.cfg.attention_backend, meshes.target_platform())
+    return self.output(attend(q, k, v, segment_ids))

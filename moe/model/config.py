@@ -41,6 +41,10 @@ class ModelConfig:
   norm_topk_prob: bool = False
   capacity_factor: float = 1.0  # switch / gshard only
   dispatch_backend: str = "auto"  # how dropless routers' rows reach experts: moe.dispatch.registry
+  attention_backend: str = "auto"  # moe.model.attention_backends: splash on TPU, cudnn on GPU
+  # Training loss over chunks of this many tokens (LM head + cross-entropy per chunk,
+  # recomputed in the backward pass): no [B, S, vocab] f32 logits. 0: unchunked.
+  loss_chunk_tokens: int = 0
   # Expert parallelism (a mesh is active). Dropless by default: all_to_all blocks of
   # expert_block_factor x the balanced share, overflow in extra rounds (moe.parallel.rounds).
   # expert_capacity_factor > 0 instead exchanges once with blocks of that multiple and
@@ -122,6 +126,11 @@ def _validate(c: ModelConfig) -> None:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
     _fail("init_std", c.init_std, "must be positive", "use e.g. 0.006 as in the paper")
+  if c.attention_backend not in ("auto", "reference", "xla", "cudnn", "splash"):
+    _fail("attention_backend", c.attention_backend, "unknown attention backend",
+          "use 'auto', 'reference', 'xla', 'cudnn' or 'splash' (moe.model.attention_backends)")
+  if c.loss_chunk_tokens < 0:
+    _fail("loss_chunk_tokens", c.loss_chunk_tokens, "must not be negative", "0 (unchunked) or e.g. 1024")
   if c.expert_exchange not in ("all_to_all", "ragged"):
     _fail("expert_exchange", c.expert_exchange, "unknown exchange",
           "use 'all_to_all' (any platform) or 'ragged' (TPU/GPU)")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.model.attention import Attention, attention_mask
+from moe.model.attention import Attention
 from moe.model.config import ModelConfig
 from moe.model.layers import RMSNorm, SwiGLU, param
 from moe.model.loss import weighted_aux_losses
@@ -35,9 +35,9 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg, rngs)
     self.ffn = MoE(cfg, rngs) if kind == "moe" else SwiGLU(cfg, cfg.dense_ffn_width, rngs)
 
-  def __call__(self, x, positions, mask, token_ids, key):
-    """x: [B, S, d], positions, token_ids: [B, S], mask: [B, 1, S, S] -> (x, aux)."""
-    x = x + self.attn(self.attn_norm(x), positions, mask)
+  def __call__(self, x, positions, segment_ids, token_ids, key):
+    """x: [B, S, d], positions, segment_ids, token_ids: [B, S] -> (x, aux)."""
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return self.feed_forward(x, token_ids, key)
 
   def feed_forward(self, x, token_ids, key):
@@ -72,14 +72,14 @@ class LayerStack(nnx.Module):
       if isinstance(var, nnx.Param):
         var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
 
-  def __call__(self, x, positions, mask, token_ids, key):
+  def __call__(self, x, positions, segment_ids, token_ids, key):
     """x: [B, S, d] -> (x, aux with a leading [count] axis on every entry)."""
     graphdef, state = nnx.split(self.blocks)
     keys = None if key is None else jax.random.split(key, self.count)
 
     def body(x, layer):
       layer_state, layer_key = layer
-      return nnx.merge(graphdef, layer_state)(x, positions, mask, token_ids, layer_key)
+      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, token_ids, layer_key)
 
     if self.cfg.remat:
       body = jax.checkpoint(body)
@@ -125,12 +125,11 @@ class Transformer(nnx.Module):
       segment_ids = jnp.zeros((b, s), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_mask(segment_ids)
     x = self.embed_tokens(tokens)
     keys = [None] * len(self.stacks) if key is None else list(jax.random.split(key, len(self.stacks)))
     moe_aux = []
     for stack, k in zip(self.stacks, keys):
-      x, aux = stack(x, positions, mask, tokens, k)
+      x, aux = stack(x, positions, segment_ids, tokens, k)
       if aux:
         moe_aux.append(aux)
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux) if moe_aux else {}

@@ -40,10 +40,44 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = N
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def chunked_lm_loss(h: jax.Array, lm_head: jax.Array, targets: jax.Array,
+                    weights: jax.Array | None, chunk: int) -> jax.Array:
+  """lm_loss of logits = h @ lm_head, computed `chunk` positions of every row at a time.
+  h: [B, S, d], lm_head: [d, V], targets, weights: [B, S]. Each chunk's [B, chunk, V] f32
+  logits live only inside its step and are recomputed in the backward pass, so the
+  [B, S, V] array never exists; the batch axis stays whole, so its sharding is kept."""
+  b, s, _ = h.shape
+  weights = jnp.ones((b, s), jnp.float32) if weights is None else weights.astype(jnp.float32)
+  pad = (-s) % chunk
+  if pad:  # padded positions weigh nothing
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+  n = (s + pad) // chunk
+  split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)  # [n, B, chunk, ...]
+  w_head = lm_head.astype(h.dtype)
+
+  @jax.checkpoint
+  def step(total, part):
+    h_c, t_c, w_c = part
+    logits = jnp.einsum("bcd,dv->bcv", h_c, w_head, preferred_element_type=jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[..., None], -1)[..., 0]
+    return total + jnp.sum(nll * w_c), None
+
+  total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (split(h), split(targets), split(weights)))
+  return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def objective(model: "Transformer", tokens, targets, weights=None, segment_ids=None,
               positions=None, key=None):
-  """The training objective: LM loss plus weighted auxiliary losses -> (loss, metrics)."""
-  logits, aux = model(tokens, segment_ids, positions, key)
-  lm = lm_loss(logits, targets, weights)
+  """The training objective: LM loss plus weighted auxiliary losses -> (loss, metrics).
+  With ModelConfig.loss_chunk_tokens the LM head and cross-entropy run in chunks."""
+  chunk = model.cfg.loss_chunk_tokens
+  if chunk:
+    h, stats = model.hidden_states(tokens, segment_ids, positions, key)
+    lm = chunked_lm_loss(h, model.lm_head[...], targets, weights, chunk)
+    aux = {"layers": stats, "losses": weighted_aux_losses(model.cfg, stats)}
+  else:
+    logits, aux = model(tokens, segment_ids, positions, key)
+    lm = lm_loss(logits, targets, weights)
   metrics = {"lm_loss": lm, **aux["losses"], "layers": aux["layers"]}
   return lm + aux["losses"]["aux_loss"], metrics

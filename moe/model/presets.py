@@ -17,7 +17,9 @@ from moe.model.config import ModelConfig
 
 _2B = dict(vocab_size=8192, d_model=1280, n_layers=9, n_heads=10, max_seq_len=2048,
            dense_ffn_width=3520, expert_balance_alpha=0.01)
-_LARGE = dict(vocab_size=102400, max_seq_len=4096)
+# A 102400-word vocabulary: the loss runs in chunks of 512 positions per row (no
+# [B, S, vocab] f32 logits: 1.6 GiB per 4096-token row).
+_LARGE = dict(vocab_size=102400, max_seq_len=4096, loss_chunk_tokens=512)
 _TINY = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
              dense_ffn_width=384)
 
