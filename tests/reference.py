@@ -34,3 +34,18 @@ def capacity_keep(expert_idx, n_experts, cap, keep=None):
         used[e] += 1
         fits[t, k] = True
   return fits
+
+
+def all_to_all_bytes_sent(hlo: str, n_shards: int) -> int:
+  """Bytes one device sends through the all-to-alls of compiled HLO text (32-bit
+  operands): every all-to-all's result minus the block that stays on the device."""
+  import math
+  import re
+
+  total = 0
+  for line in hlo.splitlines():
+    if " all-to-all(" in line:
+      result = line.split("=", 1)[1].split(" all-to-all(")[0]
+      for _, dims in re.findall(r"(f32|s32)\[([\d,]+)\]", result):
+        total += 4 * math.prod(int(v) for v in dims.split(","))
+  return total * (n_shards - 1) // n_shards

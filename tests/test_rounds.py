@@ -4,7 +4,6 @@ adversarial routings; rounds grow with skew; the compiled all_to_all bytes per r
 the plan's formula."""
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from moe.dispatch import registry
 from moe.parallel import rounds
 from moe.parallel.expert_parallel import expert_parallel_moe
 from moe.parallel.mesh import MeshConfig, make_mesh
-from tests.reference import loop_moe
+from tests.reference import all_to_all_bytes_sent, loop_moe
 
 T, D, E, F, K = 64, 16, 8, 8, 2
 
@@ -112,13 +111,7 @@ def test_all_to_all_bytes_per_round_match_the_compiled_program():
   x, gates, idx, w = inputs("random")
   fn = jax.jit(lambda x, g, w: expert_parallel_moe(x, g, idx, w, registry.get("tiled"), mesh).y)
   hlo = fn.lower(x, gates, w).compile().as_text()
-  total = 0
-  for line in hlo.splitlines():
-    if " all-to-all(" in line:
-      result = line.split("=", 1)[1].split(" all-to-all(")[0]
-      for dtype, dims in re.findall(r"(f32|s32)\[([\d,]+)\]", result):
-        total += 4 * math.prod(int(v) for v in dims.split(","))
-  total = total * 3 // 4  # of the 4 blocks, one stays on the device
+  total = all_to_all_bytes_sent(hlo, 4)
   blocks = rounds.block_sizes(T // 8, K, E, 4)
   assert total == rounds.round_bytes(blocks, 4, D, 4)  # the loop body: one round
 
