@@ -6,9 +6,15 @@ tgmm: out[G, k, n] = lhs[rows of g]^T @ dy[rows of g]  lhs [m, k], dy [m, n]
 Rows are sorted by group. The row axis is cut into tiles of tm rows; a *visit* is one
 (group, row tile) pair that overlap, so a tile straddling a group boundary is visited
 once per group and each visit masks the rows that are not its group's. There are at most
-cdiv(m, tm) + G - 1 visits: the grid is that static bound, and the visits past the real
-count repeat the last one with every row masked. Visit metadata (group and tile of each
-visit, the real count) is scalar-prefetched and drives the BlockSpec index maps.
+cdiv(m, tm) + G - 1 visits: the grid is that static bound. Visits past the real count
+(scalar-prefetched) do nothing: their block indices repeat the last real step's, so no
+block is fetched again, and `pl.when` skips their matmul and store. Under expert
+parallelism most of the bound is such visits (a receive buffer sized for the worst case
+holds few real rows), so they must cost nothing. Visit metadata (group and tile of each
+visit, the real count) drives the BlockSpec index maps.
+
+gmm(..., transpose_rhs=True) multiplies by each rhs[g]^T ([G, n, k] stored), the VJP's
+d lhs = dy @ rhs^T, without a transposed copy of every expert's weights.
 """
 
 from __future__ import annotations
@@ -29,6 +35,37 @@ class Tiling:
   tm: int = 128
   tk: int = 128
   tn: int = 128
+
+
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _check_dtypes(*arrays) -> None:
+  dtypes = {a.dtype for a in arrays}
+  if len(dtypes) != 1 or not dtypes <= set(map(jnp.dtype, DTYPES)):
+    raise TypeError(f"grouped matmul operands must share one dtype of "
+                    f"{[jnp.dtype(t).name for t in DTYPES]}, got {sorted(d.name for d in dtypes)}")
+
+
+def _lane_tile(dim: int) -> int:
+  """The largest of 512, 256, 128 that divides `dim` (which is then not padded); a dim
+  under 128 is one tile; else 128 (the MXU's width) with the dim padded to it."""
+  if dim < 128:
+    return dim
+  return next((t for t in (512, 256, 128) if dim % t == 0), 128)
+
+
+def tiling_for(m: int, k: int, n: int, dtype) -> Tiling:
+  """Tile sizes for lhs [m, k] x rhs [G, k, n], by a written rule:
+  - tk, tn: wide tiles amortise the per-step overhead and feed the 128- or 256-wide MXU;
+    the largest of 512/256/128 that divides the dim avoids padding (_lane_tile). Three
+    buffers of 512 x 512 bf16 stay far below VMEM.
+  - tm = 128 rows: a tile straddling a group boundary is visited once per group, so the
+    row tile bounds the waste per group (G x tm rows at most); m under 128 rounds up to
+    the sublane multiple (8 rows of 32-bit, 16 of 16-bit)."""
+  sublane = 8 * (4 // jnp.dtype(dtype).itemsize)
+  tm = 128 if m >= 128 else -(-m // sublane) * sublane
+  return Tiling(tm, _lane_tile(k), _lane_tile(n))
 
 
 class Visits(NamedTuple):
@@ -85,35 +122,42 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling = Tiling(),
-        interpret: bool = False) -> jax.Array:
-  """lhs: [m, k] sorted by group, rhs: [G, k, n], group_sizes: [G] -> [m, n] (lhs dtype).
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "transpose_rhs"))
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling | None = None,
+        interpret: bool = False, transpose_rhs: bool = False) -> jax.Array:
+  """lhs: [m, k] sorted by group, rhs: [G, k, n] ([G, n, k] with transpose_rhs: each
+  group's matrix used transposed), group_sizes: [G] -> [m, n] (lhs dtype).
 
   Rows past sum(group_sizes) are zero.
   """
+  _check_dtypes(lhs, rhs)
   m, k = lhs.shape
-  num_groups, _, n = rhs.shape
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  tiling = tiling or tiling_for(m, k, n, lhs.dtype)
   tm, tk, tn = tiling.tm, min(tiling.tk, k), min(tiling.tn, n)
   lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
-  rhs_p = _pad_to(_pad_to(rhs, 1, tk), 2, tn)
+  rhs_p = _pad_to(_pad_to(rhs, 1, tn), 2, tk) if transpose_rhs else _pad_to(_pad_to(rhs, 1, tk), 2, tn)
   mp, kp = lhs_p.shape
-  np_ = rhs_p.shape[2]
+  np_ = rhs_p.shape[1] if transpose_rhs else rhs_p.shape[2]
   visits = make_visits(group_sizes, mp, tm)
   n_visits = visits.group_ids.shape[0]
   k_tiles = kp // tk
+  contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def kernel(group_ids, tile_ids, num_visits, starts, ends, lhs_ref, rhs_ref, out_ref, acc_ref):
     v, ki = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(ki == 0)
+    @pl.when((ki == 0) & (v < num_visits[0]))
     def _():
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[...], precision=_precision(lhs.dtype),
-                            preferred_element_type=jnp.float32)
+    @pl.when(v < num_visits[0])
+    def _():
+      acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], contract,
+                                          precision=_precision(lhs.dtype),
+                                          preferred_element_type=jnp.float32)
 
-    @pl.when(ki == k_tiles - 1)
+    @pl.when((ki == k_tiles - 1) & (v < num_visits[0]))
     def _():
       mask = _row_mask((group_ids, tile_ids, num_visits, starts, ends), v, tm)
       first = (v == 0) | (tile_ids[v] != tile_ids[jnp.maximum(v - 1, 0)])
@@ -122,6 +166,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling =
       keep = jnp.where(first, jnp.zeros_like(out_ref[...]), out_ref[...])
       out_ref[...] = jnp.where(mask, acc_ref[...].astype(out_ref.dtype), keep)
 
+  # Past the real visits, stay on the last real step's blocks: nothing is fetched again.
+  kk = lambda v, ki, nv: jnp.where(v < nv[0], ki, k_tiles - 1)
+  rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
+  rhs_index = ((lambda ni, v, ki, gid, tid, nv, *_: (gid[v], ni, kk(v, ki, nv))) if transpose_rhs
+               else (lambda ni, v, ki, gid, tid, nv, *_: (gid[v], kk(v, ki, nv), ni)))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, np_), lhs.dtype),
@@ -129,8 +178,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling =
           num_scalar_prefetch=5,
           grid=(np_ // tn, n_visits, k_tiles),
           in_specs=[
-              pl.BlockSpec((tm, tk), lambda ni, v, ki, gid, tid, *_: (tid[v], ki)),
-              pl.BlockSpec((None, tk, tn), lambda ni, v, ki, gid, tid, *_: (gid[v], ki, ni)),
+              pl.BlockSpec((tm, tk), lambda ni, v, ki, gid, tid, nv, *_: (tid[v], kk(v, ki, nv))),
+              pl.BlockSpec(rhs_block, rhs_index),
           ],
           out_specs=pl.BlockSpec((tm, tn), lambda ni, v, ki, gid, tid, *_: (tid[v], ni)),
           scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
@@ -145,11 +194,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tiling: Tiling =
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "tiling", "interpret"))
 def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, num_groups: int,
-         tiling: Tiling = Tiling(), interpret: bool = False) -> jax.Array:
+         tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
   """lhs: [m, k], dy: [m, n], both sorted by group -> [G, k, n] of lhs_g^T dy_g (f32
   accumulation, lhs dtype). Groups without rows get exactly zero."""
+  _check_dtypes(lhs, dy)
   m, k = lhs.shape
   n = dy.shape[1]
+  tiling = tiling or tiling_for(m, k, n, lhs.dtype)
   tm, tk, tn = tiling.tm, min(tiling.tk, k), min(tiling.tn, n)
   lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
   dy_p = _pad_to(_pad_to(dy, 0, tm), 1, tn)
@@ -166,11 +217,13 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, num_groups: int,
     def _():
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    mask = _row_mask((group_ids, tile_ids, num_visits, starts, ends), v, tm)
-    x = jnp.where(mask, lhs_ref[...], jnp.zeros_like(lhs_ref[...]))
-    acc_ref[...] += jax.lax.dot_general(x, dy_ref[...], (((0,), (0,)), ((), ())),
-                                        precision=_precision(lhs.dtype),
-                                        preferred_element_type=jnp.float32)
+    @pl.when(v < num_visits[0])  # visits past the real count add nothing
+    def _():
+      mask = _row_mask((group_ids, tile_ids, num_visits, starts, ends), v, tm)
+      x = jnp.where(mask, lhs_ref[...], jnp.zeros_like(lhs_ref[...]))
+      acc_ref[...] += jax.lax.dot_general(x, dy_ref[...], (((0,), (0,)), ((), ())),
+                                          precision=_precision(lhs.dtype),
+                                          preferred_element_type=jnp.float32)
 
     @pl.when((v == n_visits - 1) | (g != group_ids[jnp.minimum(v + 1, n_visits - 1)]))
     def _():

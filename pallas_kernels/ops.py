@@ -1,6 +1,7 @@
 """custom_vjp wiring of the Pallas kernels; nothing else lives here.
 
-gmm's VJP is a gmm with transposed weights (d lhs) and a tgmm (d rhs). The token permute
+gmm's VJP is a gmm by the transposed weights, read transposed in the kernel (d lhs), and a
+tgmm (d rhs). The token permute
 and combine are gathers whose VJPs are gathers in the other direction.
 """
 
@@ -17,7 +18,7 @@ from pallas_kernels.gmm import Tiling
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def gmm(lhs, rhs, group_sizes, tiling: Tiling = Tiling(), interpret: bool = False):
+def gmm(lhs, rhs, group_sizes, tiling: Tiling | None = None, interpret: bool = False):
   """lhs: [m, k] sorted by group, rhs: [G, k, n], group_sizes: [G] -> [m, n]."""
   return gmm_kernels.gmm(lhs, rhs, group_sizes, tiling=tiling, interpret=interpret)
 
@@ -28,8 +29,9 @@ def _gmm_fwd(lhs, rhs, group_sizes, tiling, interpret):
 
 def _gmm_bwd(tiling, interpret, res, dy):
   lhs, rhs, group_sizes = res
-  d_lhs = gmm_kernels.gmm(dy, jnp.swapaxes(rhs, 1, 2), group_sizes, tiling=tiling, interpret=interpret)
-  d_rhs = gmm_kernels.tgmm(lhs, dy, group_sizes, rhs.shape[0], tiling=tiling, interpret=interpret)
+  d_lhs = gmm_kernels.gmm(dy.astype(lhs.dtype), rhs, group_sizes, interpret=interpret,
+                          transpose_rhs=True)
+  d_rhs = gmm_kernels.tgmm(lhs, dy.astype(lhs.dtype), group_sizes, rhs.shape[0], interpret=interpret)
   return d_lhs, d_rhs.astype(rhs.dtype), None
 
 

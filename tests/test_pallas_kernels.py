@@ -117,3 +117,54 @@ def test_combine_after_permute_is_gate_sum():
   gates = jnp.full((6, 2), 0.25)
   out = ops.combine(ops.permute(x, order, 2, True), order, gates, True)
   np.testing.assert_allclose(out, 0.5 * x, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Against JAX's own megablox kernels (interpret mode), on the same fuzzed group sizes.
+
+MB = dict(m=256, k=128, n=128, tiling=(128, 128, 128))  # megablox needs 128-aligned tiles
+
+
+def megablox():
+  import importlib
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(0, 96), min_size=G, max_size=G), seed=st.integers(0, 3))
+def test_gmm_and_tgmm_equal_megablox(sizes, seed):
+  m, k, n = MB["m"], MB["k"], MB["n"]
+  sizes = np.array(sizes)
+  sizes[-1] += max(0, m - sizes.sum())          # cover every row (megablox's contract)
+  while sizes.sum() > m:                          # ... and no more
+    sizes[np.argmax(sizes)] -= sizes.sum() - m
+  gs = jnp.asarray(sizes, jnp.int32)
+  ks = jax.random.split(jax.random.key(seed), 3)
+  lhs, rhs = jax.random.normal(ks[0], (m, k)), jax.random.normal(ks[1], (G, k, n))
+  dy = jax.random.normal(ks[2], (m, n))
+  mb = megablox()
+  from pallas_kernels import gmm as kernels
+  assert_close(kernels.gmm(lhs, rhs, gs, interpret=True),
+               mb.gmm(lhs, rhs, gs, tiling=MB["tiling"], interpret=True), jnp.float32)
+  assert_close(kernels.tgmm(lhs, dy, gs, G, interpret=True),
+               mb.tgmm(lhs.T, dy, gs, tiling=MB["tiling"], interpret=True), jnp.float32)
+  # The VJP's transposed-weights product against megablox's own transpose_rhs.
+  assert_close(kernels.gmm(dy, rhs, gs, interpret=True, transpose_rhs=True),
+               mb.gmm(dy, rhs, gs, tiling=MB["tiling"], transpose_rhs=True, interpret=True), jnp.float32)
+
+
+def test_unsupported_dtypes_are_refused_by_name():
+  from pallas_kernels import gmm as kernels
+  lhs, rhs = jnp.ones((16, 8), jnp.int32), jnp.ones((2, 8, 8), jnp.int32)
+  with pytest.raises(TypeError, match="int32"):
+    kernels.gmm(lhs, rhs, jnp.array([8, 8]), interpret=True)
+  with pytest.raises(TypeError, match="share one dtype"):
+    kernels.gmm(lhs.astype(jnp.float32), rhs.astype(jnp.bfloat16), jnp.array([8, 8]), interpret=True)
+
+
+def test_tile_rule():
+  from pallas_kernels.gmm import tiling_for
+  assert tiling_for(49152, 2048, 1408, jnp.bfloat16) == Tiling(128, 512, 128)  # 16B's w_gate
+  assert tiling_for(49152, 1408, 2048, jnp.bfloat16) == Tiling(128, 128, 512)  # ... w_down
+  assert tiling_for(40, 64, 768, jnp.bfloat16) == Tiling(48, 64, 256)   # 16-row bf16 sublanes
+  assert tiling_for(40, 64, 768, jnp.float32).tm == 40

@@ -39,7 +39,7 @@ def _pallas(interpret: bool) -> Backend:
   from pallas_kernels import ops
 
   return Backend(
-      gmm=lambda lhs, rhs, gs: ops.gmm(lhs, rhs, gs, ops.Tiling(), interpret),
+      gmm=lambda lhs, rhs, gs: ops.gmm(lhs, rhs, gs, None, interpret),
       permute=lambda x, r, k: ops.permute(x, r.order, k, interpret),
       combine=lambda y, r, gates: ops.combine(y, r.order, gates, interpret),
   )
