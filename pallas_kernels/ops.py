@@ -1,8 +1,9 @@
 """custom_vjp wiring of the Pallas kernels; nothing else lives here.
 
-gmm's VJP is a gmm by the transposed weights, read transposed in the kernel (d lhs), and a
-tgmm (d rhs). The token permute
-and combine are gathers whose VJPs are gathers in the other direction.
+gmm's VJP is a gmm that reads the weights transposed in the kernel (d lhs; no transposed
+copy) and a tgmm (d rhs). The token permute and combine are gathers whose VJPs are gathers
+in the other direction. `tiling` None lets each pass pick its tiles for its own shape
+(pallas_kernels.tiling); a Tiling given is used by every pass.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def _gmm_fwd(lhs, rhs, group_sizes, tiling, interpret):
 
 def _gmm_bwd(tiling, interpret, res, dy):
   lhs, rhs, group_sizes = res
-  d_lhs = gmm_kernels.gmm(dy.astype(lhs.dtype), rhs, group_sizes, interpret=interpret,
-                          transpose_rhs=True)
-  d_rhs = gmm_kernels.tgmm(lhs, dy.astype(lhs.dtype), group_sizes, rhs.shape[0], interpret=interpret)
-  return d_lhs, d_rhs.astype(rhs.dtype), None
+  dy = dy.astype(lhs.dtype)
+  d_lhs = gmm_kernels.gmm(dy, rhs, group_sizes, tiling=tiling, transpose_rhs=True, interpret=interpret)
+  d_rhs = gmm_kernels.tgmm(lhs, dy, group_sizes, rhs.shape[0], tiling=tiling, interpret=interpret)
+  return d_lhs, d_rhs, None
 
 
 gmm.defvjp(_gmm_fwd, _gmm_bwd)

@@ -6,11 +6,12 @@ combine_rows: out[t] = sum_j w[t, j] * y[src[t * J + j]]      y [R, d], src [T*J
 Both copy single rows by DMA with scalar-prefetched indices. Mosaic only slices a tiled
 dimension at multiples of its tile, and a DMA may only move single rows of 32-bit data:
 16-bit rows are packed two per sublane. So rows travel as 32-bit words (bf16 pairs of
-adjacent columns packed into one uint32: `_to_words`), and
+adjacent columns packed into one uint32: `_to_words`; an odd width gains a zero column), and
   gather_rows  copies rows HBM -> HBM (the output stays in HBM; no VMEM tile is sliced);
   combine_rows copies rows into a VMEM scratch [n, 1, d] whose row axis is a leading,
                untiled axis, sums each token's J rows in f32 and stores [block_rows, d]
-               (16-bit words unpacked and re-packed in the kernel).
+               (bf16 words unpacked and re-packed in the kernel; f16 rows, which Mosaic
+               cannot unpack, are combined as f32).
 Permuting tokens into expert order is gather_rows with src = sorted pair // K; combining
 expert outputs back is combine_rows with the inverse permutation and the gates. Both
 directions are gathers, so each is the other's VJP (ops.py): no scatter-add anywhere.
@@ -29,39 +30,36 @@ SUPPORTED = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _to_words(x: jax.Array) -> jax.Array:
-  """[n, d] -> [n, d] (32-bit) or [n, d / 2] uint32 (16-bit: columns 2i, 2i+1 in one word)."""
+  """[n, d] -> [n, d] (32-bit) or [n, ceil(d / 2)] uint32 (16-bit: columns 2i, 2i+1 in one
+  word; an odd d gets a zero column to fill its last word)."""
   if x.dtype not in SUPPORTED:
     raise TypeError(f"row kernels take {[jnp.dtype(t).name for t in SUPPORTED]}, not {x.dtype}")
   if x.dtype.itemsize == 4:
     return x
-  if x.shape[1] % 2:
-    raise ValueError(f"16-bit rows need an even width to pack into words, got d={x.shape[1]}")
+  x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2)))
   return jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1, 2), jnp.uint32)
 
 
-def _from_words(w: jax.Array, dtype) -> jax.Array:
+def _from_words(w: jax.Array, dtype, d: int) -> jax.Array:
+  """The inverse of _to_words for rows of width d."""
   if jnp.dtype(dtype).itemsize == 4:
     return w
-  return jax.lax.bitcast_convert_type(w, dtype).reshape(w.shape[0], -1)
+  return jax.lax.bitcast_convert_type(w, dtype).reshape(w.shape[0], -1)[:, :d]
 
 
-def _bf16_halves(w: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """uint32 words of 16-bit pairs -> (even columns, odd columns) in f32."""
-  if jnp.dtype(dtype) == jnp.bfloat16:  # a bf16 is the top half of the f32 with its bits
-    lo = jax.lax.bitcast_convert_type(w << 16, jnp.float32)
-    hi = jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32)
-    return lo, hi
-  half = lambda bits: jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
-  return half(w & jnp.uint32(0xFFFF)), half(w >> 16)
+def _bf16_halves(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """uint32 words of bf16 pairs -> (even columns, odd columns) in f32: a bf16 is the top
+  half of the f32 with its bits."""
+  lo = jax.lax.bitcast_convert_type(w << 16, jnp.float32)
+  hi = jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32)
+  return lo, hi
 
 
-def _bf16_word(lo: jax.Array, hi: jax.Array, dtype) -> jax.Array:
-  """f32 (even, odd) columns -> uint32 words of the pair, rounded to nearest even."""
+def _bf16_word(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """f32 (even, odd) columns -> uint32 words of the bf16 pair, rounded to nearest even."""
   def bits(v):
-    if jnp.dtype(dtype) == jnp.bfloat16:
-      u = jax.lax.bitcast_convert_type(v, jnp.uint32)
-      return (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) >> 16
-    return jax.lax.bitcast_convert_type(v.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+    u = jax.lax.bitcast_convert_type(v, jnp.uint32)
+    return (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) >> 16
   return bits(lo) | (bits(hi) << 16)
 
 
@@ -97,13 +95,15 @@ def gather_rows(x: jax.Array, src: jax.Array, block_rows: int = 8, interpret: bo
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
   )(src_p, words)
-  return _from_words(out[:n_out], x.dtype)
+  return _from_words(out[:n_out], x.dtype, x.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
 def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: int = 8,
                  interpret: bool = False) -> jax.Array:
   """y: [R, d], src: [T*J] int in [0, R), weights: [T, J] -> [T, d] (f32 accumulation)."""
+  if y.dtype == jnp.float16:  # Mosaic cannot unpack f16 pairs in the kernel: sum in f32
+    return combine_rows(y.astype(jnp.float32), src, weights, block_rows, interpret).astype(y.dtype)
   words = _to_words(y)
   n_tok, j = weights.shape
   pad = (-n_tok) % block_rows
@@ -121,10 +121,10 @@ def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: i
       parts = None
       for c in range(j):
         row = buf[b * j + c]                                            # [1, width]
-        row = _bf16_halves(row, y.dtype) if packed else (row.astype(jnp.float32),)
+        row = _bf16_halves(row) if packed else (row.astype(jnp.float32),)
         scaled = tuple(p * w[b:b + 1, c:c + 1] for p in row)
         parts = scaled if parts is None else tuple(a + s for a, s in zip(parts, scaled))
-      out.append(_bf16_word(*parts, y.dtype) if packed else parts[0].astype(y.dtype))
+      out.append(_bf16_word(*parts) if packed else parts[0].astype(y.dtype))
     out_ref[...] = jnp.concatenate(out, axis=0)
 
   out = pl.pallas_call(
@@ -141,4 +141,4 @@ def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: i
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
   )(src_p, w_p, words)
-  return _from_words(out[:n_tok], y.dtype)
+  return _from_words(out[:n_tok], y.dtype, y.shape[1])
