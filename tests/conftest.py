@@ -2,7 +2,12 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU aborts the process when a collective's threads arrive over 40 s apart; on a busy
+# 2-core CI machine 8 simulated devices can, so the tests (and their subprocesses) wait longer.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
+                       "--xla_cpu_collective_timeout_seconds=1200")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + COLLECTIVE_TIMEOUTS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile for abstract TPU slices (libtpu) from several processes at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

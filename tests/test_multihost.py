@@ -21,6 +21,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _four_devices() -> str:
+  """This process's XLA_FLAGS (collective timeouts included) with 4 devices per host."""
+  return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")) + \
+      " --xla_force_host_platform_device_count=4"
+
+
 def _start_two_hosts(workdir, corpus, extra):
   port = _free_port()
   args = _train_subprocess(workdir, corpus, [
@@ -29,7 +35,7 @@ def _start_two_hosts(workdir, corpus, extra):
       *[f"--gin.model_config.{k}={v}" for k, v in MODEL.items()], *extra])
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_four_devices(),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))

@@ -29,7 +29,8 @@ from moe.dispatch import capacity, sorting
 from moe.dispatch.backend import Backend
 from moe.dispatch.experts import grouped_swiglu
 from moe.parallel import rounds
-from moe.parallel.mesh import BATCH_AXES, MESH_AXES, MeshError
+from moe.parallel import mesh as meshes
+from moe.parallel.mesh import BATCH_AXES, MeshError
 
 
 def block_rows(t_local: int, k: int, n_shards: int, capacity_factor: float) -> int:
@@ -44,6 +45,11 @@ def all_to_all_bytes(t_local: int, k: int, d_model: int, n_shards: int, capacity
   int32 expert tags that leave the device. The backward pass sends the token buffers again."""
   b = block_rows(t_local, k, n_shards, capacity_factor)
   return (n_shards - 1) * b * (2 * d_model * itemsize + 4)
+
+
+def _gloo_cpu(mesh) -> bool:
+  """A CPU mesh spanning processes: collectives go through gloo."""
+  return meshes.target_platform(mesh) == "cpu" and len({d.process_index for d in mesh.devices.flat}) > 1
 
 
 class EPResult(NamedTuple):
@@ -81,12 +87,12 @@ def _capacity_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Ba
 
 def _round_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backend, n_shards: int,
                    blocks: rounds.Blocks, exchange: str):
-  """One device, dropless in rounds -> (partial y [1, T_loc, d], stats [3])."""
+  """One device, dropless in rounds -> (partial y [1, T_loc, d], its stats [1, 3])."""
   e_local = w_gate.shape[0]
-  sched, stats = rounds.schedule(expert_idx, e_local, n_shards, blocks, MESH_AXES)
+  sched, stats = rounds.schedule(expert_idx, e_local, n_shards, blocks)
   y = rounds.rounds_moe(x, gates, w_gate, w_up, w_down, sched, backend=backend, e_local=e_local,
                         n_shards=n_shards, blocks=blocks, exchange=exchange)
-  return y[None], jnp.stack([stats.rounds.astype(jnp.float32), stats.max_block_load, stats.rows_per_pair])
+  return y[None], jnp.stack([stats.rounds.astype(jnp.float32), stats.max_block_load, stats.rows_per_pair])[None]
 
 
 def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, weights,
@@ -108,6 +114,11 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
     raise MeshError(f"{n_tokens} tokens do not split over {token_shards} devices "
                              f"(axes {BATCH_AXES}); make the batch a multiple")
   t_local = n_tokens // token_shards
+  if capacity_factor <= 0 and _gloo_cpu(mesh):
+    # XLA:CPU across processes (gloo) can deadlock on the rounds' loop of collectives (seen
+    # in 2-process tests): one exchange with blocks that hold every pair instead, still
+    # dropless, at worst-case buffer size (multi-process CPU is for tests, not for speed).
+    capacity_factor = float(n_shards)
   tokens = P(BATCH_AXES, None)
   w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
   if capacity_factor > 0:
@@ -118,7 +129,7 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
     blocks = rounds.block_sizes(t_local, k, n_experts, n_shards, block_factor)
     local = lambda *a: _round_experts(*a, backend=backend, n_shards=n_shards, blocks=blocks,
                                       exchange=exchange)
-    second = P()  # the statistics are agreed over the mesh
+    second = P(BATCH_AXES, None)  # each device's statistics, reduced below
   partial, extra = jax.shard_map(
       local, mesh=mesh,
       in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
@@ -131,5 +142,7 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
   if capacity_factor > 0:
     one = jnp.ones((), jnp.float32)
     return EPResult(y, jnp.sum(extra), one, one * 0, one)  # load/rows: not tracked here
+  # Reduced outside shard_map: only the devices that exchange must agree on the rounds.
   stats = jax.lax.stop_gradient(extra)
-  return EPResult(y, jnp.zeros((), jnp.int32), stats[0], stats[1], stats[2])
+  return EPResult(y, jnp.zeros((), jnp.int32), jnp.max(stats[:, 0]), jnp.max(stats[:, 1]),
+                  jnp.mean(stats[:, 2]))

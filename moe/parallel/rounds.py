@@ -12,8 +12,9 @@ Schedule, from expert_idx alone (nothing has moved yet):
          rank % Br, Br = ceil(c * the distinct rows of a block under uniform routing)
          (`balanced_rows`): a token is sent once per destination shard, not once per expert.
   rounds every (q, sub) with work on some device, in order. One pmax of the per-q sub-round
-         counts (a few int32) agrees the schedule across devices; the loop then runs
-         exactly that many rounds: 1 when routing is near balanced, more when skewed.
+         counts (a few int32) over the `expert` axis agrees the schedule within each
+         all_to_all group; the loop then runs exactly that many rounds: 1 when routing is
+         near balanced, more when skewed.
 
 A round sends rows [P, Br, d] and pair tags [P, Bp] (row slot, local expert, gate) by
 all_to_all (or, with exchange="ragged" on TPU/GPU, the rows by `lax.ragged_all_to_all`,
@@ -99,8 +100,9 @@ class Stats(NamedTuple):
 
 
 def schedule(expert_idx: jax.Array, e_local: int, n_shards: int, blocks: Blocks,
-             axes: tuple[str, ...]) -> tuple[Schedule, Stats]:
-  """expert_idx: [T, K'] -> the rounds; pmax over `axes` agrees them (and the stats)."""
+             axis: str = "expert") -> tuple[Schedule, Stats]:
+  """expert_idx: [T, K'] -> the rounds, agreed by a pmax over `axis` (the all_to_all's:
+  only the devices that exchange must agree), and this device's statistics."""
   t, k = expert_idx.shape
   flat = expert_idx.reshape(-1)
   shard = flat // e_local
@@ -124,11 +126,11 @@ def schedule(expert_idx: jax.Array, e_local: int, n_shards: int, blocks: Blocks,
   row_rank = jnp.take_along_axis(row_rank.reshape(t, k), owner, 1).reshape(-1)
   sub = row_rank // blocks.rows
   subs = -(-rows_in_block.reshape(n_shards, blocks.q_max) // blocks.rows)
-  subs = jax.lax.pmax(jnp.max(subs, axis=0), axes)                              # [q_max]
+  subs = jax.lax.pmax(jnp.max(subs, axis=0), axis)                              # [q_max]
   pairs_to = jnp.sum(onehot, axis=0)
   stats = Stats(rounds=jnp.sum(subs),
-                max_block_load=jax.lax.pmax(jnp.max(pairs_to), axes).astype(jnp.float32) / blocks.pairs,
-                rows_per_pair=jax.lax.pmean(jnp.mean(first.astype(jnp.float32)), axes))
+                max_block_load=jnp.max(pairs_to).astype(jnp.float32) / blocks.pairs,
+                rows_per_pair=jnp.mean(first.astype(jnp.float32)))
   sched = Schedule(shard.astype(jnp.int32), (flat % e_local).astype(jnp.int32),
                    (shard * blocks.pairs + rank % blocks.pairs).astype(jnp.int32),
                    (shard * blocks.rows + row_rank % blocks.rows).astype(jnp.int32),
