@@ -183,3 +183,83 @@ def test_parameters_carry_logical_axes(model):
     assert len(axes) == var.ndim, path
     if path[0] == "stacks":
       assert axes[0] == "layers"
+
+
+@pytest.mark.parametrize("preset", ["tiny_switch", "tiny_gshard"])
+def test_capacity_zero_routes_every_pair_with_the_routers_gates(preset):
+  """capacity_factor 0: nothing dropped, and each MoE layer's routed output is the loop
+  reference with the router's own gates (GShard's unkept second expert weighted 0)."""
+  from moe.model.routers import ROUTERS, RouteArgs, router_logits
+  from tests.reference import loop_moe
+  cfg = small(preset, capacity_factor=0.0, n_shared_experts=0, init_std=0.3)  # uneven gates
+  m = Transformer(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(8), (2, 16), 0, V)
+  _, aux = m(tokens, key=jax.random.key(3))
+  assert float(jnp.max(aux["layers"]["dropped_fraction"])) == 0.0
+  moe = m.stacks[-1].blocks.ffn
+  layer = jax.tree.map(lambda a: a[0], nnx.state(moe))
+  one = nnx.merge(nnx.graphdef(moe), layer)
+  x = jax.random.normal(jax.random.key(4), (32, cfg.d_model))
+  ids = tokens.reshape(-1)
+  key = jax.random.key(5)
+  y, aux = one(x, ids, key)
+  assert float(aux["dropped_fraction"]) == 0.0
+  route = ROUTERS[cfg.router].fn(RouteArgs(cfg, router_logits(x, one.router[...]), ids, key))
+  expected = loop_moe(x, route.expert_idx, route.gates, *one.experts.weights(x.dtype), keep=route.keep)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+  if preset == "tiny_gshard":  # the random keep really removed some second choices
+    assert not bool(jnp.all(route.keep))
+
+
+def test_score_bias_selects_but_does_not_weight():
+  """topk_bias: with zero bias it is topk; a bias changes the choices, and the gates stay
+  the unbiased probabilities of the chosen experts."""
+  from moe.model.routers import RouteArgs, route_topk, route_topk_bias
+  cfg = small(router="topk_bias")
+  logits = jax.random.normal(jax.random.key(0), (64, cfg.n_routed_experts))
+  args = RouteArgs(cfg, logits, None, None, jnp.zeros(cfg.n_routed_experts))
+  a, b = route_topk(args), route_topk_bias(args)
+  np.testing.assert_array_equal(a.expert_idx, b.expert_idx)
+  np.testing.assert_allclose(a.gates, b.gates)
+  bias = jnp.zeros(cfg.n_routed_experts).at[3].set(100.0)  # expert 3 always chosen
+  c = route_topk_bias(args._replace(score_bias=bias))
+  assert bool(jnp.all(jnp.any(c.expert_idx == 3, axis=-1)))
+  np.testing.assert_allclose(c.gates, jnp.take_along_axis(c.scores, c.expert_idx, -1))
+  assert float(jnp.max(c.gates)) < 1.0
+
+
+def test_bias_updates_balance_load_without_gradients():
+  """Repeated sign updates on fixed skewed logits bring the max/mean load down; a train
+  step moves the bias by exactly +-u and leaves it out of the gradient and optimizer."""
+  from moe.model.balance import routing_stats
+  from moe.model.routers import RouteArgs, route_topk_bias
+  cfg = small(router="topk_bias", bias_update_rate=0.01)
+  n = cfg.n_routed_experts
+  logits = jax.random.normal(jax.random.key(1), (512, n)) + jnp.linspace(0.0, 3.0, n)
+  bias = jnp.zeros(n)
+  loads = []
+  for _ in range(250):
+    r = route_topk_bias(RouteArgs(cfg, logits, None, None, bias))
+    load = routing_stats(r.expert_idx, n, 0)["load"]
+    loads.append(float(jnp.max(load)) * n)
+    bias = bias + cfg.bias_update_rate * jnp.sign(jnp.mean(load) - load)
+  assert loads[0] > 1.9 and max(loads[-20:]) < 1.1, (loads[0], loads[-20:])
+
+  from moe.train.config import TrainConfig
+  from moe.train.state import create_state
+  from moe.train.steps import train_step
+  graphdef, state = create_state(cfg, TrainConfig(steps=2, warmup_steps=1))
+  tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, V)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((2, 16)),
+           "segment_ids": jnp.zeros((2, 16), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
+  state, metrics = train_step(graphdef, state, batch, jax.random.key(3))
+  model, _ = nnx.merge(graphdef, state)
+  biases = [s.blocks.ffn.score_bias[...] for s in model.stacks if s.blocks.ffn.score_bias is not None]
+  got = jnp.concatenate(biases)                                   # [n_moe_layers, N']
+  load = metrics["layers"]["load"]
+  want = cfg.bias_update_rate * jnp.sign(jnp.mean(load, -1, keepdims=True) - load)
+  np.testing.assert_allclose(got, want, atol=1e-7)
+  assert metrics["layers"]["score_bias"].shape == (cfg.n_moe_layers, n)
+  assert not any("score_bias" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      nnx.state(model, nnx.Param)))

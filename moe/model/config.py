@@ -39,7 +39,7 @@ class ModelConfig:
   first_k_dense_replace: int = 0
   moe_layer_freq: int = 1
   norm_topk_prob: bool = False
-  capacity_factor: float = 1.0  # switch / gshard only
+  capacity_factor: float = 1.0  # switch / gshard only; 0: no dropping (dropless path, same gates)
   dispatch_backend: str = "auto"  # how dropless routers' rows reach experts: moe.dispatch.registry
   attention_backend: str = "auto"  # moe.model.attention_backends: splash on TPU, cudnn on GPU
   # Training loss over chunks of this many tokens (LM head + cross-entropy per chunk,
@@ -60,6 +60,9 @@ class ModelConfig:
   device_balance_alpha: float = 0.0
   n_device_groups: int = 0  # D in the device-level balance loss; 0: the mesh's expert shards
   router_z_loss_alpha: float = 0.0
+  # router "topk_bias": each step moves every expert's selection bias by this much, up
+  # for experts below the mean load and down for those above (DeepSeek-V3's u).
+  bias_update_rate: float = 0.001
 
   # Numerics and compilation.
   dtype: str = "float32"  # activation / matmul dtype
@@ -121,7 +124,8 @@ def _validate(c: ModelConfig) -> None:
       _fail(field, getattr(c, field), "must be positive", "set it to an integer >= 1")
   for field in ("n_routed_experts", "n_shared_experts", "n_activated_experts", "expert_width",
                 "first_k_dense_replace", "expert_balance_alpha", "device_balance_alpha",
-                "router_z_loss_alpha", "n_device_groups", "expert_capacity_factor"):
+                "router_z_loss_alpha", "n_device_groups", "expert_capacity_factor", "capacity_factor",
+                "bias_update_rate"):
     if getattr(c, field) < 0:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
@@ -175,8 +179,6 @@ def _validate(c: ModelConfig) -> None:
     _fail("n_activated_experts", c.n_activated_experts,
           f"router {c.router!r} routes each token to exactly {spec.fixed_k} expert(s) (top-{spec.fixed_k})",
           f"set n_activated_experts = {spec.fixed_k}")
-  if not spec.dropless and c.capacity_factor <= 0:
-    _fail("capacity_factor", c.capacity_factor, "must be positive", "use e.g. 1.0 or 1.25")
   if c.n_device_groups and c.n_routed_experts % c.n_device_groups:
     _fail("n_device_groups", c.n_device_groups,
           f"does not divide n_routed_experts={c.n_routed_experts}",

@@ -135,6 +135,21 @@ class Transformer(nnx.Module):
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux) if moe_aux else {}
     return self.final_norm(x), stats
 
+  def update_score_bias(self, load: jax.Array) -> None:
+    """After a training step, router topk_bias: b_i += u * sign(mean load - load_i) in every
+    MoE layer. load: [n_moe_layers, N'] each expert's share of the step's assignments
+    (aux['layers']['load'], in this model's MoE-layer order)."""
+    row = 0
+    for stack in self.stacks:
+      ffn = stack.blocks.ffn
+      if not isinstance(ffn, MoE):
+        continue
+      if ffn.score_bias is not None:
+        rows = load[row:row + stack.count]
+        error = jnp.mean(rows, axis=-1, keepdims=True) - rows
+        ffn.score_bias[...] = ffn.score_bias[...] + self.cfg.bias_update_rate * jnp.sign(error)
+      row += stack.count
+
   def __call__(self, tokens, segment_ids=None, positions=None, key=None):
     """tokens: [B, S] -> (logits [B, S, vocab] fp32, aux).
 

@@ -52,6 +52,11 @@ def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) ->
   return capacity.from_slots(out, slots, route.gates), slots.n_dropped
 
 
+class ScoreBias(nnx.Variable):
+  """Per-expert selection bias of router topk_bias [N']: not a Param, so neither the
+  gradient nor the optimizer sees it; Transformer.update_score_bias moves it."""
+
+
 class MoE(nnx.Module):
   """DeepSeekMoE FFN (and, with another router, the paper's Switch/GShard/Hash baselines)."""
 
@@ -63,6 +68,8 @@ class MoE(nnx.Module):
     self.router = (param(rngs, cfg, (cfg.d_model, cfg.n_routed_experts), ("embed", "expert"))
                    if ROUTERS[cfg.router].has_weights else None)
     self.experts = RoutedExperts(cfg, rngs)
+    self.score_bias = (ScoreBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+                       if ROUTERS[cfg.router].score_bias else None)
 
   def __call__(self, x: jax.Array, token_ids: jax.Array, key: jax.Array | None = None):
     """x: [T, d_model], token_ids: [T] -> (y [T, d_model], aux: losses and routing stats).
@@ -72,13 +79,18 @@ class MoE(nnx.Module):
     cfg = self.cfg
     spec = ROUTERS[cfg.router]
     logits = routers.router_logits(x, self.router[...]) if self.router is not None else None
-    route = spec.fn(RouteArgs(cfg, logits, token_ids, key))
+    bias = self.score_bias[...] if self.score_bias is not None else None
+    route = spec.fn(RouteArgs(cfg, logits, token_ids, key, bias))
     iv = intervention.current()
     if iv.mask_top or iv.n_activated:
       route = intervention.rerouted(cfg, route, iv)
     weights = self.experts.weights(x.dtype)
     mesh = meshes.active_mesh()
-    if spec.dropless and mesh is not None:
+    cap = cfg.capacity_factor if iv.capacity_factor is None else iv.capacity_factor
+    dropless = spec.dropless or cap <= 0  # capacity 0: Switch/GShard without dropping
+    if route.keep is not None and dropless:
+      route = route._replace(gates=jnp.where(route.keep, route.gates, 0.0))  # GShard's unkept 2nd
+    if dropless and mesh is not None:
       backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
       ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
                                cfg.expert_capacity_factor, cfg.expert_block_factor,
@@ -86,15 +98,17 @@ class MoE(nnx.Module):
       y, n_dropped = ep.y, ep.n_dropped
       ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
                   "ep_rows_per_pair": ep.rows_per_pair}
-    elif spec.dropless:
+    elif dropless:
       y, n_dropped = dropless_moe(x, route, weights, registry.resolve(cfg.dispatch_backend))
     else:  # capacity routers keep global (single-device) semantics; XLA partitions them
-      y, n_dropped = capacity_moe(x, route, weights, iv.capacity_factor or cfg.capacity_factor)
+      y, n_dropped = capacity_moe(x, route, weights, cap)
     if self.shared is not None and not iv.drop_shared:
       y = y + self.shared(x)
     aux = moe_aux(cfg, route, n_dropped)
-    if spec.dropless and mesh is not None:
+    if dropless and mesh is not None:
       aux.update(ep_stats)  # rounds and loads of expert parallelism, per layer
+    if bias is not None:
+      aux["score_bias"] = bias
     if iv.capture:
       aux["expert_idx"] = route.expert_idx
     return y, aux
@@ -111,4 +125,5 @@ def moe_aux(cfg: ModelConfig, route: Route, n_dropped: jax.Array) -> dict[str, j
     aux["device_balance_loss"] = balance.device_balance_loss(route.scores, route.expert_idx, groups)
     aux["z_loss"] = balance.z_loss(route.logits)
   aux.update(balance.routing_stats(route.expert_idx, cfg.n_routed_experts, n_dropped, route.scores))
+  aux["gate_mass"] = jnp.mean(jnp.sum(route.gates, axis=-1))  # routed gates' sum per token
   return aux

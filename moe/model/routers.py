@@ -5,9 +5,14 @@ routed experts, K' routed experts per token, s_{i,t} the softmax score of expert
 
     topk:   DeepSeekMoE. Softmax over routed experts, top-K', raw probabilities as gates;
             dropless.
-    switch: top-1, gate = its probability; capacity and token dropping.
+    topk_bias: as topk, but a per-expert bias b_i (not trained; moved after each step by
+            -+bias_update_rate from the sign of the expert's load error, Transformer.
+            update_score_bias) is added to the logits for choosing the top-K' only (s_i scaled by e^{b_i}); gates
+            stay the unbiased probabilities (DeepSeek-V3's auxiliary-loss-free balancing).
+    switch: top-1, gate = its probability; capacity and token dropping (capacity_factor 0:
+            no dropping, the dropless path with the same gates).
     gshard: top-2, gates renormalised over the pair, the second expert kept in training with
-            probability min(1, 2 g_2); capacity and token dropping.
+            probability min(1, 2 g_2); capacity and token dropping (or none, as switch).
     hash:   a fixed hash of the token id picks one expert, gate 1; dropless.
 """
 
@@ -57,6 +62,7 @@ class RouteArgs(NamedTuple):
   logits: jax.Array | None  # [T, N'] fp32, None for routers without weights
   token_ids: jax.Array      # [T]
   key: jax.Array | None     # randomness for stochastic routers; None = deterministic
+  score_bias: jax.Array | None = None  # [N'] selection-only bias (topk_bias)
 
 
 def route_topk(a: RouteArgs) -> Route:
@@ -64,6 +70,17 @@ def route_topk(a: RouteArgs) -> Route:
   scores = jax.nn.softmax(a.logits, axis=-1)
   gates, idx = top_k(scores, a.cfg.n_activated_experts, normalize=a.cfg.norm_topk_prob)
   return Route(gates, idx, scores, a.logits)
+
+
+def route_topk_bias(a: RouteArgs) -> Route:
+  """Auxiliary-loss-free balancing: top-K' of logits + bias, gates = the unbiased scores."""
+  scores = jax.nn.softmax(a.logits, axis=-1)
+  # On the logits: a bias b_i scales s_i by e^{b_i}, the same step for any N' and score size.
+  _, idx = jax.lax.top_k(a.logits + a.score_bias.astype(a.logits.dtype), a.cfg.n_activated_experts)
+  gates = jnp.take_along_axis(scores, idx, axis=-1)
+  if a.cfg.norm_topk_prob:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  return Route(gates, idx.astype(jnp.int32), scores, a.logits)
 
 
 def route_switch(a: RouteArgs) -> Route:
@@ -96,10 +113,13 @@ class RouterSpec(NamedTuple):
   has_weights: bool        # a [d_model, N'] router matrix
   dropless: bool           # False: capacity buffers, pairs past capacity dropped
   fixed_k: int | None      # the only K' the router supports (None: the config's)
+  score_bias: bool = False  # a per-expert selection bias, updated outside the gradient
 
 
 ROUTERS: dict[str, RouterSpec] = {
     "topk": RouterSpec(route_topk, has_weights=True, dropless=True, fixed_k=None),
+    "topk_bias": RouterSpec(route_topk_bias, has_weights=True, dropless=True, fixed_k=None,
+                            score_bias=True),
     "switch": RouterSpec(route_switch, has_weights=True, dropless=False, fixed_k=1),
     "gshard": RouterSpec(route_gshard, has_weights=True, dropless=False, fixed_k=2),
     "hash": RouterSpec(route_hash, has_weights=False, dropless=True, fixed_k=1),

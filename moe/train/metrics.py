@@ -25,8 +25,8 @@ def flatten_layers(layers: dict[str, Any]) -> dict[str, float]:
   out = {}
   for name, values in layers.items():
     values = np.asarray(values)
-    if name == "load":
-      continue  # [n_layers, n_experts]: summarised by max_over_mean_load
+    if values.ndim != 1:
+      continue  # [n_layers, n_experts] (load, score_bias): in metrics.jsonl only
     for i, v in enumerate(values):
       out[f"moe/layer{i}/{name}"] = float(v)
   return out

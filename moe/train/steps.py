@@ -30,6 +30,8 @@ def _train_step(graphdef, mesh, state, batch, key):
     model, optimizer = nnx.merge(graphdef, state)
     (loss, metrics), grads = nnx.value_and_grad(batch_objective, has_aux=True)(model, batch, key)
     optimizer.update(model, grads)
+    if "load" in metrics["layers"]:
+      model.update_score_bias(jax.lax.stop_gradient(metrics["layers"]["load"]))
     param_norm = optax.tree.norm(nnx.state(model, nnx.Param))
     # Checked on device; the loop reads it only when it logs or saves (moe.train.loop).
     finite = jnp.isfinite(loss) & jnp.isfinite(param_norm)
