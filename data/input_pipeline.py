@@ -5,6 +5,9 @@
       -> pack (concat-then-split)  ->  shuffle rows in windows (shuffle_rows)
       -> batch of this host's rows  ->  prefetch
 
+Evaluation batches are the first eval_batches of the eval split packed in one fixed shuffled
+document order (EVAL_SEED): spread over the whole split, identical for every run.
+
 Batches are dicts of [batch / hosts, seq_len] arrays: inputs, targets, weights,
 segment_ids, positions. The train iterator is a grain DatasetIterator: its state (a few
 integers) is saved in each checkpoint and restored in a time that does not grow with the
@@ -56,6 +59,9 @@ def to_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray)
           "segment_ids": segment_ids, "positions": positions}
 
 
+EVAL_SEED = 0
+
+
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> Batch:
   """Uniform random tokens, one document per row: for benchmarks and tests."""
   tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len)).astype(np.int32)
@@ -71,10 +77,11 @@ def host_batch_size(batch_size: int, shard_count: int) -> int:
 
 
 def tokenized_documents(cfg: DataConfig, tok: TextTokenizer, split: str, *, shuffle: bool,
-                        repeat: bool, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+                        repeat: bool, shard_index: int = 0, shard_count: int = 1,
+                        seed: int | None = None) -> grain.IterDataset:
   """This host's documents of `split` as {'tokens': [n] int32}, EOS appended. shuffle: a
-  seeded global shuffle, different every epoch (a stream keeps its order); repeat: epochs
-  without end."""
+  global shuffle seeded by `seed` (default cfg.seed), different every epoch (a stream keeps
+  its order); repeat: epochs without end."""
   def encode(text: str) -> dict[str, np.ndarray]:
     return {"tokens": np.append(tok.encode(text), np.int32(tok.eos_id)).astype(np.int32)}
 
@@ -86,7 +93,7 @@ def tokenized_documents(cfg: DataConfig, tok: TextTokenizer, split: str, *, shuf
     raise ValueError(f"split {split!r} of {cfg.dataset!r} has no documents")
   ds = grain.MapDataset.source(source)
   if shuffle:
-    ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.shuffle(seed=cfg.seed if seed is None else seed)
   if repeat:
     ds = ds.repeat()
   ds = ds[shard_index::shard_count].map(lambda example: encode(text_of(example, cfg)))
@@ -98,8 +105,10 @@ def batches(cfg: DataConfig, tok: TextTokenizer, split: str, model_vocab_size: i
             shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
   """This host's batches of `split` (see the module docstring)."""
   rows = host_batch_size(cfg.batch_size, shard_count)
-  docs = tokenized_documents(cfg, tok, split, shuffle=train, repeat=train,
-                             shard_index=shard_index, shard_count=shard_count)
+  # Evaluation reads documents in one fixed shuffled order, whatever the run's seed: its
+  # first batches come from all over the split (every file), the same for every run.
+  docs = tokenized_documents(cfg, tok, split, shuffle=True, repeat=train, shard_index=shard_index,
+                             shard_count=shard_count, seed=None if train else EVAL_SEED)
 
   def batch(r) -> Batch:
     check_token_ids(r["tokens"], model_vocab_size, f"{cfg.dataset} {split}")

@@ -5,7 +5,7 @@
 
 from absl import app, flags
 
-from moe.model.counts import count_params
+from moe.model.counts import count_params, shares
 from moe.model.presets import PRESETS, get_preset
 
 _PRESET = flags.DEFINE_string("preset", "tiny_deepseekmoe", f"one of {sorted(PRESETS)}")
@@ -16,6 +16,7 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "context length for attention F
 def report(preset: str, seq_len: int | None = None) -> str:
   cfg = get_preset(preset)
   c = count_params(cfg, seq_len)
+  sh = shares(cfg, seq_len)
   return "\n".join([
       f"preset={cfg.name}",
       f"total_params={c.total}",
@@ -23,6 +24,8 @@ def report(preset: str, seq_len: int | None = None) -> str:
       f"train_flops_per_token={c.train_flops_per_token:.4g}",
       f"forward_flops_per_token={c.forward_flops_per_token:.4g}",
       f"seq_len={seq_len or cfg.max_seq_len}",
+      f"params: vocabulary {sh.vocab_params:.1%}, FFN {sh.ffn_params:.1%}, attention {sh.attention_params:.1%}",
+      f"train FLOPs: LM head {sh.head_flops:.1%}, FFN {sh.ffn_flops:.1%}, attention {sh.attention_flops:.1%}",
   ])
 
 

@@ -6,7 +6,8 @@
 
 Finished variants (result.json with status 'finished') are skipped on a re-run; the others
 start or resume from their latest checkpoint. Results: WORKDIR/results.md, results.csv and
-results.png (validation loss during training).
+results.png (validation loss during training); with a SEED product axis also summary.md
+(mean and spread over seeds per model).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main(argv):
   rows = sweep_results.collect(variants, workdir)
   md, csv_path = sweep_results.write_results(rows, workdir, sweep_results.eval_curves(variants, workdir))
   print(sweep_results.markdown(rows))
+  summary = sweep_results.seed_summary(rows)
+  if summary:
+    print("\nover seeds:\n" + sweep_results.summary_markdown(summary))
   print(f"written: {md}, {csv_path}")
   if failed:
     raise SystemExit(f"variants failed: {failed}")

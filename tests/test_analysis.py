@@ -213,6 +213,26 @@ def test_specialization_counts_match_a_direct_count(trained):
           counts[layer, c, e] += 1
   np.testing.assert_array_equal(spec.counts, counts)
   np.testing.assert_allclose(spec.mutual_info, [specialization.mutual_information(c) for c in counts])
+  cat_p = np.bincount(cats[cats >= 0], minlength=len(specialization.CATEGORIES)) / spec.tokens
+  h = -np.sum(cat_p[cat_p > 0] * np.log2(cat_p[cat_p > 0]))
+  assert spec.category_entropy == pytest.approx(h)
+  np.testing.assert_allclose(spec.normalized, spec.mutual_info / h)
+  assert 0 < spec.token_id_info < h
+
+
+def test_token_id_null_counts_each_token_k_times_on_fixed_experts():
+  ids = np.array([5, 5, 7, 5, 7, 2])
+  cats = np.array([0, 1, 1, -1, 2, 0], np.int8)
+  counts = specialization.token_id_routing_counts(ids, cats, 10, 6, 2, seed=0)
+  assert counts.sum() == 5 * 2
+  # Token 5 (categories 0 and 1) lands on the same two experts in both rows.
+  e5 = np.flatnonzero(specialization.token_id_routing_counts(
+      np.array([5]), np.array([1], np.int8), 10, 6, 2, seed=0)[1])
+  assert len(e5) == 2 and np.all(counts[1][e5] >= 1) and np.all(counts[0][e5] >= 1)
+  # Routing by token alone: the MI cannot exceed what the token id carries, I(C; token).
+  tok_counts = np.zeros((len(specialization.CATEGORIES), 10))
+  np.add.at(tok_counts, (cats[cats >= 0], ids[cats >= 0]), 1)
+  assert specialization.mutual_information(counts) <= specialization.mutual_information(tok_counts) + 1e-9
 
 
 def test_analyze_writes_tables_and_plots(trained, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from moe.model.counts import count_params
 from moe.model.presets import model_config
-from moe.research import sweep
+from moe.research import sweep, sweep_results
 from tests.data_fixtures import small_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +54,9 @@ def test_config_file_parses_and_builds(path):
 def test_ablation_ladder_keeps_total_and_activated_params(scale):
   counts = [count_params(build(os.path.join(ROOT, "experiments", "configs", scale, f"{m}.gin"))[0])
             for m in ("gshard", "ladder_shared", "ladder_fine", "deepseekmoe")]
-  for c in counts[1:]:
-    assert c.total == pytest.approx(counts[0].total, rel=0.005)
-    assert c.activated == pytest.approx(counts[0].activated, rel=0.01)
+  for c in counts[1:]:  # the routers' [d, N'] matrices differ: 2% of the CPU models' total
+    assert c.total == pytest.approx(counts[0].total, rel=0.02)
+    assert c.activated == pytest.approx(counts[0].activated, rel=0.02)
 
 
 def test_cpu_scale_keeps_the_paper_arithmetic():
@@ -67,6 +67,18 @@ def test_cpu_scale_keeps_the_paper_arithmetic():
            (paper.n_routed_experts, paper.n_shared_experts, paper.n_activated_experts, paper.router)
     f = cfg.dense_ffn_width
     assert (cfg.n_routed_experts + cfg.n_shared_experts) * cfg.expert_width == 16 * f
+
+
+def test_cpu_scale_is_ffn_dominated_like_the_paper():
+  """Vocabulary, FFN and attention shares of parameters and training FLOPs within a few
+  points of the paper's 2B models (dense 0.2B: vocabulary 10% of parameters)."""
+  from moe.model.counts import shares
+  for cpu, paper in (("cpu_dense", "dense_0.2b"), ("cpu_deepseekmoe", "deepseekmoe_2b")):
+    a, b = shares(model_config(cpu), 128), shares(model_config(paper), 2048)
+    assert abs(a.vocab_params - b.vocab_params) < 0.05 and abs(a.ffn_params - b.ffn_params) < 0.05
+    assert abs(a.ffn_flops - b.ffn_flops) < 0.05 and a.head_flops < 0.07
+    assert sum((a.head_flops, a.ffn_flops, a.attention_flops)) == pytest.approx(1.0, abs=0.01)
+    assert sum((a.vocab_params, a.ffn_params, a.attention_params)) == pytest.approx(1.0, abs=0.01)
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +122,8 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   m = small_model()
   common = [f"model_config.{k} = {v!r}" for k, v in dict(
       preset="tiny_deepseekmoe", vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-      dense_ffn_width=m.dense_ffn_width, expert_width=m.expert_width, max_seq_len=m.max_seq_len).items()]
+      dense_ffn_width=m.dense_ffn_width, expert_width=m.expert_width, max_seq_len=m.max_seq_len,
+      router="topk_bias").items()]
   common += [f"DataConfig.source_dir = {source_dir!r}", f"DataConfig.data_dir = {data_dir!r}",
              "DataConfig.vocab_size = 512", "DataConfig.seq_len = 64", "DataConfig.batch_size = 8",
              "DataConfig.eval_batches = 1", "TrainConfig.steps = 2", "TrainConfig.warmup_steps = 1",
@@ -131,6 +144,8 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   assert rows[0]["total_params"] == rows[1]["total_params"]
   assert "| variant |" in (workdir / "results.md").read_text()
   assert os.path.getsize(workdir / "results.png") > 1000
+  assert os.path.getsize(workdir / "bias_n_activated_experts=3.png") > 1000  # topk_bias runs
+  assert float(rows[0]["gate_mass"]) > 0 and float(rows[0]["train_max_over_mean_load"]) >= 1.0
 
   again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0
@@ -141,3 +156,26 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   lines = printed.stdout.strip().splitlines()
   assert len(lines) == 2 and all(l.startswith("python -m experiments.train --workdir=") for l in lines)
   assert "'--gin_bindings=model_config.n_activated_experts = 3'" in lines[1]
+
+
+def test_seed_summary_and_bias_curves(tmp_path):
+  row = lambda name, loss, status="finished": {**{c: None for c in sweep_results.COLUMNS},
+                                               "variant": name, "status": status, "eval_loss": loss,
+                                               "gate_mass": 0.5}
+  rows = [row("dense,SEED=0", 4.0), row("dense,SEED=1", 4.2), row("dense,SEED=2", 4.1),
+          row("moe,SEED=0", 3.9), row("moe,SEED=1", 9.9, status="started"), row("other", 1.0)]
+  summary = {r["model"]: r for r in sweep_results.seed_summary(rows)}
+  assert set(summary) == {"dense", "moe"}
+  assert summary["dense"]["seeds"] == 3 and summary["dense"]["mean"] == pytest.approx(4.1)
+  assert summary["dense"]["spread"] == pytest.approx(0.2) and summary["dense"]["std"] == pytest.approx(0.1)
+  assert summary["moe"]["seeds"] == 1 and summary["moe"]["std"] is None  # unfinished seed left out
+  assert "| dense | 3 | 4.1 | 0.2 |" in sweep_results.summary_markdown(list(summary.values()))
+
+  run = tmp_path / "run"
+  run.mkdir()
+  records = [{"step": 1, "loss": 3.0, "layers": {"score_bias": [[0.01, -0.01], [0.0, 0.0]]}},
+             {"step": 2, "eval_loss": 3.0},
+             {"step": 2, "loss": 2.0, "layers": {"score_bias": [[0.02, -0.02], [0.0, 0.0]]}}]
+  (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+  assert sweep_results.bias_curves(str(run)) == {"expert 0": [(1, 0.01), (2, 0.02)],
+                                                 "expert 1": [(1, -0.01), (2, -0.02)]}

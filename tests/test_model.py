@@ -128,6 +128,11 @@ def test_baselines_run_and_report(preset):
     assert frac.shape == (cfg.n_moe_layers,) and bool(jnp.all((frac >= 0) & (frac <= 1)))
     if preset == "tiny_hash":
       assert float(metrics["aux_loss"]) == 0.0 and float(jnp.sum(frac)) == 0.0
+    mass = metrics["layers"]["gate_mass"]  # hash: gate 1; gshard: renormalised pair
+    if preset in ("tiny_hash", "tiny_gshard"):
+      np.testing.assert_allclose(mass, 1.0, rtol=1e-5)
+    else:  # switch: the top-1 probability, below 1 and at least 1/N'
+      assert bool(jnp.all((mass < 1) & (mass >= 1 / cfg.n_routed_experts)))
 
 
 def test_switch_drops_tokens_when_capacity_is_tight():

@@ -57,8 +57,11 @@ def ep(layout, idx, factor=rounds.BLOCK_FACTOR):
                                               block_factor=factor)
 
 
-@pytest.mark.parametrize("layout", ["expert:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2"])
-@pytest.mark.parametrize("case", ["random", "one_expert", "one_shard", "all_but_one_empty", "same_shard"])
+# Every routing case, each layout at least twice (a full product costs 2.5x the time).
+@pytest.mark.parametrize("layout, case", [
+    ("expert:8", "random"), ("data:2,expert:4", "one_expert"), ("fsdp:2,expert:2,tensor:2", "one_shard"),
+    ("expert:8", "all_but_one_empty"), ("data:2,expert:4", "same_shard"),
+    ("fsdp:2,expert:2,tensor:2", "random")])
 def test_rounds_equal_the_loop_reference(layout, case):
   x, gates, idx, w = inputs(case)
   run = ep(layout, idx)

@@ -51,3 +51,41 @@ def count_params(cfg: ModelConfig, seq_len: int | None = None) -> ParamCount:
   seq_len = seq_len or cfg.max_seq_len
   flops = 6 * (activated - embedding) + 12 * cfg.n_layers * cfg.d_model * seq_len
   return ParamCount(total, activated, embedding, float(flops))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shares:
+  """Fractions of all parameters and of the training FLOPs per token (PaLM convention as
+  count_params) held by the vocabulary (embedding + LM head), the FFNs (dense, shared and
+  routed experts, routers) and attention."""
+  vocab_params: float
+  ffn_params: float
+  attention_params: float
+  head_flops: float
+  ffn_flops: float
+  attention_flops: float   # projections and scores
+
+
+def shares(cfg: ModelConfig, seq_len: int | None = None) -> Shares:
+  sizes = {"vocab": 0, "ffn": 0, "attn": 0, "routed": 0, "head": 0}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    size = math.prod(leaf.shape)
+    if names[0] in ("embed", "lm_head"):
+      sizes["vocab"] += size
+      sizes["head"] += size if names[0] == "lm_head" else 0
+    elif "ffn" in names:
+      sizes["ffn"] += size
+      sizes["routed"] += size if "experts" in names else 0
+    elif "attn" in names:
+      sizes["attn"] += size
+  total = count_params(cfg, seq_len)
+  seq_len = seq_len or cfg.max_seq_len
+  routed_active = (sizes["routed"] * cfg.n_activated_experts // cfg.n_routed_experts
+                   if cfg.is_moe_model else 0)
+  ffn_flops = 6 * (sizes["ffn"] - sizes["routed"] + routed_active)
+  attn_flops = 6 * sizes["attn"] + 12 * cfg.n_layers * cfg.d_model * seq_len
+  head_flops = 6 * sizes["head"]
+  flops = total.train_flops_per_token
+  return Shares(sizes["vocab"] / total.total, sizes["ffn"] / total.total, sizes["attn"] / total.total,
+                head_flops / flops, ffn_flops / flops, attn_flops / flops)

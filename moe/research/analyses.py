@@ -4,8 +4,8 @@
   to the next K' best; a model whose experts are less redundant loses more;
 - shared experts off, one more routed expert on (Section 5.3: 1.808 -> 2.414 on the Pile);
 - activated routed experts varied at evaluation (Figure 5);
-- capacity routers (Switch, GShard) evaluated without token dropping (a capacity factor
-  of N').
+- capacity routers (Switch, GShard) evaluated without token dropping (capacity factor 0:
+  the dropless path with their gates).
 
 Each evaluation traces the model afresh under a moe.model.intervention.Intervention.
 """
@@ -34,7 +34,8 @@ def evaluate_with(run: RestoredRun, batches, iv: Intervention = Intervention()) 
   # parameters stay in the shards they were restored into; evaluate splits the batch.
   steps = Steps(train=None, eval=jax.jit(step), mesh=run.mesh, state_shardings=None)
   out = evaluate(steps, run.params, batches)
-  return {"loss": out["eval_loss"], "load": out["layers"].get("load")}
+  return {"loss": out["eval_loss"], "load": out["layers"].get("load"),
+          "gate_mass": out["layers"].get("gate_mass")}
 
 
 def require_moe(run: RestoredRun, what: str) -> None:
@@ -77,7 +78,6 @@ def vary_activated(run: RestoredRun, batches, ks=None) -> list[tuple[int, float]
 
 
 def without_token_dropping(run: RestoredRun, batches) -> float:
-  """Loss of a capacity router's model with a capacity factor of N': room for every token."""
+  """Loss of a capacity router's model with no token dropped (capacity factor 0)."""
   require_moe(run, "evaluating without token dropping")
-  cfg = run.model_cfg
-  return evaluate_with(run, batches, Intervention(capacity_factor=float(cfg.n_routed_experts)))["loss"]
+  return evaluate_with(run, batches, Intervention(capacity_factor=0.0))["loss"]

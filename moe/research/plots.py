@@ -16,14 +16,15 @@ def _plt():
 
 
 def plot_lines(path: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
-               title: str) -> None:
+               title: str, markers: bool = True, legend: bool = True) -> None:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for name, points in series.items():
-    ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    ax.plot([x for x, _ in points], [y for _, y in points], marker="o" if markers else None,
+            label=name, linewidth=1.0 if markers else 0.7)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   ax.grid(alpha=0.3)
-  if len(series) > 1:
+  if legend and len(series) > 1:
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)

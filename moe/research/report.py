@@ -46,6 +46,7 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
     base = evaluate_with(run, batches)
     r["loss"] = base["loss"]
     if cfg.is_moe_model:
+      r["gate_mass"] = base["gate_mass"].tolist()
       if "load" in analyses:
         r["load"] = base["load"].tolist()
         plot_heatmap(os.path.join(out_dir, f"load_{name}.png"), base["load"], "expert", "MoE layer",
@@ -54,7 +55,7 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
         r["redundancy"] = disable_top_experts(run, batches)
       if "shared" in analyses and cfg.n_shared_experts:
         r["shared"] = without_shared_experts(run, batches)
-      if "drops" in analyses and not ROUTERS[cfg.router].dropless:
+      if "drops" in analyses and not ROUTERS[cfg.router].dropless and cfg.capacity_factor > 0:
         r["drops"] = {"loss": base["loss"],
                       "loss_without_dropping": without_token_dropping(run, batches)}
       if "topk" in analyses and cfg.router == "topk":
@@ -62,7 +63,10 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
       if "categories" in analyses and run.data_cfg.dataset == EMBEDDED:
         spec = specialization(run, max_tokens)
         r["categories"] = {"mutual_info_bits": spec.mutual_info.tolist(),
-                           "shuffled_mutual_info_bits": spec.shuffled_info.tolist(),
+                           "normalized": spec.normalized.tolist(),
+                           "token_id_bits": spec.token_id_info,
+                           "token_id_normalized": spec.token_id_normalized,
+                           "category_entropy_bits": spec.category_entropy,
                            "tokens": spec.tokens, "counts": spec.counts.tolist()}
         layer = int(np.argmax(spec.mutual_info))
         plot_heatmap(os.path.join(out_dir, f"categories_{name}.png"), lift(spec.counts[layer]),
@@ -113,7 +117,12 @@ def report(results: dict[str, Any]) -> str:
   for n, r in results.items():
     if "categories" in r:
       c = r["categories"]
-      lines += ["", f"{n}: I(token category; chosen expert) per MoE layer, bits "
-                f"({c['tokens']} held-out tokens; shuffled categories in brackets): "
-                + ", ".join(f"{a:.3f} [{b:.3f}]" for a, b in zip(c["mutual_info_bits"], c["shuffled_mutual_info_bits"]))]
+      lines += ["", f"{n}: I(token category; chosen expert) / H(category) per MoE layer "
+                f"({c['tokens']} held-out tokens, H = {c['category_entropy_bits']:.3f} bits): "
+                + ", ".join(f"{a:.3f}" for a in c["normalized"])
+                + f"; token-id routing at the same N', K': {c['token_id_normalized']:.3f}"]
+  for n, r in results.items():
+    if "gate_mass" in r:
+      lines.append(f"{n}: mean routed gate mass per token, per MoE layer: "
+                   + ", ".join(f"{g:.3f}" for g in r["gate_mass"]))
   return "\n".join(lines)

@@ -1,7 +1,13 @@
 """Specialization by token category: each held-out token of the embedded Python corpus is
 a comment, docstring, string, keyword, identifier, number, operator or whitespace; the
-mutual information between a token's category and its chosen experts, per MoE layer,
-against the same statistic with categories shuffled over tokens.
+mutual information between a token's category and its chosen experts, per MoE layer.
+
+Two corrections make it comparable across models. The null is token-id routing: each
+token id sent to a fixed random set of K' of the N' experts (what a Hash layer does), which
+carries category information because the category is largely a function of the token; a
+learned router specialises only by what it adds over that. And the information is
+normalised by the category entropy H(C) (the most any routing can carry), with the null
+computed at each model's own N' and K'.
 """
 
 from __future__ import annotations
@@ -26,8 +32,18 @@ from moe.train.steps import put_batch
 class Specialization(NamedTuple):
   counts: np.ndarray          # [n_moe_layers, len(CATEGORIES), N'] (token, choice) pairs
   mutual_info: np.ndarray     # [n_moe_layers] I(category; expert) in bits
-  shuffled_info: np.ndarray   # [n_moe_layers] the same with categories shuffled over tokens
+  token_id_info: float        # the same for token-id routing at this N', K' (mean of seeds)
+  category_entropy: float     # H(category) in bits over the same tokens
   tokens: int
+
+  @property
+  def normalized(self) -> np.ndarray:
+    """[n_moe_layers] I(C; E) / H(C)."""
+    return self.mutual_info / self.category_entropy
+
+  @property
+  def token_id_normalized(self) -> float:
+    return self.token_id_info / self.category_entropy
 
 
 def category_rows(run: RestoredRun, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +76,24 @@ def mutual_information(counts: np.ndarray) -> float:
   return float(np.sum(p[nz] * np.log2(p[nz] / (pc @ pe)[nz])))
 
 
+def entropy_bits(counts: np.ndarray) -> float:
+  p = counts[counts > 0] / max(counts.sum(), 1)
+  return float(-np.sum(p * np.log2(p)))
+
+
+def token_id_routing_counts(ids: np.ndarray, cats: np.ndarray, vocab_size: int, n_experts: int,
+                            k: int, seed: int) -> np.ndarray:
+  """[C, N'] (category, expert) counts when every token id goes to a fixed random set of k
+  distinct experts. ids, cats: [T] (cats -1 = padding, left out)."""
+  table = np.argsort(np.random.default_rng(seed).random((vocab_size, n_experts)), axis=1)[:, :k]
+  keep = cats >= 0
+  counts = np.zeros((len(CATEGORIES), n_experts), np.int64)
+  np.add.at(counts, (np.repeat(cats[keep], k), table[ids[keep]].reshape(-1)), 1)
+  return counts
+
+
 def specialization(run: RestoredRun, max_tokens: int = 20_000, batch_size: int = 16,
-                   seed: int = 0) -> Specialization:
+                   null_seeds: int = 3) -> Specialization:
   require_moe(run, "routing specialization")
   check_batch(run.mesh, batch_size, "specialization batch_size")
   ids, cats = category_rows(run, max_tokens)
@@ -74,25 +106,24 @@ def specialization(run: RestoredRun, max_tokens: int = 20_000, batch_size: int =
 
   n_layers, n_cat, n_exp = run.model_cfg.n_moe_layers, len(CATEGORIES), run.model_cfg.n_routed_experts
   counts = np.zeros((n_layers, n_cat, n_exp), np.int64)
-  shuffled = np.zeros_like(counts)
-  perm_cats = cats.reshape(-1).copy()
-  valid = perm_cats >= 0
-  perm_cats[valid] = np.random.default_rng(seed).permutation(perm_cats[valid])
-  perm_cats = perm_cats.reshape(cats.shape)
   for start in range(0, len(ids), batch_size):
     rows = ids[start:start + batch_size]
     pad = batch_size - len(rows)  # one compiled shape for every batch
     tokens = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
     idx = np.asarray(choices(run.params, put_batch({"tokens": tokens}, run.mesh)["tokens"]))
     idx = idx[:, :len(rows) * rows.shape[1]]
-    for table, c in ((counts, cats), (shuffled, perm_cats)):
-      c = c[start:start + batch_size].reshape(-1)
-      keep = c >= 0
-      for layer in range(n_layers):
-        chosen = idx[layer][keep]                                   # [T, K']
-        np.add.at(table[layer], (np.repeat(c[keep], chosen.shape[1]), chosen.reshape(-1)), 1)
-  return Specialization(counts, np.array([mutual_information(c) for c in counts]),
-                        np.array([mutual_information(c) for c in shuffled]), int((cats >= 0).sum()))
+    c = cats[start:start + batch_size].reshape(-1)
+    keep = c >= 0
+    for layer in range(n_layers):
+      chosen = idx[layer][keep]                                   # [T, K']
+      np.add.at(counts[layer], (np.repeat(c[keep], chosen.shape[1]), chosen.reshape(-1)), 1)
+  k = run.model_cfg.n_activated_experts
+  null = np.mean([mutual_information(token_id_routing_counts(
+      ids.reshape(-1), cats.reshape(-1), run.model_cfg.vocab_size, n_exp, k, seed))
+      for seed in range(null_seeds)])
+  cat_counts = np.bincount(cats[cats >= 0].astype(np.int64), minlength=n_cat)
+  return Specialization(counts, np.array([mutual_information(c) for c in counts]), float(null),
+                        entropy_bits(cat_counts), int((cats >= 0).sum()))
 
 
 def lift(counts: np.ndarray) -> np.ndarray:

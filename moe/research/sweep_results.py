@@ -1,6 +1,8 @@
 """A sweep's results: one row per variant from its run files (total and activated
-parameters, FLOPs per token, final validation loss, routing statistics), written as
-results.md and results.csv, and the validation-loss curves as results.png."""
+parameters, FLOPs per token, final validation loss, routing statistics, the expert load
+over training), written as results.md and results.csv, the validation-loss curves as
+results.png, the selection biases of topk_bias runs as bias_<variant>.png, and, for sweeps
+with a seed axis, summary.md: mean and spread over seeds per model."""
 
 from __future__ import annotations
 
@@ -17,7 +19,17 @@ from moe.research.sweep import Variant
 from moe.train.run_files import RESULT, RUN_CONFIG, read_run_configs
 
 COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "train_flops_per_token",
-           "eval_loss", "max_over_mean_load", "dropped_fraction", "router_entropy"]
+           "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "dropped_fraction",
+           "router_entropy", "gate_mass"]
+STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass")
+
+
+def _metrics(run_dir: str) -> list[dict[str, Any]]:
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
@@ -37,10 +49,15 @@ def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
       with open(result_path) as f:
         result = json.load(f)
       row.update(status=result["status"], step=result["step"], eval_loss=result.get("eval_loss"))
-      for stat in ("max_over_mean_load", "dropped_fraction", "router_entropy"):
+      for stat in STATS:
         values = result.get("layers", {}).get(stat)
         if values is not None:
           row[stat] = float(np.mean(values))  # mean over MoE layers
+    # Training batches' max/mean load, mean over MoE layers and logged steps.
+    train_load = [np.mean(r["layers"]["max_over_mean_load"]) for r in _metrics(run_dir)
+                  if "loss" in r and "max_over_mean_load" in r.get("layers", {})]
+    if train_load:
+      row["train_max_over_mean_load"] = float(np.mean(train_load))
     rows.append(row)
   return rows
 
@@ -63,14 +80,53 @@ def eval_curves(variants: list[Variant], workdir: str) -> dict[str, list[tuple[i
   """{variant: [(step, validation loss)]} from each run's metrics.jsonl."""
   curves = {}
   for v in variants:
-    path = os.path.join(workdir, v.name, "metrics.jsonl")
-    if os.path.exists(path):
-      with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-      points = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
-      if points:
-        curves[v.name] = points
+    rows = _metrics(os.path.join(workdir, v.name))
+    points = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
+    if points:
+      curves[v.name] = points
   return curves
+
+
+def bias_curves(run_dir: str, layer: int = 0) -> dict[str, list[tuple[int, float]]]:
+  """{'expert i': [(step, selection bias)]} of one MoE layer of a topk_bias run."""
+  points = [(r["step"], r["layers"]["score_bias"][layer]) for r in _metrics(run_dir)
+            if "loss" in r and "score_bias" in r.get("layers", {})]
+  if not points:
+    return {}
+  return {f"expert {i}": [(step, b[i]) for step, b in points] for i in range(len(points[0][1]))}
+
+
+def seed_summary(rows: list[dict[str, Any]], seed_key: str = "SEED") -> list[dict[str, Any]]:
+  """Rows named 'model,SEED=s' (finished ones) grouped by model: seeds, mean validation loss,
+  spread (max - min over seeds), std, and the routing statistics' means."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    parts = r["variant"].split(",")
+    if r["status"] != "finished" or not any(p.startswith(seed_key + "=") for p in parts):
+      continue
+    groups.setdefault(",".join(p for p in parts if not p.startswith(seed_key + "=")), []).append(r)
+  out = []
+  for model, rs in groups.items():
+    losses = np.array([r["eval_loss"] for r in rs])
+    row = {"model": model, "seeds": len(rs), "mean": float(losses.mean()),
+           "spread": float(losses.max() - losses.min()), "std": float(losses.std(ddof=1)) if len(rs) > 1 else None,
+           "losses": losses.tolist()}
+    for stat in STATS + ("train_max_over_mean_load",):
+      values = [r[stat] for r in rs if r[stat] is not None]
+      row[stat] = float(np.mean(values)) if values else None
+    out.append(row)
+  return out
+
+
+SUMMARY_COLUMNS = ["model", "seeds", "mean", "spread", "std", "losses", "gate_mass",
+                   "max_over_mean_load", "train_max_over_mean_load", "dropped_fraction"]
+
+
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+  fmt = lambda v: "/".join(f"{x:.3f}" for x in v) if isinstance(v, list) else _fmt(v)
+  lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+  lines += ["| " + " | ".join(fmt(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in summary]
+  return "\n".join(lines)
 
 
 def write_results(rows: list[dict[str, Any]], workdir: str,
@@ -80,6 +136,16 @@ def write_results(rows: list[dict[str, Any]], workdir: str,
   if curves:
     plot_lines(os.path.join(workdir, "results.png"), curves, "step", "validation loss",
                "validation loss during training")
+  for r in rows:
+    bias = bias_curves(os.path.join(workdir, r["variant"]))
+    if bias:
+      plot_lines(os.path.join(workdir, f"bias_{r['variant']}.png"), bias, "step",
+                 "selection bias (logits)", f"{r['variant']}: MoE layer 0, one line per expert",
+                 markers=False, legend=False)
+  summary = seed_summary(rows)
+  if summary:
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(summary_markdown(summary) + "\n")
   md, csv_path = os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")
   with open(md, "w") as f:
     f.write(markdown(rows) + "\n")

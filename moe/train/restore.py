@@ -27,16 +27,17 @@ class RestoredRun(NamedTuple):
   model_cfg: ModelConfig
   data_cfg: DataConfig
   graphdef: Any   # of the model alone: nnx.merge(graphdef, params) is the Transformer
-  params: Any     # nnx.State of the model's nnx.Param variables (no optimizer state)
+  params: Any     # nnx.State of the model's variables: parameters (and topk_bias's
+                  # selection biases), no optimizer state
   step: int
   mesh: Mesh | None = None  # where params live (split by the rules); None: one device
 
 
 def abstract_model(model_cfg: ModelConfig):
-  """(graphdef, params as ShapeDtypeStructs) of the model: nothing is allocated. Splitting
-  by nnx.Param fails if the model ever holds other variables, which this restore would drop."""
+  """(graphdef, every model variable as ShapeDtypeStructs): nothing is allocated. Not only
+  nnx.Param: a topk_bias model's selection biases (ScoreBias) route its tokens too."""
   model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-  return nnx.split(model, nnx.Param)
+  return nnx.split(model)
 
 
 def restore_params(ckpt: Checkpointer, model_cfg: ModelConfig, step: int | None,
