@@ -47,9 +47,18 @@ def all_to_all_bytes(t_local: int, k: int, d_model: int, n_shards: int, capacity
   return (n_shards - 1) * b * (2 * d_model * itemsize + 4)
 
 
-def _gloo_cpu(mesh) -> bool:
-  """A CPU mesh spanning processes: collectives go through gloo."""
-  return meshes.target_platform(mesh) == "cpu" and len({d.process_index for d in mesh.devices.flat}) > 1
+def layer_capacity_factor(capacity_factor: float, mesh) -> float:
+  """The exchange a model layer uses: `capacity_factor` (0: dropless rounds), except on
+  CPU meshes, where dropless means one exchange with blocks that hold every pair (worst-case
+  buffers). XLA:CPU runs a device's independent thunks concurrently, so a train step's
+  rounds loop (collectives inside a while loop) can meet the other collectives of the layer
+  scan in a different order on different devices and deadlock: seen in-process on
+  data:2,expert:4 and fsdp:2,expert:2,tensor:2 and across processes (gloo). TPU and GPU
+  issue collectives in program order; there the rounds run (tests/test_rounds.py checks
+  them on CPU one layer at a time, tests/test_tpu_compile.py inside the TPU train step)."""
+  if capacity_factor <= 0 and meshes.target_platform(mesh) == "cpu":
+    return float(mesh.shape["expert"])
+  return capacity_factor
 
 
 class EPResult(NamedTuple):
@@ -114,11 +123,6 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
     raise MeshError(f"{n_tokens} tokens do not split over {token_shards} devices "
                              f"(axes {BATCH_AXES}); make the batch a multiple")
   t_local = n_tokens // token_shards
-  if capacity_factor <= 0 and _gloo_cpu(mesh):
-    # XLA:CPU across processes (gloo) can deadlock on the rounds' loop of collectives (seen
-    # in 2-process tests): one exchange with blocks that hold every pair instead, still
-    # dropless, at worst-case buffer size (multi-process CPU is for tests, not for speed).
-    capacity_factor = float(n_shards)
   tokens = P(BATCH_AXES, None)
   w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
   if capacity_factor > 0:

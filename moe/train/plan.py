@@ -58,15 +58,16 @@ def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
   n_shards = mesh.shape["expert"]
   itemsize = jnp.dtype(cfg.dtype).itemsize
   k = cfg.n_activated_experts
-  if cfg.expert_capacity_factor <= 0:
+  capacity = expert_parallel.layer_capacity_factor(cfg.expert_capacity_factor, mesh)
+  if capacity <= 0:
     blocks = rounds.block_sizes(tokens_per_device, k, cfg.n_routed_experts, n_shards,
                                 cfg.expert_block_factor)
     fwd = rounds.round_bytes(blocks, n_shards, cfg.d_model, itemsize)
     bwd = rounds.round_backward_bytes(blocks, n_shards, cfg.d_model, itemsize)
     return cfg.n_moe_layers * n_rounds * (fwd * (2 if cfg.remat else 1) + bwd)
-  fwd = expert_parallel.all_to_all_bytes(tokens_per_device, k, cfg.d_model, n_shards,
-                                         cfg.expert_capacity_factor, itemsize)
-  rows = expert_parallel.block_rows(tokens_per_device, k, n_shards, cfg.expert_capacity_factor)
+  fwd = expert_parallel.all_to_all_bytes(tokens_per_device, k, cfg.d_model, n_shards, capacity,
+                                         itemsize)
+  rows = expert_parallel.block_rows(tokens_per_device, k, n_shards, capacity)
   bwd = 2 * (n_shards - 1) * rows * cfg.d_model * itemsize
   return cfg.n_moe_layers * (fwd * (2 if cfg.remat else 1) + bwd)
 
