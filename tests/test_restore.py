@@ -99,9 +99,10 @@ def test_evaluation_and_analyses_on_a_mesh_equal_one_device(run16, tmp_path, mon
   assert sharded["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5)
   np.testing.assert_allclose(sharded["layers"]["load"], one["layers"]["load"], atol=1e-5)
   # It ran on the mesh: the device-level balance loss groups experts by expert shard by
-  # default, one group (a constant 1) on one device, two on this mesh.
-  np.testing.assert_array_equal(one["layers"]["device_balance_loss"], 1.0)
-  assert np.all(np.abs(sharded["layers"]["device_balance_loss"] - 1.0) > 1e-6)
+  # default, one group (a constant 1, up to float sums) on one device, two on this mesh
+  # (1.003-1.004 here).
+  np.testing.assert_allclose(one["layers"]["device_balance_loss"], 1.0, atol=1e-6)
+  assert np.all(np.abs(sharded["layers"]["device_balance_loss"] - 1.0) > 1e-4)
 
   # An intervention traced on the mesh (shared experts off, K'+1 routed) against one device.
   run_one, run_mesh = restore_run(run16), restore_run(run16, mesh=make_mesh(MeshConfig(LAYOUT)))
