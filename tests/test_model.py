@@ -41,7 +41,9 @@ def test_causal_future_tokens_do_not_change_earlier_logits(model):
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, V)
   changed = tokens.at[:, 10:].set((tokens[:, 10:] + 7) % V)
   a, b = logits_of(model, tokens), logits_of(model, changed)
-  np.testing.assert_array_equal(a[:, :10], b[:, :10])
+  # Not bit-equal: the routed experts' matmuls see other rows beside an earlier token when
+  # later tokens route elsewhere, and XLA:CPU's blocking then rounds differently (~4e-9).
+  np.testing.assert_allclose(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
   assert np.max(np.abs(a[:, 10:] - b[:, 10:])) > 1e-4
 
 
