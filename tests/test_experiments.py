@@ -144,6 +144,7 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   assert rows[0]["total_params"] == rows[1]["total_params"]
   assert "| variant |" in (workdir / "results.md").read_text()
   assert os.path.getsize(workdir / "results.png") > 1000
+  assert os.path.getsize(workdir / "load.png") > 1000
   assert os.path.getsize(workdir / "bias_n_activated_experts=3.png") > 1000  # topk_bias runs
   assert float(rows[0]["gate_mass"]) > 0 and float(rows[0]["train_max_over_mean_load"]) >= 1.0
 
@@ -179,3 +180,11 @@ def test_seed_summary_and_bias_curves(tmp_path):
   (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
   assert sweep_results.bias_curves(str(run)) == {"expert 0": [(1, 0.01), (2, 0.02)],
                                                  "expert 1": [(1, -0.01), (2, -0.02)]}
+
+  loads = [{"step": s, "loss": 2.0, "layers": {"max_over_mean_load": [m, m + 2.0]}}
+           for s, m in ((10, 5.0), (20, 3.0), (30, 1.0), (40, 1.0))]
+  (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in loads + [{"step": 40, "eval_loss": 2.5}]))
+  assert sweep_results.load_curve(str(run)) == [(10, 6.0), (20, 4.0), (30, 2.0), (40, 2.0)]
+  row = sweep_results.collect([sweep.Variant("run", (), ())], str(tmp_path))[0]
+  assert row["train_max_over_mean_load"] == pytest.approx(3.5)
+  assert row["late_train_max_over_mean_load"] == pytest.approx(2.0)  # steps after 20

@@ -1,7 +1,7 @@
 """A sweep's results: one row per variant from its run files (total and activated
 parameters, FLOPs per token, final validation loss, routing statistics, the expert load
 over training), written as results.md and results.csv, the validation-loss curves as
-results.png, the selection biases of topk_bias runs as bias_<variant>.png, and, for sweeps
+results.png, the training batches' expert load as load.png, the selection biases of topk_bias runs as bias_<variant>.png, and, for sweeps
 with a seed axis, summary.md: mean and spread over seeds per model."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from moe.research.sweep import Variant
 from moe.train.run_files import RESULT, RUN_CONFIG, read_run_configs
 
 COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "train_flops_per_token",
-           "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "dropped_fraction",
-           "router_entropy", "gate_mass"]
+           "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
+           "dropped_fraction", "router_entropy", "gate_mass"]
 STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass")
 
 
@@ -53,11 +53,13 @@ def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
         values = result.get("layers", {}).get(stat)
         if values is not None:
           row[stat] = float(np.mean(values))  # mean over MoE layers
-    # Training batches' max/mean load, mean over MoE layers and logged steps.
-    train_load = [np.mean(r["layers"]["max_over_mean_load"]) for r in _metrics(run_dir)
-                  if "loss" in r and "max_over_mean_load" in r.get("layers", {})]
+    # Training batches' max/mean load, mean over MoE layers and logged steps (all of them,
+    # and the second half: balancing schemes differ most in how fast they settle).
+    train_load = load_curve(run_dir)
     if train_load:
-      row["train_max_over_mean_load"] = float(np.mean(train_load))
+      row["train_max_over_mean_load"] = float(np.mean([v for _, v in train_load]))
+      row["late_train_max_over_mean_load"] = float(np.mean(
+          [v for step, v in train_load if step > train_load[-1][0] / 2]))
     rows.append(row)
   return rows
 
@@ -74,6 +76,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def load_curve(run_dir: str) -> list[tuple[int, float]]:
+  """[(step, max/mean expert load of the training batch, mean over MoE layers)]."""
+  return [(r["step"], float(np.mean(r["layers"]["max_over_mean_load"]))) for r in _metrics(run_dir)
+          if "loss" in r and "max_over_mean_load" in r.get("layers", {})]
 
 
 def eval_curves(variants: list[Variant], workdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -111,7 +119,7 @@ def seed_summary(rows: list[dict[str, Any]], seed_key: str = "SEED") -> list[dic
     row = {"model": model, "seeds": len(rs), "mean": float(losses.mean()),
            "spread": float(losses.max() - losses.min()), "std": float(losses.std(ddof=1)) if len(rs) > 1 else None,
            "losses": losses.tolist()}
-    for stat in STATS + ("train_max_over_mean_load",):
+    for stat in STATS + ("train_max_over_mean_load", "late_train_max_over_mean_load"):
       values = [r[stat] for r in rs if r[stat] is not None]
       row[stat] = float(np.mean(values)) if values else None
     out.append(row)
@@ -119,7 +127,8 @@ def seed_summary(rows: list[dict[str, Any]], seed_key: str = "SEED") -> list[dic
 
 
 SUMMARY_COLUMNS = ["model", "seeds", "mean", "spread", "std", "losses", "gate_mass",
-                   "max_over_mean_load", "train_max_over_mean_load", "dropped_fraction"]
+                   "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
+                   "dropped_fraction"]
 
 
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
@@ -136,6 +145,11 @@ def write_results(rows: list[dict[str, Any]], workdir: str,
   if curves:
     plot_lines(os.path.join(workdir, "results.png"), curves, "step", "validation loss",
                "validation loss during training")
+  loads = {r["variant"]: load_curve(os.path.join(workdir, r["variant"])) for r in rows}
+  loads = {k: v for k, v in loads.items() if v}
+  if loads:
+    plot_lines(os.path.join(workdir, "load.png"), loads, "step", "max / mean expert load",
+               "training batches' expert load (mean over MoE layers)", markers=False)
   for r in rows:
     bias = bias_curves(os.path.join(workdir, r["variant"]))
     if bias:
