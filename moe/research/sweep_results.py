@@ -1,8 +1,9 @@
 """A sweep's results: one row per variant from its run files (total and activated
 parameters, FLOPs per token, final validation loss, routing statistics, the expert load
 over training), written as results.md and results.csv, the validation-loss curves as
-results.png, the training batches' expert load as load.png, the selection biases of topk_bias runs as bias_<variant>.png, and, for sweeps
-with a seed axis, summary.md: mean and spread over seeds per model."""
+results.png, the training batches' expert load as load.png, the selection biases of
+topk_bias runs as bias_<variant>.png, and, for sweeps with a seed axis, summary.md: mean
+and spread over seeds per model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "tra
            "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
            "dropped_fraction", "router_entropy", "gate_mass"]
 STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass")
+TRAIN_STATS = ("train_max_over_mean_load", "late_train_max_over_mean_load")
 
 
 def _metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -119,7 +121,7 @@ def seed_summary(rows: list[dict[str, Any]], seed_key: str = "SEED") -> list[dic
     row = {"model": model, "seeds": len(rs), "mean": float(losses.mean()),
            "spread": float(losses.max() - losses.min()), "std": float(losses.std(ddof=1)) if len(rs) > 1 else None,
            "losses": losses.tolist()}
-    for stat in STATS + ("train_max_over_mean_load", "late_train_max_over_mean_load"):
+    for stat in STATS + TRAIN_STATS:
       values = [r[stat] for r in rs if r[stat] is not None]
       row[stat] = float(np.mean(values)) if values else None
     out.append(row)
