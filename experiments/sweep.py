@@ -5,9 +5,10 @@
   python -m experiments.sweep --sweep=... --workdir=... --collect_only
 
 Finished variants (result.json with status 'finished') are skipped on a re-run; the others
-start or resume from their latest checkpoint. Results: WORKDIR/results.md, results.csv and
-results.png (validation loss during training); with a SEED product axis also summary.md
-(mean and spread over seeds per model).
+start or resume from their latest checkpoint. Results go to WORKDIR/<sweep file's name>.results/
+(so sweeps sharing a workdir, and so its runs, keep their own tables): results.md,
+results.csv, results.png (validation loss during training), load.png; with a SEED product
+axis also summary.md (mean and spread over seeds per model).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def main(argv):
   # Runs start in the repository root, where the sweep files' config paths point.
   failed = [] if _COLLECT.value else sweep.run_sweep(variants, workdir, cwd=gin_flags.REPO_ROOT)
   rows = sweep_results.collect(variants, workdir)
-  md, csv_path = sweep_results.write_results(rows, workdir, sweep_results.eval_curves(variants, workdir))
+  out_dir = os.path.join(workdir, os.path.splitext(os.path.basename(_SWEEP.value))[0] + ".results")
+  md, csv_path = sweep_results.write_results(rows, workdir, out_dir,
+                                             sweep_results.eval_curves(variants, workdir))
   print(sweep_results.markdown(rows))
   summary = sweep_results.seed_summary(rows)
   if summary:

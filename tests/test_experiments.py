@@ -134,7 +134,8 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   args = [sys.executable, "-m", "experiments.sweep", f"--sweep={path}", f"--workdir={workdir}"]
   first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-  with open(workdir / "results.csv") as f:
+  out = workdir / "s.results"  # per sweep file (s.json): sweeps may share a workdir
+  with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["variant"] for r in rows] == ["n_activated_experts=1", "n_activated_experts=3"]
   for r in rows:
@@ -142,10 +143,10 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
     assert 0 < float(r["eval_loss"]) < 10 and float(r["max_over_mean_load"]) >= 1.0
   assert int(rows[1]["activated_params"]) > int(rows[0]["activated_params"])
   assert rows[0]["total_params"] == rows[1]["total_params"]
-  assert "| variant |" in (workdir / "results.md").read_text()
-  assert os.path.getsize(workdir / "results.png") > 1000
-  assert os.path.getsize(workdir / "load.png") > 1000
-  assert os.path.getsize(workdir / "bias_n_activated_experts=3.png") > 1000  # topk_bias runs
+  assert "| variant |" in (out / "results.md").read_text()
+  assert os.path.getsize(out / "results.png") > 1000
+  assert os.path.getsize(out / "load.png") > 1000
+  assert os.path.getsize(out / "bias_n_activated_experts=3.png") > 1000  # topk_bias runs
   assert float(rows[0]["gate_mass"]) > 0 and float(rows[0]["train_max_over_mean_load"]) >= 1.0
 
   again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -140,29 +140,30 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_results(rows: list[dict[str, Any]], workdir: str,
+def write_results(rows: list[dict[str, Any]], workdir: str, out_dir: str,
                   curves: dict[str, list[tuple[int, float]]] | None = None) -> tuple[str, str]:
-  """workdir/results.md and workdir/results.csv (and results.png, the validation-loss
-  curves, when given); returns the table paths."""
+  """out_dir/results.md and out_dir/results.csv (and results.png, the validation-loss
+  curves, when given) for the runs under workdir; returns the table paths."""
+  os.makedirs(out_dir, exist_ok=True)
   if curves:
-    plot_lines(os.path.join(workdir, "results.png"), curves, "step", "validation loss",
+    plot_lines(os.path.join(out_dir, "results.png"), curves, "step", "validation loss",
                "validation loss during training")
   loads = {r["variant"]: load_curve(os.path.join(workdir, r["variant"])) for r in rows}
   loads = {k: v for k, v in loads.items() if v}
   if loads:
-    plot_lines(os.path.join(workdir, "load.png"), loads, "step", "max / mean expert load",
+    plot_lines(os.path.join(out_dir, "load.png"), loads, "step", "max / mean expert load",
                "training batches' expert load (mean over MoE layers)", markers=False)
   for r in rows:
     bias = bias_curves(os.path.join(workdir, r["variant"]))
     if bias:
-      plot_lines(os.path.join(workdir, f"bias_{r['variant']}.png"), bias, "step",
+      plot_lines(os.path.join(out_dir, f"bias_{r['variant']}.png"), bias, "step",
                  "selection bias (logits)", f"{r['variant']}: MoE layer 0, one line per expert",
                  markers=False, legend=False)
   summary = seed_summary(rows)
   if summary:
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
       f.write(summary_markdown(summary) + "\n")
-  md, csv_path = os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")
+  md, csv_path = os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.csv")
   with open(md, "w") as f:
     f.write(markdown(rows) + "\n")
   with open(csv_path, "w", newline="") as f:
