@@ -33,6 +33,17 @@ def build(path):
     gin.clear_config()
 
 
+SWEEPS = sorted(glob.glob(os.path.join(ROOT, "experiments", "sweeps", "*.json")))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=os.path.basename)
+def test_shipped_sweep_file_loads_and_names_existing_configs(path):
+  variants = sweep.load_sweep(path)
+  assert variants and len({v.name for v in variants}) == len(variants)
+  missing = [f for v in variants for f in v.gin_files if not os.path.exists(os.path.join(ROOT, f))]
+  assert not missing, f"{os.path.basename(path)} names missing gin files {missing}"
+
+
 def test_there_are_configs_for_every_model_of_the_comparisons():
   names = {os.path.relpath(p, os.path.join(ROOT, "experiments", "configs")) for p in CONFIGS}
   for scale in ("paper", "cpu"):
