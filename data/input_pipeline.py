@@ -6,7 +6,9 @@
       -> batch of this host's rows  ->  prefetch
 
 Evaluation batches are the first eval_batches of the eval split packed in one fixed shuffled
-document order (EVAL_SEED): spread over the whole split, identical for every run.
+document order (EVAL_SEED): spread over the whole split, identical for every run. Each host
+packs its own documents, so hosts may pack different numbers of them; the hosts then agree
+on the most and the others add padding batches (moe.train.evaluate.agree_eval_batches).
 
 Batches are dicts of [batch / hosts, seq_len] arrays: inputs, targets, weights,
 segment_ids, positions. The train iterator is a grain DatasetIterator: its state (a few
@@ -57,6 +59,13 @@ def to_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray)
   targets, weights = packing.lm_example(tokens, segment_ids)
   return {"inputs": tokens, "targets": targets, "weights": weights,
           "segment_ids": segment_ids, "positions": positions}
+
+
+def padding_batch(rows: int, seq_len: int) -> Batch:
+  """Rows of padding only (segment id 0): every weight is 0, so the batch adds nothing to a
+  loss sum or a token count."""
+  zeros = np.zeros((rows, seq_len), np.int32)
+  return to_batch(zeros, zeros.copy(), zeros.copy())
 
 
 EVAL_SEED = 0
@@ -128,6 +137,15 @@ class Datasets(NamedTuple):
   eval_batches: list[Batch]
   tokenizer: TextTokenizer
   unigram_entropy: float  # nats per token of the training tokens' unigram distribution
+  # Leading eval batches that no host padded (agree_eval_batches); None: all of them.
+  eval_unpadded: int | None = None
+
+
+def check_eval_batches(count: int, cfg: DataConfig) -> None:
+  """Refuse an eval split that packs into no batch at all (on any host)."""
+  if not count:
+    raise ValueError(f"split {cfg.eval_split!r} of {cfg.dataset!r} holds less than one batch "
+                     f"({cfg.batch_size} rows of {cfg.seq_len} tokens)")
 
 
 def unigram_entropy(docs: Iterator[dict[str, np.ndarray]], max_tokens: int = ENTROPY_TOKENS) -> float:
@@ -146,7 +164,9 @@ def unigram_entropy(docs: Iterator[dict[str, np.ndarray]], max_tokens: int = ENT
 
 def make_datasets(cfg: DataConfig, model_vocab_size: int, shard_index: int = 0,
                   shard_count: int = 1) -> Datasets:
-  """Train iterator, fixed eval batches and the tokenizer, checked against the model vocab."""
+  """Train iterator, fixed eval batches and the tokenizer, checked against the model vocab.
+  With several shards this shard's eval batches may be none: the hosts agree on the count
+  (moe.train.evaluate.agree_eval_batches), which refuses a split that fills no host's batch."""
   tok = tokenizer_for(cfg)
   if tok.vocab_size > model_vocab_size:
     raise ValueError(f"tokenizer {tok.path!r} has {tok.vocab_size} pieces but "
@@ -157,9 +177,8 @@ def make_datasets(cfg: DataConfig, model_vocab_size: int, shard_index: int = 0,
   eval_it = iter(batches(cfg, tok, cfg.eval_split, model_vocab_size, train=False, **args))
   eval_batches = [b for b, _ in zip(eval_it, range(cfg.eval_batches))]
   eval_it.close()
-  if not eval_batches:
-    raise ValueError(f"split {cfg.eval_split!r} of {cfg.dataset!r} holds less than one batch "
-                     f"({cfg.batch_size} rows of {cfg.seq_len} tokens)")
+  if shard_count == 1:
+    check_eval_batches(len(eval_batches), cfg)
   # One epoch's first documents in the shuffled order all hosts share.
   sample = iter(tokenized_documents(cfg, tok, cfg.train_split, shuffle=True, repeat=False))
   entropy = unigram_entropy(sample)

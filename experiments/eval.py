@@ -3,12 +3,15 @@
   python -m experiments.eval --workdir=workdirs/tiny_deepseekmoe [--step=200]
   python -m experiments.eval --workdir=... --gin.DataConfig.eval_batches=64
   python -m experiments.eval --workdir=... --mesh=fsdp:4,expert:2   # parameters in shards
+  python -m experiments.eval --workdir=... --distributed --mesh=data:-1 --json_out=eval.json
   python -m experiments.eval --hf_checkpoint=DIR --text_file=F.txt [--seq_len=1024]
   python -m experiments.eval --hf_checkpoint=DIR --choices_file=F.jsonl [--dtype=float32]
 
 The run's own model and data configs are used; DataConfig bindings override the data
 config's fields, `--mesh` (or MeshConfig.shape) restores the parameters in their shards
-onto a mesh and evaluates there, and bindings of anything else are refused.
+onto a mesh and evaluates there, and bindings of anything else are refused. With
+`--distributed` every host of a multi-host job runs this command: each reads its own shard
+of the held-out split, and the mesh spans all hosts.
 `--text_file` (perplexity in windows of seq_len) and `--choices_file` (one JSON object per
 line: context, choices, answer) score a released-format checkpoint directory
 (`--hf_checkpoint`, with its tokenizer) or a run (`--workdir`, with the run's tokenizer);
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 
 import gin
+import jax
 import numpy as np
 from absl import app, flags, logging
 
@@ -32,6 +36,7 @@ from moe.cache import enable_compile_cache
 from moe.hub.hf_config import CheckpointFormatError
 from moe.hub.safetensors_import import import_checkpoint
 from moe.model.presets import model_config
+from moe.parallel.hosts import initialize_distributed
 from moe.parallel.mesh import MeshError, make_mesh
 from moe.train import lm_eval
 from moe.train.config import TrainConfig
@@ -48,6 +53,10 @@ _CHOICES = flags.DEFINE_string("choices_file", None, "score these multiple-choic
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "window / context length (default: the "
                                 "run's seq_len, or the checkpoint's max_position_embeddings)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "rows per step (default: the mesh's batch shards)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call "
+                                 "jax.distributed.initialize() first; run on every host")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "also write the --workdir evaluation (full "
+                                "precision, per-layer statistics) to this JSON file (process 0)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "--hf_checkpoint: parameter and compute dtype")
 
@@ -105,7 +114,16 @@ def lm_report(mesh_cfg) -> str:
   return format_lm_report(f"{what}, seq_len {seq_len}", ppl, mc)
 
 
+def write_json(path: str, out: dict) -> None:
+  record = {k: v for k, v in out.items() if k != "layers"}
+  record["layers"] = {k: np.asarray(v).tolist() for k, v in out["layers"].items()}
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+
+
 def main(argv):
+  if _DISTRIBUTED.value:
+    initialize_distributed()
   gin_flags.parse(argv)
   if bool(_WORKDIR.value) == bool(_HF.value):
     raise app.UsageError("pass one of --workdir (a training run) or --hf_checkpoint (a directory)")
@@ -134,6 +152,8 @@ def main(argv):
   except CheckpointFormatError as e:
     raise SystemExit(f"bad checkpoint: {e}") from None
   print(format_report(out))
+  if _JSON_OUT.value and jax.process_index() == 0:
+    write_json(_JSON_OUT.value, out)
 
 
 if __name__ == "__main__":

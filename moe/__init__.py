@@ -9,5 +9,9 @@ imports only itself and those above it in this list (tests/test_layout.py checks
     train     state, steps, the loop, evaluation, optimizer, checkpoints, metrics, AOT plan
     research  sweeps and the paper's analyses
 
-The top-level modules `cache` and `scoped` are leaves that any of them may use.
+The top-level modules `cache`, `cpu_threads` and `scoped` are leaves that any of them may use.
 """
+
+from moe.cpu_threads import reserve_collective_threads
+
+reserve_collective_threads()  # before any JAX backend starts (see moe/cpu_threads.py)

@@ -2,15 +2,13 @@
 moe.hub: transformers' DeepSeek-OCR-2 text model (the v1 architecture) with random weights,
 its tensors renamed to the public naming and saved with safetensors' torch writer in
 size-capped shards with HF's index, a config.json, and a byte-level BPE tokenizer.json
-trained with the `tokenizers` library."""
+trained with the `tokenizers` library. torch and transformers are imported where they are
+used, so HF and save_shards serve tests that run without them."""
 
 import json
 import os
 
 import numpy as np
-import torch
-import transformers
-from safetensors.torch import save_file
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"  # the public tokenizer's
 HF = dict(vocab_size=320, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -24,6 +22,9 @@ HF = dict(vocab_size=320, hidden_size=32, intermediate_size=48, moe_intermediate
 
 def reference_model(hf=HF, seed=0):
   """A random DeepseekOcr2TextModel of config.json dict `hf`; every parameter redrawn."""
+  import torch
+  import transformers
+
   n = hf["num_hidden_layers"]
   kinds = ["dense" if i < hf["first_k_dense_replace"] or i % hf["moe_layer_freq"] else "sparse"
            for i in range(n)]
@@ -67,6 +68,8 @@ def public_tensors(model, lm_head: np.ndarray) -> dict[str, np.ndarray]:
 
 def load_reference(model, tensors) -> None:
   """Load public-name tensors into a reference model (the inverse of public_tensors)."""
+  import torch
+
   state = {}
   for name, t in model.state_dict().items():
     if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
@@ -79,23 +82,47 @@ def load_reference(model, tensors) -> None:
   model.load_state_dict(state)
 
 
-def write_checkpoint(directory, tensors, hf=HF, max_shard_bytes=None, dtype=torch.float32):
+def write_checkpoint(directory, tensors, hf=HF, max_shard_bytes=None, dtype=None):
   """Write tensors as HF does: one model.safetensors, or model-0000i-of-0000n shards of at
-  most max_shard_bytes plus model.safetensors.index.json; and config.json."""
+  most max_shard_bytes plus model.safetensors.index.json; and config.json. dtype: the
+  floating tensors' torch dtype (None: float32)."""
+  import torch
+  from safetensors.torch import save_file
+
+  dtype = torch.float32 if dtype is None else dtype
   os.makedirs(directory, exist_ok=True)
-  shards, current, size = [], {}, 0
-  for name in sorted(tensors):
-    t = torch.as_tensor(np.ascontiguousarray(tensors[name]))
-    t = t.to(dtype) if t.is_floating_point() else t  # integer tensors: the dtype-error fixture
-    nbytes = t.numel() * t.element_size()
-    if current and max_shard_bytes and size + nbytes > max_shard_bytes:
-      shards.append(current)
-      current, size = {}, 0
-    current[name], size = t, size + nbytes
-  shards.append(current)
-  save_shards(directory, shards, save_file)
+  converted = {}
+  for name, t in tensors.items():
+    t = torch.as_tensor(np.ascontiguousarray(t))
+    converted[name] = t.to(dtype) if t.is_floating_point() else t  # integer tensors: the dtype-error fixture
+  save_shards(directory, split_shards(converted, max_shard_bytes, lambda t: t.numel() * t.element_size()),
+              save_file)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf, f)
+
+
+def write_numpy_checkpoint(directory, tensors, hf=HF, max_shard_bytes=None):
+  """write_checkpoint with safetensors' numpy writer, the arrays as they are (no torch)."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(directory, exist_ok=True)
+  arrays = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+  save_shards(directory, split_shards(arrays, max_shard_bytes, lambda t: t.nbytes), save_file)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf, f)
+
+
+def split_shards(tensors, max_shard_bytes, nbytes):
+  """{name: tensor} -> [{name: tensor}] in name order, each shard at most max_shard_bytes
+  (None: one shard) unless one tensor alone is larger."""
+  shards, current, size = [], {}, 0
+  for name in sorted(tensors):
+    if current and max_shard_bytes and size + nbytes(tensors[name]) > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name], size = tensors[name], size + nbytes(tensors[name])
+  shards.append(current)
+  return shards
 
 
 def save_shards(directory, shards, save):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from moe.dispatch import registry
 from moe.parallel import rounds
@@ -71,7 +72,7 @@ def test_rounds_equal_the_loop_reference(layout, case):
   for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
   out = jax.jit(run)(x, gates, w)
-  assert int(out.n_dropped) == 0 and int(out.rounds) >= 1
+  assert int(out.n_dropped) == 0 and int(out.rounds) >= 1  # n_dropped: pairs left unserved
 
 
 def test_skew_costs_rounds_not_tokens():
@@ -97,6 +98,25 @@ def test_skew_costs_rounds_not_tokens():
   # A token's two choices on one shard travel as one row; random choices rarely share one.
   assert got["one_shard"][2] == pytest.approx(0.5)
   assert got["random"][2] > 0.9
+
+
+def test_a_schedule_short_of_rounds_counts_the_pairs_it_leaves():
+  """n_dropped on the rounds path counts pairs whose round the loop never runs: 0 for the
+  real schedule, the last round's pairs when the loop stops one round early."""
+  idx = routing("one_shard")       # each device's 8 tokens x 2 choices all to shard 3
+  blocks = rounds.block_sizes(t_local=8, k=K, n_experts=E, n_shards=4)
+  mesh = make_mesh(MeshConfig("data:2,expert:4"))
+
+  def counts(idx):
+    sched, stats = rounds.schedule(idx, E // 4, 4, blocks)
+    short = sched._replace(n_rounds=sched.n_rounds - 1)
+    return jnp.stack([stats.unserved, rounds.unserved(short), sched.n_rounds])[None]
+
+  out = np.asarray(jax.jit(jax.shard_map(counts, mesh=mesh, in_specs=P(("data", "expert")),
+                                         out_specs=P(("data", "expert")), check_vma=False))(idx))
+  # Blocks of Bp = ceil(1.25 * 8 * 2 / 4) = 5 pairs: 16 pairs take rounds of 5, 5, 5 and 1.
+  assert blocks.pairs == 5
+  np.testing.assert_array_equal(out, np.tile([0, 1, 4], (8, 1)))
 
 
 def test_block_sizes_follow_the_balanced_share():

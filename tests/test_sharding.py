@@ -20,7 +20,7 @@ from moe.parallel.mesh import MeshConfig, MeshError, make_mesh, use_mesh
 from moe.train.config import TrainConfig
 from moe.train.loop import train_and_evaluate
 from moe.train.state import init_state
-from moe.train.steps import batch_objective, put_batch
+from moe.train.steps import batch_objective, make_steps, put_batch
 from tests.reference import all_to_all_bytes_sent, capacity_keep, loop_moe
 
 LAYOUTS = ["data:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2", "expert:8"]
@@ -137,6 +137,37 @@ def test_sharded_step_matches_single_device(layout, single_device):
     assert _spec(state, path) == want, path
   # The optimizer's step count has no axes: replicated.
   assert tuple(state[1]["step"].get_value().sharding.spec) == ()
+
+
+def _three_steps(mesh):
+  """(losses, final parameters, per-layer metrics of the last step) of 3 train steps
+  (forward, backward, AdamW update) from the same initial state."""
+  graphdef, state = init_state(CFG, TrainConfig(), mesh)
+  steps = make_steps(graphdef, state, mesh)
+  losses = []
+  for i in range(3):
+    batch = put_batch(random_batch(8, 16, CFG.vocab_size, seed=i), mesh)
+    state, metrics = steps.train(state, batch, jax.random.key(i))
+    losses.append(float(metrics["loss"]))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(state[0]))
+  return losses, params, jax.tree.map(np.asarray, metrics["layers"])
+
+
+@pytest.mark.parametrize("layout", ["data:2,expert:4", "fsdp:2,expert:2,tensor:2"])
+def test_train_steps_with_the_rounds_equal_one_device(layout):
+  """The default dropless exchange (rounds of all_to_alls in a while loop, inside the layer
+  scan, beside the gradient reductions) runs inside the whole jitted train step on the CPU
+  mesh (moe/cpu_threads.py keeps its collectives from starving XLA:CPU's thread pool)."""
+  losses0, params0, _ = _three_steps(None)
+  losses, params, layers = _three_steps(mesh_of(layout))
+  assert losses == pytest.approx(losses0, rel=1e-5)
+  flat0 = jax.tree_util.tree_leaves_with_path(params0)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  assert [p for p, _ in flat0] == [p for p, _ in flat]
+  for (path, p0), (_, p) in zip(flat0, flat):
+    np.testing.assert_allclose(p, p0, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  # The rounds ran (the capacity exchange reports no block load) and served every pair.
+  assert np.all(layers["ep_rounds"] >= 1) and np.all(layers["ep_max_block_load"] > 0)
 
 
 def test_device_balance_groups_default_to_expert_shards():

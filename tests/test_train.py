@@ -1,8 +1,11 @@
 """Training: schedule, a short run whose loss drops, exact resume, pre-emption, bad input."""
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +195,48 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay_loadable(straight_run
 def test_workdir_of_another_model_is_refused(straight_run, small_corpus):
   with pytest.raises(CheckpointError, match=r"different model config.*d_model"):
     run(straight_run[0], small_corpus, model=small_model(d_model=32), steps=20)
+
+
+def _tree(root) -> dict[str, str]:
+  """Every directory and file under root: relative path -> sha256 of its bytes."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    rel = os.path.relpath(dirpath, root)
+    out.update({os.path.join(rel, d) + "/": "dir" for d in dirnames})
+    for f in filenames:
+      with open(os.path.join(dirpath, f), "rb") as fh:
+        out[os.path.join(rel, f)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def test_refused_or_failed_restart_leaves_the_run_records(straight_run, tmp_path, small_corpus):
+  """A start refused by the workdir guard (another model) and one whose restore fails (a
+  broken checkpoint) change nothing in the workdir: operative_config.gin, run_config.json
+  and every other file stay byte-identical. Both start from the command line, whose gin
+  bindings would make a rewritten operative_config.gin differ."""
+  workdir = tmp_path / "records"
+  shutil.copytree(straight_run[0], workdir)
+  before = _tree(workdir)
+  assert "./operative_config.gin" in before and f"./{RUN_CONFIG}" in before
+  refused = subprocess.run(_train_subprocess(workdir, small_corpus, ["--gin.model_config.n_heads=2"]),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0
+  assert re.search(r"CheckpointError: .*different model config \(fields differ: \['n_heads'\]\)",
+                   refused.stderr), refused.stderr[-3000:]
+  assert _tree(workdir) == before
+
+  latest = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  for root, _, files in os.walk(workdir / "checkpoints" / str(latest) / "state"):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  before = _tree(workdir)
+  failed = subprocess.run(_train_subprocess(workdir, small_corpus, ["--gin.TrainConfig.steps=20"]),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert failed.returncode != 0
+  assert re.search(rf"CheckpointError: .*checkpoints/{latest}'.*cannot be restored", failed.stderr), \
+      failed.stderr[-3000:]
+  assert _tree(workdir) == before
 
 
 def test_unknown_gin_binding_is_a_clear_error(tmp_path):

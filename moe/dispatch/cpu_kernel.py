@@ -44,13 +44,36 @@ def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
+# /proc/cpuinfo lines naming the instruction set (x86, ARM, RISC-V, s390x), and, for kernels
+# that print none of those, the lines naming the CPU model.
+_FEATURE_KEYS = ("flags", "Features", "isa", "features")
+_MODEL_KEYS = ("CPU implementer", "CPU architecture", "CPU variant", "CPU part", "model name",
+               "cpu model", "cpu")
+
+
+def _cpu_key(cpuinfo: str) -> str:
+  """What a -march=native build depends on, from /proc/cpuinfo text: the instruction-set
+  feature lines (every distinct one: cores may differ), else the model lines, else ""."""
+  fields: dict[str, set[str]] = {}
+  for line in cpuinfo.splitlines():
+    name, sep, value = line.partition(":")
+    if sep:
+      fields.setdefault(name.strip(), set()).add(" ".join(value.split()))
+  for keys in (_FEATURE_KEYS, _MODEL_KEYS):
+    found = [f"{k}: {v}" for k in keys for v in sorted(fields.get(k, ()))]
+    if found:
+      return "\n".join(found)
+  return ""
+
+
 def _cpu_flags() -> str:
-  """This CPU's instruction-set flags (the build uses -march=native)."""
+  """This CPU's instruction set (the build uses -march=native)."""
   try:
     with open("/proc/cpuinfo") as f:
-      return next((line for line in f if line.startswith("flags")), platform.processor())
-  except OSError:
-    return platform.machine() + platform.processor()
+      key = _cpu_key(f.read())
+  except OSError:  # not Linux
+    key = ""
+  return key or platform.machine() + " " + platform.processor()
 
 
 def _library_path(blas: str, compiler: str) -> str:

@@ -4,7 +4,9 @@
 // sizes that scales poorly; here each thread takes whole experts (gather its tokens' rows,
 // single-threaded sgemm calls, scatter-add into a thread-private output summed at the end).
 // f32 only. Rows are in expert-sorted order: tok[r] is the token of row r, gate[r] its gate,
-// group_sizes[e] the rows of expert e. Built by moe/dispatch/cpu_kernel.py against the OpenBLAS that
+// group_sizes[e] the rows of expert e; rows past sum(group_sizes) are routed nowhere (padding):
+// they add nothing to the output and their per-row outputs (saved pre-activations, d_gate) are
+// exactly zero. Built by moe/dispatch/cpu_kernel.py against the OpenBLAS that
 // numpy ships (its 64-bit-index cblas).
 #include <cmath>
 #include <condition_variable>
@@ -51,6 +53,10 @@ void ScatterAddRows(const float* rows, const int32_t* tok, int64_t n, int64_t d,
     for (int64_t j = 0; j < d; ++j) out[j] += r[j];
   }
 }
+
+// Threads one call may ask for: at least the caller, and a bound on the workers (kept for
+// the process) that a bad attribute could start.
+constexpr int64_t kMaxThreads = 4096;
 
 // Worker threads started once (on first use, grown on demand) and kept for the process:
 // Run(n, fn) calls fn(0) on the caller and fn(1..n-1) on workers, and returns when all are
@@ -130,15 +136,16 @@ void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExp
 }
 
 // Sizes of one call: x [n_tokens, d], expert weights [n_experts, d, f] / [n_experts, f, d],
-// expert e's rows [start[e], start[e] + sizes[e]) of the sorted order.
+// `rows` sorted rows, expert e's rows [start[e], start[e] + sizes[e]), padding from start[n_experts].
 struct Layout {
-  int64_t n_tokens, d, n_experts, f;
+  int64_t n_tokens, d, n_experts, f, rows;
   const int32_t* sizes;
   std::vector<int64_t> start;
 
-  Layout(const F32& x, const F32& w_gate, const I32& group_sizes)
+  Layout(const F32& x, const I32& tok, const F32& w_gate, const I32& group_sizes)
       : n_tokens(x.dimensions()[0]), d(x.dimensions()[1]), n_experts(w_gate.dimensions()[0]),
-        f(w_gate.dimensions()[2]), sizes(group_sizes.typed_data()), start(n_experts + 1, 0) {
+        f(w_gate.dimensions()[2]), rows(static_cast<int64_t>(tok.element_count())),
+        sizes(group_sizes.typed_data()), start(n_experts + 1, 0) {
     for (int64_t e = 0; e < n_experts; ++e) start[e + 1] = start[e] + sizes[e];
   }
 };
@@ -157,10 +164,13 @@ bool HasShape(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want
   return true;
 }
 
-// Checks what the kernel indexes by before it touches memory: shapes that agree, group
-// sizes >= 0 that cover at most the rows given, tokens in range. Returns "" when valid.
+// Checks what the kernel indexes by before it touches memory: a thread count the pool can
+// run, shapes that agree, group sizes >= 0 that cover at most the rows given, tokens in
+// range. Returns "" when valid.
 std::string Invalid(const F32& x, const I32& tok, const F32& gate, const F32& w_gate, const F32& w_up,
-                    const F32& w_down, const I32& group_sizes) {
+                    const F32& w_down, const I32& group_sizes, int64_t threads) {
+  if (threads < 1 || threads > kMaxThreads)  // 0 would wait forever on a worker that never runs
+    return "threads = " + std::to_string(threads) + " is outside [1, " + std::to_string(kMaxThreads) + "]";
   const auto xd = x.dimensions(), wg = w_gate.dimensions();
   if (xd.size() != 2 || wg.size() != 3) return "x must be [T, d] and w_gate [E, d, f]";
   const int64_t n_tokens = xd[0], d = xd[1], e = wg[0], f = wg[2];
@@ -198,10 +208,12 @@ void GatedHidden(const float* ab, const float* g, int64_t n, int64_t f, float* h
 
 ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I32 group_sizes,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> ab, int64_t threads) {
-  if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes); !why.empty())
+  if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes, threads); !why.empty())
     return ffi::Error::InvalidArgument("ExpertSwigluForward: " + why);
-  const Layout l(x, w_gate, group_sizes);
-  const int64_t d = l.d, f = l.f;
+  const Layout l(x, tok, w_gate, group_sizes);
+  const int64_t d = l.d, f = l.f, padding = l.rows - l.start[l.n_experts];
+  // Outputs start uninitialised and no expert writes the padding rows.
+  std::memset(ab->typed_data() + (l.rows - padding) * 2 * f, 0, sizeof(float) * padding * 2 * f);
   ForExperts(l.n_experts, static_cast<int>(threads), out->typed_data(), l.n_tokens * d, [&](int64_t e, float* o) {
     const int64_t n = l.sizes[e], s = l.start[e];
     if (n == 0) return;
@@ -223,13 +235,15 @@ ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, 
                     F32 d_out, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_gate,
                     ffi::ResultBuffer<ffi::F32> d_wg, ffi::ResultBuffer<ffi::F32> d_wu,
                     ffi::ResultBuffer<ffi::F32> d_wd, int64_t threads) {
-  if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes); !why.empty())
+  if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes, threads); !why.empty())
     return ffi::Error::InvalidArgument("ExpertSwigluBackward: " + why);
   if (!HasShape(ab.dimensions(), {static_cast<int64_t>(tok.element_count()), 2 * w_gate.dimensions()[2]}) ||
       !HasShape(d_out.dimensions(), {x.dimensions()[0], x.dimensions()[1]}))
     return ffi::Error::InvalidArgument("ExpertSwigluBackward: saved [rows, 2f] or d_out [T, d] has the wrong shape");
-  const Layout l(x, w_gate, group_sizes);
-  const int64_t d = l.d, f = l.f;
+  const Layout l(x, tok, w_gate, group_sizes);
+  const int64_t d = l.d, f = l.f, padding = l.rows - l.start[l.n_experts];
+  // The padding rows' gates reach nothing: their gradient is exactly zero.
+  std::memset(d_gate->typed_data() + (l.rows - padding), 0, sizeof(float) * padding);
   ForExperts(l.n_experts, static_cast<int>(threads), dx->typed_data(), l.n_tokens * d, [&](int64_t e, float* o) {
     const int64_t n = l.sizes[e], s = l.start[e];
     float* dwg = d_wg->typed_data() + e * d * f;

@@ -3,6 +3,7 @@ side cannot represent is refused by name (CheckpointFormatError)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from moe.model.config import ModelConfig
@@ -16,7 +17,48 @@ class CheckpointFormatError(ValueError):
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
-  raise CheckpointFormatError(f"config.json: {field}={value!r}: {why}")
+  shown = repr(value)
+  raise CheckpointFormatError(f"config.json: {field}={shown[:80] + '...' * (len(shown) > 80)}: {why}")
+
+
+# Bounds far above any released model (DeepSeek-V3: 61 layers x 256 experts) that keep a
+# corrupt value from making the per-layer, per-expert bookkeeping run for minutes.
+MAX_SIZE, MAX_LAYERS, MAX_EXPERTS, MAX_EXPERT_TENSORS = 2**31 - 1, 2**16, 2**16, 2**20
+_MISSING = object()
+
+
+def _int(hf: Mapping[str, Any], field: str, default: Any = _MISSING, low: int = 1,
+         high: int = MAX_SIZE) -> int:
+  """hf[field] as an int in [low, high] (JSON true/false and 2.0 are refused: they are
+  typos, not sizes); null or absent: `default`, or refused if there is none."""
+  value = hf.get(field)
+  if value is None:
+    if default is _MISSING:
+      raise CheckpointFormatError(f"config.json: {field} is missing; a DeepSeek-MoE config.json "
+                                  f"always sets it")
+    return default
+  if not isinstance(value, int) or isinstance(value, bool):
+    _refuse(field, value, f"must be an integer, not {type(value).__name__}")
+  if not low <= value <= high:
+    _refuse(field, value, f"must be between {low} and {high}")
+  return value
+
+
+def _float(hf: Mapping[str, Any], field: str, default: float, positive: bool = True) -> float:
+  """hf[field] as a finite float, > 0 (or >= 0 unless `positive`); null or absent: default."""
+  value = hf.get(field)
+  if value is None:
+    return default
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    _refuse(field, value, f"must be a number, not {type(value).__name__}")
+  if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    _refuse(field, value, "must be a finite number " + ("> 0" if positive else ">= 0"))
+  return float(value)
+
+
+def _same(value: Any, allowed: Any) -> bool:
+  """value == allowed, except that JSON true/false never stands for 1/0 or the reverse."""
+  return value == allowed and isinstance(value, bool) == isinstance(allowed, bool)
 
 
 # config.json fields of other DeepSeek architectures (V2/V3) and their supported values.
@@ -39,38 +81,63 @@ _MUST_BE = {
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   """A ModelConfig from a DeepSeek-MoE `config.json` dict; `overrides` set further fields
-  (dtype, remat, dispatch_backend, ...)."""
+  (dtype, remat, dispatch_backend, ...). Every field read is checked for type and range
+  first, so a hand-edited or corrupt file is refused by field name, never half-read."""
+  if not isinstance(hf, Mapping):
+    raise CheckpointFormatError(f"config.json: holds a JSON {type(hf).__name__}, not an object")
   for field, (allowed, why) in _MUST_BE.items():
-    if hf.get(field) not in allowed:
+    if not any(_same(hf.get(field), a) for a in allowed):
       _refuse(field, hf[field], why)
-  if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+  vocab, d_model, ffn = (_int(hf, f) for f in ("vocab_size", "hidden_size", "intermediate_size"))
+  n_layers = _int(hf, "num_hidden_layers", high=MAX_LAYERS)
+  n_heads = _int(hf, "num_attention_heads", high=d_model)
+  if d_model % n_heads or (d_model // n_heads) % 2:
+    _refuse("num_attention_heads", n_heads, f"must divide hidden_size={d_model} into an even head "
+            f"dim (rotary embeddings split it in two)")
+  if _int(hf, "num_key_value_heads", n_heads) != n_heads:
     _refuse("num_key_value_heads", hf["num_key_value_heads"],
             "differs from num_attention_heads; DeepSeekMoE v1 uses plain multi-head attention")
-  if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+  if _int(hf, "head_dim", d_model // n_heads) != d_model // n_heads:
     _refuse("head_dim", hf["head_dim"], "must be hidden_size / num_attention_heads")
-  rope = hf.get("rope_parameters") or {}
+  rope = {} if hf.get("rope_parameters") is None else hf["rope_parameters"]
+  if not isinstance(rope, Mapping):
+    _refuse("rope_parameters", rope, "must be an object")
   if rope.get("rope_type", "default") != "default":
     _refuse("rope_parameters.rope_type", rope["rope_type"], "rotary embeddings are unscaled")
+  theta = _float({"rope_parameters.rope_theta": rope.get("rope_theta")}, "rope_parameters.rope_theta", 10000.0)
+  experts = _int(hf, "n_routed_experts", 0, low=0, high=MAX_EXPERTS)
+  if n_layers * experts > MAX_EXPERT_TENSORS:
+    _refuse("n_routed_experts", experts, f"x num_hidden_layers={n_layers} is over {MAX_EXPERT_TENSORS} experts")
+  shared = _int(hf, "n_shared_experts", 0, low=0, high=MAX_EXPERTS)
+  top_k = _int(hf, "num_experts_per_tok", 0, low=0, high=MAX_EXPERTS)
+  width = _int(hf, "moe_intermediate_size", 0, low=0)
+  if experts and not 1 <= top_k <= experts:
+    _refuse("num_experts_per_tok", hf.get("num_experts_per_tok"),
+            f"top-k must be between 1 and n_routed_experts={experts}")
+  if experts and not width:
+    _refuse("moe_intermediate_size", hf.get("moe_intermediate_size"), "must be set (> 0) in a MoE model")
+  norm_topk = hf.get("norm_topk_prob")
+  if norm_topk is not None and not isinstance(norm_topk, bool):
+    _refuse("norm_topk_prob", norm_topk, "must be true or false")
+  name = hf.get("_name_or_path")
+  if name is not None and not isinstance(name, str):
+    _refuse("_name_or_path", name, "must be a string")
   fields = dict(
-      name=hf.get("_name_or_path", "hf_checkpoint") or "hf_checkpoint",
-      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-      n_heads=hf["num_attention_heads"], max_seq_len=hf.get("max_position_embeddings", 4096),
-      rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
-      dense_ffn_width=hf["intermediate_size"], router="topk",
-      n_routed_experts=hf.get("n_routed_experts") or 0, n_shared_experts=hf.get("n_shared_experts") or 0,
-      n_activated_experts=hf.get("num_experts_per_tok") or 0,
-      expert_width=hf.get("moe_intermediate_size") or 0,
-      first_k_dense_replace=hf.get("first_k_dense_replace", 0), moe_layer_freq=hf.get("moe_layer_freq", 1),
-      norm_topk_prob=hf.get("norm_topk_prob", False),
-      expert_balance_alpha=hf.get("aux_loss_alpha", 0.001),
+      name=name or "hf_checkpoint", vocab_size=vocab, d_model=d_model, n_layers=n_layers,
+      n_heads=n_heads, max_seq_len=_int(hf, "max_position_embeddings", 4096),
+      rope_theta=_float(hf, "rope_theta", theta), norm_eps=_float(hf, "rms_norm_eps", 1e-6),
+      dense_ffn_width=ffn, router="topk", n_routed_experts=experts, n_shared_experts=shared,
+      n_activated_experts=top_k, expert_width=width,
+      first_k_dense_replace=_int(hf, "first_k_dense_replace", 0, low=0, high=n_layers),
+      moe_layer_freq=_int(hf, "moe_layer_freq", 1, high=MAX_LAYERS), norm_topk_prob=bool(norm_topk),
+      expert_balance_alpha=_float(hf, "aux_loss_alpha", 0.001, positive=False),
   )
-  if not fields["n_routed_experts"]:
+  if not experts:  # a dense model: whatever the expert fields say, there are none
     fields.update(n_shared_experts=0, n_activated_experts=0, expert_width=0)
   fields.update(overrides)
   try:
     return ModelConfig(**fields)
-  except ValueError as e:  # e.g. an odd head_dim: name the file as well as the field
+  except ValueError as e:  # e.g. no MoE layer left: name the file as well as the field
     raise CheckpointFormatError(f"config.json describes a model this code cannot build: {e}") from None
 
 

@@ -5,9 +5,10 @@ in their shards: `model.safetensors` (or `model.safetensors.index.json` + shards
     ckpt = import_checkpoint('deepseek-moe-16b-base', mesh)      # bf16 unless dtype=...
     model = nnx.merge(ckpt.graphdef, ckpt.params)
 
-Everything is checked from the files' headers before a byte of data is read (missing shard
-files, tensors the index names that no shard holds, missing or unknown tensors, shapes and
-dtypes; CheckpointFormatError names them). Each parameter is then built one device's block
+Everything is checked from the files' headers before a byte of data is read (file names
+that would leave the directory, files that are not regular files, malformed headers and
+config.json fields, missing shard files, tensors the index names that no shard holds,
+missing or unknown tensors, shapes and dtypes; CheckpointFormatError names them). Each parameter is then built one device's block
 at a time: the block reads only the tensors, and their rows, it covers
 (moe.hub.hf_weights.Source.read) and goes onto its device before the next block is read,
 so a host holds one block of one parameter, never the whole model.
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
-import math
 import os
 from typing import Any, Iterator, NamedTuple
 
@@ -36,6 +35,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from moe.hub.hf_config import CheckpointFormatError, config_from_hf
 from moe.hub.hf_weights import Source, path_name, public_shapes, sources
+from moe.hub.safetensors_header import file_in, open_regular, read_header, read_json_object
 from moe.model.config import ModelConfig
 from moe.model.decoder import Transformer
 from moe.parallel.rules import state_shardings
@@ -52,59 +52,48 @@ class TensorInfo(NamedTuple):
   offset: int  # of its first byte in the file
 
 
-def read_header(path: str) -> tuple[int, dict[str, Any]]:
-  """(offset of the data, {name: {'dtype', 'shape', 'data_offsets'}}) of a safetensors file:
-  an 8-byte little-endian header length, then the JSON header, then the tensors' bytes."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    try:
-      if not 2 <= n <= size - 8:
-        raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-      header = json.loads(f.read(n))
-      header.pop("__metadata__", None)
-      spans = {name: (h["dtype"], tuple(h["shape"]), *h["data_offsets"]) for name, h in header.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-      raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e!r})") from None
-  for name, (dtype, shape, begin, end) in spans.items():
-    item = np.dtype(NP_DTYPES[dtype]).itemsize if dtype in NP_DTYPES else None
-    if 8 + n + end > size or (item and end - begin != item * math.prod(shape)):
-      raise CheckpointFormatError(f"{path}: tensor {name!r}'s bytes [{begin}, {end}) do not hold "
-                                  f"{dtype} {list(shape)} within the file's {size - 8 - n} "
-                                  f"data bytes (truncated or corrupt)")
-  return 8 + n, header
-
-
 class SafetensorsCheckpoint:
-  """A checkpoint directory's config.json and tensor headers; data is read lazily."""
+  """A checkpoint directory's config.json and tensor headers; data is read lazily. The
+  directory is untrusted input: every file name stays inside it, only regular files are
+  opened (moe.hub.safetensors_header), and what does not parse is refused by name."""
 
   def __init__(self, directory: str):
     self.directory = directory
     config = os.path.join(directory, CONFIG)
-    if not os.path.exists(config):
+    if not os.path.lexists(config):
       raise CheckpointFormatError(f"{directory}: no {CONFIG}; is this a checkpoint directory?")
-    with open(config) as f:
-      self.hf_config: dict[str, Any] = json.load(f)
+    self.hf_config: dict[str, Any] = read_json_object(file_in(directory, CONFIG, directory))
     self.tensors = self._headers()
 
-  def _headers(self) -> dict[str, TensorInfo]:
+  def _weight_map(self) -> dict[str, str] | None:
+    """The index's {tensor: shard file name}, or None for a single model.safetensors."""
     index_path = os.path.join(self.directory, INDEX)
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map: dict[str, str] = json.load(f)["weight_map"]
-    elif os.path.exists(os.path.join(self.directory, SINGLE)):
-      weight_map = None
-    else:
-      raise CheckpointFormatError(f"{self.directory}: neither {SINGLE} nor {INDEX}")
+    if os.path.lexists(index_path):
+      weight_map = read_json_object(file_in(self.directory, INDEX, self.directory)).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointFormatError(f"{index_path}: no 'weight_map' object of tensor name -> shard file "
+                                    f"name (got {type(weight_map).__name__})")
+      for name, file in weight_map.items():
+        if not isinstance(file, str):
+          raise CheckpointFormatError(f"{index_path}: weight_map[{name!r}] = {file!r} is not a file name")
+      for file in set(weight_map.values()):
+        file_in(self.directory, file, INDEX)  # refuses paths and symlinks out of the directory
+      return weight_map
+    if os.path.lexists(os.path.join(self.directory, SINGLE)):
+      return None
+    raise CheckpointFormatError(f"{self.directory}: neither {SINGLE} nor {INDEX}")
+
+  def _headers(self) -> dict[str, TensorInfo]:
+    weight_map = self._weight_map()
     files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
     for file in files:
-      if not os.path.exists(os.path.join(self.directory, file)):
+      if not os.path.lexists(os.path.join(self.directory, file)):
         named = sorted(n for n, f in weight_map.items() if f == file)
         raise CheckpointFormatError(f"{INDEX} names shard file {file!r} ({len(named)} tensors, e.g. "
                                     f"{named[0]!r}), which is not in {self.directory}")
     out = {}
     for file in files:
-      start, header = read_header(os.path.join(self.directory, file))
+      start, header = read_header(file_in(self.directory, file, self.directory))
       for name, h in header.items():
         if weight_map is not None and weight_map.get(name) != file:
           where = f"places in {weight_map[name]!r}" if name in weight_map else "does not name"
@@ -118,6 +107,15 @@ class SafetensorsCheckpoint:
 
   def check(self, cfg: ModelConfig) -> None:
     """Every tensor `cfg`'s model needs is here, with its shape and a float dtype, and no other."""
+    # At least one tensor per layer and per routed expert of each MoE layer: a config.json
+    # that implies far more than the headers hold (a corrupt layer or expert count) is
+    # refused before millions of names are listed; a near miss still gets the list below.
+    least = cfg.n_layers + cfg.n_moe_layers * cfg.n_routed_experts
+    if least > 2 * len(self.tensors) + 100:
+      raise CheckpointFormatError(f"{self.directory}: config.json implies at least {least} tensors "
+                                  f"({cfg.n_layers} layers, {cfg.n_routed_experts} routed experts); "
+                                  f"the checkpoint holds {len(self.tensors)}. Is config.json right "
+                                  f"for these weights?")
     want = public_shapes(cfg)
     missing = [n for n in want if n not in self.tensors]
     if missing:
@@ -146,7 +144,8 @@ class SafetensorsCheckpoint:
       def read(name: str, rows: slice, *cols: slice) -> np.ndarray:
         info = self.tensors[name]
         if info.file not in files:
-          files[info.file] = stack.enter_context(open(os.path.join(self.directory, info.file), "rb"))
+          path = file_in(self.directory, info.file, self.directory)
+          files[info.file] = stack.enter_context(open_regular(path))
         f = files[info.file]
         start, stop, _ = rows.indices(info.shape[0])
         out = np.empty((stop - start,) + info.shape[1:], NP_DTYPES[info.dtype])
@@ -220,6 +219,7 @@ def import_checkpoint(directory: str, mesh: Mesh | None = None, dtype: str = "bf
   ckpt = SafetensorsCheckpoint(directory)
   name = os.path.basename(os.path.normpath(directory))
   cfg = config_from_hf(ckpt.hf_config, **{"name": name, "dtype": dtype, "param_dtype": dtype, **overrides})
+  ckpt.check(cfg)  # before the abstract model: a corrupt config.json may imply a huge one
   graphdef, params = abstract_params(cfg)
   variables = dict(nnx.to_flat_state(params))  # the same Variables `params` holds
   for path, array in stream_params(ckpt, cfg, params, mesh):

@@ -47,23 +47,9 @@ def all_to_all_bytes(t_local: int, k: int, d_model: int, n_shards: int, capacity
   return (n_shards - 1) * b * (2 * d_model * itemsize + 4)
 
 
-def layer_capacity_factor(capacity_factor: float, mesh) -> float:
-  """The exchange a model layer uses: `capacity_factor` (0: dropless rounds), except on
-  CPU meshes, where dropless means one exchange with blocks that hold every pair (worst-case
-  buffers). XLA:CPU runs a device's independent thunks concurrently, so a train step's
-  rounds loop (collectives inside a while loop) can meet the other collectives of the layer
-  scan in a different order on different devices and deadlock: seen in-process on
-  data:2,expert:4 and fsdp:2,expert:2,tensor:2 and across processes (gloo). TPU and GPU
-  issue collectives in program order; there the rounds run (tests/test_rounds.py checks
-  them on CPU one layer at a time, tests/test_tpu_compile.py inside the TPU train step)."""
-  if capacity_factor <= 0 and meshes.target_platform(mesh) == "cpu":
-    return float(mesh.shape["expert"])
-  return capacity_factor
-
-
 class EPResult(NamedTuple):
   y: jax.Array          # [T, d]
-  n_dropped: jax.Array  # [] pairs dropped (capacity exchange; 0 in rounds)
+  n_dropped: jax.Array  # [] pairs dropped (capacity) or left unserved (rounds: 0 unless broken)
   rounds: jax.Array     # [] rounds run (1 for the capacity exchange)
   max_block_load: jax.Array  # [] most pairs one device sent one shard, over the block's pairs
   rows_per_pair: jax.Array   # [] token rows sent per (token, choice) pair
@@ -101,7 +87,8 @@ def _round_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backe
   sched, stats = rounds.schedule(expert_idx, e_local, n_shards, blocks)
   y = rounds.rounds_moe(x, gates, w_gate, w_up, w_down, sched, backend=backend, e_local=e_local,
                         n_shards=n_shards, blocks=blocks, exchange=exchange)
-  return y[None], jnp.stack([stats.rounds.astype(jnp.float32), stats.max_block_load, stats.rows_per_pair])[None]
+  return y[None], jnp.stack([stats.rounds.astype(jnp.float32), stats.max_block_load, stats.rows_per_pair,
+                             stats.unserved.astype(jnp.float32)])[None]
 
 
 def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, weights,
@@ -148,5 +135,6 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
     return EPResult(y, jnp.sum(extra), one, one * 0, one)  # load/rows: not tracked here
   # Reduced outside shard_map: only the devices that exchange must agree on the rounds.
   stats = jax.lax.stop_gradient(extra)
-  return EPResult(y, jnp.zeros((), jnp.int32), jnp.max(stats[:, 0]), jnp.max(stats[:, 1]),
+  # Pairs the schedule left past the last round: counted, so a wrong schedule shows.
+  return EPResult(y, jnp.sum(stats[:, 3]).astype(jnp.int32), jnp.max(stats[:, 0]), jnp.max(stats[:, 1]),
                   jnp.mean(stats[:, 2]))

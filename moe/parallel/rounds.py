@@ -97,6 +97,7 @@ class Stats(NamedTuple):
   rounds: jax.Array          # [] rounds run (1 = everything fit the first blocks)
   max_block_load: jax.Array  # [] most pairs one device sends one shard, over Bp
   rows_per_pair: jax.Array   # [] rows sent per pair (< 1: tokens sent once per shard)
+  unserved: jax.Array        # [] pairs whose round is past the agreed count (0: all delivered)
 
 
 def schedule(expert_idx: jax.Array, e_local: int, n_shards: int, blocks: Blocks,
@@ -128,15 +129,23 @@ def schedule(expert_idx: jax.Array, e_local: int, n_shards: int, blocks: Blocks,
   subs = -(-rows_in_block.reshape(n_shards, blocks.q_max) // blocks.rows)
   subs = jax.lax.pmax(jnp.max(subs, axis=0), axis)                              # [q_max]
   pairs_to = jnp.sum(onehot, axis=0)
-  stats = Stats(rounds=jnp.sum(subs),
-                max_block_load=jnp.max(pairs_to).astype(jnp.float32) / blocks.pairs,
-                rows_per_pair=jnp.mean(first.astype(jnp.float32)))
   sched = Schedule(shard.astype(jnp.int32), (flat % e_local).astype(jnp.int32),
                    (shard * blocks.pairs + rank % blocks.pairs).astype(jnp.int32),
                    (shard * blocks.rows + row_rank % blocks.rows).astype(jnp.int32),
                    first, q.astype(jnp.int32), sub.astype(jnp.int32), subs.astype(jnp.int32),
                    jnp.sum(subs).astype(jnp.int32))
+  stats = Stats(rounds=jnp.sum(subs),
+                max_block_load=jnp.max(pairs_to).astype(jnp.float32) / blocks.pairs,
+                rows_per_pair=jnp.mean(first.astype(jnp.float32)),
+                unserved=unserved(sched))
   return sched, stats
+
+
+def unserved(sched: Schedule) -> jax.Array:
+  """[] pairs whose round lies past the sched.n_rounds the loop runs (0 when every pair is
+  delivered): pair round q's sub-round `sub` is round sum(subs[:q]) + sub of the order."""
+  start = jnp.cumsum(sched.subs) - sched.subs
+  return jnp.sum(start[sched.q] + sched.sub >= sched.n_rounds).astype(jnp.int32)
 
 
 def _round_of(sched: Schedule, j: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -9,17 +9,37 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from data.input_pipeline import make_datasets
+from data.config import DataConfig
+from data.input_pipeline import (Datasets, check_eval_batches, host_batch_size, make_datasets,
+                                 padding_batch)
 from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.parallel.rules import check_batch
 from moe.train.restore import restore_run
 from moe.train.steps import Steps, make_steps, put_batch
 
 
-def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
+def agree_eval_batches(data: Datasets, cfg: DataConfig) -> Datasets:
+  """With several hosts, each host's eval batches padded with padding_batch (weight 0) to
+  the most any host packed. Each eval step is one computation over every host's devices:
+  a host that ran fewer steps would leave the others waiting in its collectives.
+  eval_unpadded: the leading batches no host padded. One host: `data` as it is."""
+  if jax.process_count() == 1:
+    return data
+  counts = multihost_utils.process_allgather(np.int32(len(data.eval_batches)))
+  most, least = int(np.max(counts)), int(np.min(counts))
+  check_eval_batches(most, cfg)  # a host without a batch of its own pads them all
+  pad = padding_batch(host_batch_size(cfg.batch_size, jax.process_count()), cfg.seq_len)
+  return data._replace(eval_batches=data.eval_batches + [pad] * (most - len(data.eval_batches)),
+                       eval_unpadded=least)
+
+
+def evaluate(steps: Steps, state, batches, stats_batches: int | None = None) -> dict[str, Any]:
   """Weighted mean NLL over `batches` (eval_loss, nats/token), its perplexity, and the
-  per-layer routing statistics averaged over batches (layers)."""
+  per-layer routing statistics averaged over batches (layers): over the first
+  `stats_batches` (Datasets.eval_unpadded) if any, since the router sees padding rows too
+  and a padded batch's statistics would count them."""
   total = count = 0.0
   layers = []
   for batch in batches:
@@ -27,6 +47,8 @@ def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
     total, count = total + float(nll), count + float(n)
     layers.append(stats)
   loss = total / max(count, 1.0)
+  if stats_batches is not None:
+    layers = layers[:stats_batches] or layers  # every batch padded somewhere: all of them
   mean_layers = jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *layers) if layers else {}
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "layers": mean_layers}
 
@@ -44,6 +66,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
   # Each host reads its own documents, as in training.
   data = make_datasets(data_cfg, run.model_cfg.vocab_size, jax.process_index(), jax.process_count())
-  out = evaluate(make_steps(run.graphdef, run.params, mesh), run.params, data.eval_batches)
+  data.train.close()  # stops its reading threads: only the eval batches are used
+  data = agree_eval_batches(data, data_cfg)
+  out = evaluate(make_steps(run.graphdef, run.params, mesh), run.params, data.eval_batches,
+                 data.eval_unpadded)
   out.update(step=run.step, unigram_entropy=data.unigram_entropy)
   return out

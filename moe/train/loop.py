@@ -28,7 +28,7 @@ from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.parallel.rules import check_batch
 from moe.train.checkpoint import Checkpointer
 from moe.train.config import TrainConfig
-from moe.train.evaluate import evaluate
+from moe.train.evaluate import agree_eval_batches, evaluate
 from moe.train.finetune import finetune_configs, load_into_state
 from moe.train.metrics import MetricWriter, Progress
 from moe.train.optim import schedule_of
@@ -142,13 +142,14 @@ def train_and_evaluate(workdir: str, model_cfg: ModelConfig | None = None,
 
 def _datasets(data_cfg: DataConfig, vocab_size: int, primary: bool):
   """This host's datasets. With several hosts, the first prepares (tfds, tokenizer, packed
-  rows) while the others wait, then they read what it built."""
+  rows) while the others wait, then they read what it built, and all agree on the number of
+  eval batches."""
   args = (data_cfg, vocab_size, jax.process_index(), jax.process_count())
   if jax.process_count() == 1:
     return make_datasets(*args)
   data = make_datasets(*args) if primary else None
   multihost_utils.sync_global_devices("input pipeline prepared")
-  return data or make_datasets(*args)
+  return agree_eval_batches(data or make_datasets(*args), data_cfg)
 
 
 def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, stop, mesh,
@@ -157,10 +158,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     model_cfg, data_cfg = finetune_configs(train_cfg.init_from_hf, model_cfg, data_cfg)
   check_batch(mesh, data_cfg.batch_size, "DataConfig.batch_size")
   primary = jax.process_index() == 0  # the one host that writes run files (orbax: all do)
-  if primary:
-    write_operative_config(workdir)
   configs = run_configs_dict(model_cfg, data_cfg, train_cfg)
-  check_run_configs(workdir, configs)
+  check_run_configs(workdir, configs)  # before anything is written: a refused start changes nothing
   data = _datasets(data_cfg, model_cfg.vocab_size, primary)
   graphdef, state = init_state(model_cfg, train_cfg, mesh)
   steps = make_steps(graphdef, state, mesh)
@@ -172,7 +171,10 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     nnx.replace_by_pure_dict(state, restored)
   elif train_cfg.init_from_hf:  # a new run starts from the checkpoint; a resumed one from its own
     load_into_state(state, train_cfg.init_from_hf, model_cfg, mesh)
-  if primary:  # setup succeeded: a failed one leaves no record to refuse a fixed config
+  # Setup succeeded: a failed one leaves no record to refuse a fixed config, and the records
+  # of the run it meant to resume as they were.
+  if primary:
+    write_operative_config(workdir)
     record_run_configs(workdir, configs)
   start_step = step
   writer = MetricWriter(workdir, enabled=primary)
@@ -236,7 +238,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
                  "learning_rate": float(schedule(step - 1))}
         eval_now = None
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-          eval_out = eval_now = evaluate(steps, state, data.eval_batches)
+          eval_out = eval_now = evaluate(steps, state, data.eval_batches, data.eval_unpadded)
           extra.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
         for leaf in jax.tree.leaves(metrics):
           leaf.copy_to_host_async()

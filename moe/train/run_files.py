@@ -112,9 +112,12 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_operative_config(workdir: str) -> None:
+  """workdir/operative_config.gin: gin's bindings as the run (last re-)started with them."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+  path = os.path.join(workdir, "operative_config.gin")
+  with open(path + ".tmp", "w") as f:
     f.write(gin.operative_config_str())
+  os.replace(path + ".tmp", path)  # a start killed while writing keeps the previous record
 
 
 class RunResult(NamedTuple):
