@@ -17,6 +17,7 @@ from absl import app, flags
 
 from data.input_pipeline import random_batch
 from experiments.timing import time_ms
+from moe.cpu_threads import reserve_collective_threads
 from moe.model.presets import get_preset
 from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.train.config import TrainConfig
@@ -48,9 +49,14 @@ def _size(shape: str) -> int:
   return math.prod(int(part.split(":")[1]) for part in shape.split(","))
 
 
+def _axis(shape: str, axis: str) -> int:
+  return math.prod(int(part.split(":")[1]) for part in shape.split(",") if part.split(":")[0] == axis)
+
+
 def main(argv):
   del argv
   n = max(_size(shape) for shape in _MESHES.value)
+  reserve_collective_threads(n)  # before the backend starts (moe/cpu_threads.py)
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)  # before the backend starts
   cfg = get_preset("tiny_deepseekmoe").replace(n_routed_experts=16)  # 16 splits 2/4/8 ways
@@ -59,13 +65,21 @@ def main(argv):
   single = step_ms(cfg, None, batch, _REPS.value)
   print(f"train step, {cfg.name} with 16 routed experts, batch {b} x {s}; "
         f"{len(jax.devices())} simulated CPU devices on {jax.local_devices()[0].device_kind}")
-  print("| layout | step ms | ratio to one device |")
-  print("|---|---:|---:|")
-  print(f"| one device | {single:.1f} | 1.00 |")
+  print("| layout | expert exchange | step ms | ratio to one device |")
+  print("|---|---|---:|---:|")
+  print(f"| one device | - | {single:.1f} | 1.00 |")
   for shape in _MESHES.value:
     mesh = make_mesh(MeshConfig(shape), jax.devices()[:_size(shape)])
-    ms = step_ms(cfg, mesh, batch, _REPS.value)
-    print(f"| {shape} | {ms:.1f} | {ms / single:.2f} |")
+    shards = _axis(shape, "expert")
+    # The default dropless rounds; beside them, one exchange of blocks that hold every pair
+    # (capacity factor = shards: nothing dropped, worst-case buffers).
+    exchanges = [("rounds (default)", cfg)]
+    if shards > 1:
+      exchanges.append((f"one, every-pair blocks (capacity {shards})",
+                        cfg.replace(expert_capacity_factor=float(shards))))
+    for name, c in exchanges:
+      ms = step_ms(c, mesh, batch, _REPS.value)
+      print(f"| {shape} | {name if shards > 1 else '-'} | {ms:.1f} | {ms / single:.2f} |")
 
 
 if __name__ == "__main__":

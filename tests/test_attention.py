@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from moe.model import attention_backends as ab
 from moe.parallel import topology
 from moe.parallel.mesh import MeshConfig, make_mesh, use_mesh
+from tests.capabilities import tpu_devices_or_skip
 
 
 def qkv_seg(b=2, s=128, h=2, dh=128, seed=0, dtype=jnp.float32):
@@ -55,11 +56,7 @@ def test_auto_picks_by_platform():
     ab.resolve("flash", "cpu")
 
 
-def tpu(name):
-  try:
-    return topology.tpu_devices(name)
-  except topology.TopologyError as e:
-    pytest.skip(str(e))
+tpu = tpu_devices_or_skip
 
 
 @pytest.mark.parametrize("layout", ["", "fsdp:2,tensor:2"])

@@ -13,10 +13,17 @@ from hypothesis import given, strategies as st
 
 from moe.dispatch import cpu_kernel, registry
 from moe.dispatch.sorting import SortedRouting, row_tokens_and_gates, sort_by_expert
+from tests.capabilities import skip_or_fail
 from tests.reference import loop_moe
 from tests.test_fused_moe import E, FUZZ, assert_close, operands, reference_and_grads, routings
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"cpu_ffi unavailable: {cpu_kernel.status()}")
+needs_kernel = pytest.mark.usefixtures("built_kernel")
+
+
+@pytest.fixture
+def built_kernel():
+  if not cpu_kernel.available():
+    skip_or_fail("cpu_kernel", f"cpu_ffi unavailable: {cpu_kernel.status()}")
 
 
 @jax.jit
@@ -237,7 +244,7 @@ def test_cpu_key_is_the_instruction_set_on_every_architecture():
 def test_kernel_build_key_follows_arm_features_and_source(monkeypatch, tmp_path):
   compiler = cpu_kernel._compiler()
   if compiler is None:
-    pytest.skip("no C++ compiler")
+    skip_or_fail("cpu_kernel", "no C++ compiler")
   monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path))
   lib = lambda: cpu_kernel._library_path("/any/libblas.so", compiler)
   for extra, other in [("sve", "sve2"), ("", "sve")]:

@@ -21,6 +21,7 @@ from moe.dispatch.sorting import sort_by_expert
 from moe.model.config import ModelConfig
 from moe.model.decoder import Transformer
 from moe.parallel.mesh import MeshConfig, make_mesh
+from tests.capabilities import import_or_skip
 from tests.reference import loop_moe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +113,8 @@ def test_decode_steps_route_without_sorting():
 # Greedy decoding against transformers' DeepSeek-OCR-2 text model (full recompute each step).
 
 def test_greedy_tokens_equal_a_transformers_reference_loop():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+  torch = import_or_skip("torch", "torch")
+  import_or_skip("transformers", "torch")
   from tests import hub_fixtures as fx
   from tests.test_hf_parity import HF
   from moe.hub.hf_config import config_from_hf
@@ -268,8 +269,8 @@ def _word_tokenizer(path, vocab_size):
 
 
 def test_generate_script_on_a_checkpoint_directory(tmp_path):
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+  torch = import_or_skip("torch", "torch")
+  import_or_skip("transformers", "torch")
   from safetensors.numpy import save_file
   from tests import hub_fixtures as fx
   from tests.test_hf_parity import HF

@@ -10,6 +10,7 @@ import pytest
 from moe.dispatch import backend as backends, capacity, cpu_kernel, gpu, registry, sorting
 from moe.model.moe_layer import capacity_moe, dropless_moe
 from moe.model.routers import Route
+from tests.capabilities import skip_or_fail
 from tests.reference import capacity_keep, loop_moe
 
 T, D, F, E, K = 24, 16, 8, 6, 3
@@ -54,7 +55,7 @@ def value_and_grads(fn, x, w, gates):
 @pytest.mark.parametrize("case", ["random", "empty_experts", "all_to_one"])
 def test_dropless_equals_loop(backend, case):
   if backend == "cpu_ffi" and not cpu_kernel.available():
-    pytest.skip(f"cpu_ffi unavailable: {cpu_kernel.status()}")
+    skip_or_fail("cpu_kernel", f"cpu_ffi unavailable: {cpu_kernel.status()}")
   if backend == "tokamax" and not gpu.tokamax_status()[0]:
     pytest.skip(f"tokamax unavailable: {gpu.tokamax_status()[1]}")
   x, w = make_weights()

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.capabilities import import_or_skip
+
+torch = import_or_skip("torch", "torch")
+transformers = import_or_skip("transformers", "torch")
 
 from moe.hub.hf_config import config_from_hf  # noqa: E402
 from moe.hub.hf_weights import convert_public_checkpoint, load_public_checkpoint  # noqa: E402

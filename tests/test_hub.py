@@ -15,8 +15,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.capabilities import import_or_skip
+
+torch = import_or_skip("torch", "torch")
+transformers = import_or_skip("transformers", "torch")
 
 from data.text_tokenizer import with_bos, HFTokenizer, load_tokenizer  # noqa: E402
 from moe.hub.safetensors_export import export_checkpoint, public_tensors  # noqa: E402

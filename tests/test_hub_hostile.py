@@ -148,6 +148,23 @@ def test_a_symlink_out_of_the_directory_is_refused_one_inside_is_read(ckpt, tmp_
   assert all(np.array_equal(t, ckpt[1][name]) for name, t in public_tensors(imported.model_cfg, imported.params))
 
 
+def test_a_hub_cache_snapshot_reads_its_blobs_and_nothing_else(ckpt, tmp_path):
+  """<repo>/snapshots/<rev>/ links each file to <repo>/blobs/<hash>, as the hub cache does."""
+  repo = tmp_path / "models--someone--tiny"
+  snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+  os.makedirs(snap)
+  os.makedirs(blobs)
+  for i, name in enumerate(sorted(os.listdir(ckpt[0]))):
+    shutil.copy(os.path.join(ckpt[0], name), blobs / f"blob{i}")
+    os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snap / name)
+  imported = import_checkpoint(str(snap), dtype="float32")
+  assert all(np.array_equal(t, ckpt[1][name]) for name, t in public_tensors(imported.model_cfg, imported.params))
+  outside = _outside_copy(ckpt, tmp_path)  # a link elsewhere from a snapshot: still refused
+  os.remove(snap / SHARD1)
+  os.symlink(outside, snap / SHARD1)
+  refused(str(snap), rf"{re.escape(SHARD1)}: a symlink to .*outside/x.safetensors, outside")
+
+
 @pytest.mark.parametrize("file", [SHARD1, INDEX, CONFIG])
 def test_a_fifo_is_refused_without_waiting_for_a_writer(ckpt, tmp_path, file):
   d = copy(ckpt, tmp_path)

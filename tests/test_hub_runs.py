@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.capabilities import import_or_skip
+
+torch = import_or_skip("torch", "torch")
+transformers = import_or_skip("transformers", "torch")
 
 from data.input_pipeline import make_datasets, tokenizer_for  # noqa: E402
 from data.text_tokenizer import HFTokenizer, SPM_MODEL, load_tokenizer  # noqa: E402

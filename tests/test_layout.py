@@ -4,6 +4,7 @@ grows past 300 lines, and the README's layout table lists every module."""
 import ast
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -123,3 +124,22 @@ def test_pyproject_pins_are_the_requirements_files():
   project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
   assert project["dependencies"] == requirement_lines("requirements.txt")
   assert project["optional-dependencies"]["dev"] == requirement_lines("requirements-dev.txt")
+
+
+def test_ci_turns_skips_for_missing_tools_into_failures(monkeypatch):
+  """.ci/run requires every optional capability, so a broken libtpu or torch install fails
+  CI instead of skipping the tests that need it; elsewhere they skip."""
+  from tests import capabilities
+
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    ci = f.read()
+  assert re.search(rf"{capabilities.ENV_VAR}=all\b", ci), ci
+  monkeypatch.setenv(capabilities.ENV_VAR, "all")
+  with pytest.raises(pytest.fail.Exception, match="tpu_compiler is required"):
+    capabilities.skip_or_fail("tpu_compiler", "libtpu would not load")
+  monkeypatch.setenv(capabilities.ENV_VAR, "torch")
+  with pytest.raises(pytest.skip.Exception):
+    capabilities.skip_or_fail("tpu_compiler", "libtpu would not load")
+  monkeypatch.setenv(capabilities.ENV_VAR, "tpu_compilr")
+  with pytest.raises(ValueError, match="unknown"):
+    capabilities.required()

@@ -4,13 +4,14 @@ import os
 
 import nbformat
 import pytest
+from tests.capabilities import import_or_skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "deepseekmoe_quickstart.ipynb")
 
 
 def test_notebook_executes(tmp_path, small_corpus, monkeypatch):
-  nbclient = pytest.importorskip("nbclient")
+  nbclient = import_or_skip("nbclient", "notebook")
   source_dir, data_dir = small_corpus
   for key, value in dict(NB_STEPS="4", NB_SMALL="1", NB_SOURCE_DIR=source_dir, NB_DATA_DIR=data_dir,
                          NB_WORKDIR=str(tmp_path / "run")).items():

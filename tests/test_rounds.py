@@ -15,6 +15,7 @@ from moe.dispatch import registry
 from moe.parallel import rounds
 from moe.parallel.expert_parallel import expert_parallel_moe
 from moe.parallel.mesh import MeshConfig, make_mesh
+from tests.capabilities import tpu_devices_or_skip
 from tests.reference import all_to_all_bytes_sent, loop_moe
 
 T, D, E, F, K = 64, 16, 8, 8, 2
@@ -144,11 +145,7 @@ def test_ragged_exchange_compiles_for_tpu():
   compiled, forward and backward, by the TPU compiler for a 4-chip slice instead."""
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from moe.parallel import topology
-  try:
-    devices = topology.tpu_devices("v5p:2x2x1")
-  except topology.TopologyError as e:
-    pytest.skip(str(e))
+  devices = tpu_devices_or_skip("v5p:2x2x1")
   mesh = make_mesh(MeshConfig("expert:4"), devices)
   x, gates, idx, w = inputs("random")
   spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s))

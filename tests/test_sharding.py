@@ -276,3 +276,18 @@ def test_plan_counts_each_devices_shards():
   assert 2 * per_device <= p.optimizer_bytes <= 2 * per_device + 64  # Adam's mu, nu (+ counts)
   assert p.temp_bytes > 0 and p.peak_bytes >= p.argument_bytes + p.temp_bytes
   assert p.all_to_all_bytes > 0
+
+
+def test_simulated_devices_get_threads_for_their_collectives():
+  """XLA:CPU's pool gets 8 threads per simulated device (NPROC) unless told otherwise."""
+  import os
+
+  from moe import cpu_threads
+  cores = os.cpu_count()
+  assert os.environ["NPROC"] == str(max(cores, 8 * len(jax.devices())))  # set on import of moe
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_force_host_platform_device_count=4"}
+  assert cpu_threads.reserve_collective_threads(environ=env) == max(cores, 32) == int(env["NPROC"])
+  assert cpu_threads.reserve_collective_threads(environ={"JAX_NUM_CPU_DEVICES": "2"}) == max(cores, 16)
+  kept = {"XLA_FLAGS": env["XLA_FLAGS"], "NPROC": "12"}
+  assert cpu_threads.reserve_collective_threads(environ=kept) is None and kept["NPROC"] == "12"
+  assert cpu_threads.reserve_collective_threads(environ={}) is None  # one device: XLA's default

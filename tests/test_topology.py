@@ -12,15 +12,12 @@ import pytest
 from moe.dispatch import registry
 from moe.parallel import topology
 from moe.parallel.mesh import MeshConfig, make_mesh, target_platform
+from tests.capabilities import tpu_devices_or_skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def devices_or_skip(name):
-  try:
-    return topology.tpu_devices(name)
-  except topology.TopologyError as e:
-    pytest.skip(str(e))
+devices_or_skip = tpu_devices_or_skip
 
 
 @pytest.mark.parametrize("name, chips", [("v5p:2x2x1", 4), ("v4:2x2x1", 4), ("v5e:2x2", 4),

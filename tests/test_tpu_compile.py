@@ -18,17 +18,14 @@ from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.train.config import TrainConfig
 from moe.train.plan import compile_step
 from pallas_kernels import ops
+from tests.capabilities import tpu_devices_or_skip
 from tests.data_fixtures import small_model
 
 MOSAIC = "tpu_custom_call"
 CHIPS = ["v5p:2x2x1", "v4:2x2x1"]
 
 
-def devices(name):
-  try:
-    return topology.tpu_devices(name)
-  except topology.TopologyError as e:
-    pytest.skip(str(e))
+devices = tpu_devices_or_skip
 
 
 def on_chip(name, *shapes):

@@ -40,18 +40,32 @@ def _short(x: Any, limit: int = 120) -> str:
 
 def file_in(directory: str, name: Any, what: str) -> str:
   """The path of `name` in `directory` if it is a plain file name (no separators, not '.'
-  or '..') whose real path, symlinks followed, stays inside the directory; `what` names
-  where the name came from for the error."""
+  or '..') whose real path, symlinks followed, stays inside the directory (or a hub cache
+  snapshot's blobs); `what` names where the name came from for the error."""
   if (not isinstance(name, str) or not name or name in (".", "..") or "\0" in name
       or any(sep and sep in name for sep in (os.sep, os.altsep, "/"))):
     raise CheckpointFormatError(f"{what} names file {_short(name)}: not a plain file name in "
                                 f"{directory} (no paths outside the checkpoint directory)")
   path = os.path.join(directory, name)
-  root = os.path.realpath(directory)
-  if os.path.commonpath([root, os.path.realpath(path)]) != root:
+  if not any(_inside(os.path.realpath(path), root) for root in _allowed_roots(directory)):
     raise CheckpointFormatError(f"{path}: a symlink to {os.path.realpath(path)}, outside the "
                                 f"checkpoint directory; copy the file in instead")
   return path
+
+
+def _inside(path: str, root: str) -> bool:
+  return os.path.commonpath([root, path]) == root
+
+
+def _allowed_roots(directory: str) -> list[str]:
+  """Where a checkpoint's files may really live: the directory itself, and for a Hugging
+  Face hub cache snapshot (<repo>/snapshots/<revision>/, its files links into <repo>/blobs/)
+  that repository's blobs."""
+  root = os.path.realpath(directory)
+  roots = [root]
+  if os.path.basename(os.path.dirname(root)) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+  return roots
 
 
 def open_regular(path: str) -> IO[bytes]:

@@ -21,7 +21,7 @@ from moe.model.config import ModelConfig
 from moe.model.layers import SwiGLU, param
 from moe.model.routers import ROUTERS, Route, RouteArgs
 from moe.parallel import mesh as meshes
-from moe.parallel.expert_parallel import expert_parallel_moe
+from moe.parallel.expert_parallel import expert_parallel_moe, layer_capacity_factor
 
 
 class RoutedExperts(nnx.Module):
@@ -93,8 +93,8 @@ class MoE(nnx.Module):
     if dropless and mesh is not None:
       backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
       ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
-                               cfg.expert_capacity_factor, cfg.expert_block_factor,
-                               cfg.expert_exchange)
+                               layer_capacity_factor(cfg.expert_capacity_factor, mesh),
+                               cfg.expert_block_factor, cfg.expert_exchange)
       y, n_dropped = ep.y, ep.n_dropped
       ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
                   "ep_rows_per_pair": ep.rows_per_pair}

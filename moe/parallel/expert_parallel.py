@@ -47,6 +47,21 @@ def all_to_all_bytes(t_local: int, k: int, d_model: int, n_shards: int, capacity
   return (n_shards - 1) * b * (2 * d_model * itemsize + 4)
 
 
+def layer_capacity_factor(capacity_factor: float, mesh) -> float:
+  """The exchange a model layer uses: `capacity_factor` (0: dropless rounds), except on a
+  CPU mesh spanning processes (gloo collectives), where dropless means one exchange with
+  blocks that hold every pair (worst-case buffers). There an XLA:CPU device does not issue
+  a program's collectives in one order: a two-process eval step on data:2,expert:4 hung with
+  one device inside the layer loop's all-gather while the devices it waited for sat in the
+  token-count all-reduce that does not depend on the loop (64 idle pool threads, so not the
+  starvation moe/cpu_threads.py prevents in one process). TPU, GPU and one-process CPU
+  meshes run the rounds."""
+  if capacity_factor <= 0 and meshes.target_platform(mesh) == "cpu" and \
+      len({d.process_index for d in mesh.devices.flat}) > 1:
+    return float(mesh.shape["expert"])
+  return capacity_factor
+
+
 class EPResult(NamedTuple):
   y: jax.Array          # [T, d]
   n_dropped: jax.Array  # [] pairs dropped (capacity) or left unserved (rounds: 0 unless broken)

@@ -58,7 +58,7 @@ def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
   n_shards = mesh.shape["expert"]
   itemsize = jnp.dtype(cfg.dtype).itemsize
   k = cfg.n_activated_experts
-  capacity = cfg.expert_capacity_factor
+  capacity = expert_parallel.layer_capacity_factor(cfg.expert_capacity_factor, mesh)
   if capacity <= 0:
     blocks = rounds.block_sizes(tokens_per_device, k, cfg.n_routed_experts, n_shards,
                                 cfg.expert_block_factor)
