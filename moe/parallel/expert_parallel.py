@@ -54,8 +54,9 @@ def layer_capacity_factor(capacity_factor: float, mesh) -> float:
   a program's collectives in one order: a two-process eval step on data:2,expert:4 hung with
   one device inside the layer loop's all-gather while the devices it waited for sat in the
   token-count all-reduce that does not depend on the loop (64 idle pool threads, so not the
-  starvation moe/cpu_threads.py prevents in one process). TPU, GPU and one-process CPU
-  meshes run the rounds."""
+  starvation moe/cpu_threads.py prevents in one process; seen with this fallback removed in
+  tests/test_multihost.py's straight two-process run; a minimal program of the same two
+  collectives did not hang). TPU, GPU and one-process CPU meshes run the rounds."""
   if capacity_factor <= 0 and meshes.target_platform(mesh) == "cpu" and \
       len({d.process_index for d in mesh.devices.flat}) > 1:
     return float(mesh.shape["expert"])
