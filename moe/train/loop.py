@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import threading
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +22,7 @@ from jax.experimental import multihost_utils
 from data.config import DataConfig
 from data.input_pipeline import make_datasets
 from moe.model.config import ModelConfig
+from moe.model.counts import count_params
 from moe.model.presets import model_config
 from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.parallel.rules import check_batch
@@ -37,6 +37,7 @@ from moe.train.run_files import (RunResult, check_run_configs, record_run_config
                                  write_operative_config, write_result)
 from moe.train.state import init_state
 from moe.train.steps import make_steps, put_batch
+from moe.train.throughput import Throughput, peak_tflops
 
 
 STOP_CHECK_EVERY = 5  # steps between the hosts' agreement on pre-emption (multi-host only)
@@ -98,6 +99,10 @@ class _Pending:
     self.steps.append((step, metrics))
     if len(self.steps) > self.depth:
       jax.block_until_ready(self.steps[-self.depth - 1][1]["finite"])
+
+  def latest(self) -> Any:
+    """The last dispatched step's loss (None when none is pending)."""
+    return self.steps[-1][1]["loss"] if self.steps else None
 
   def check(self, upto: int | None = None) -> float | None:
     """Raises NonFiniteLossError naming the first bad step; the loss of the last step
@@ -185,7 +190,9 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   last_saved = step if ckpt.steps() else None
   status, loss, eval_out = "finished", float("nan"), None
   stop_at = step + stop_after_steps if stop_after_steps else None
-  t_log, steps_since_log = time.time(), 0
+  devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
+  speed = Throughput(step, tokens_per_step, count_params(model_cfg, data_cfg.seq_len).train_flops_per_token,
+                     len(list(devices)), peak_tflops(jax.devices()[0].device_kind))
 
   pending = _Pending()
   due: _LogEntry | None = None
@@ -210,14 +217,15 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     scalars = {**_scalars(due.metrics), **due.extra}
     writer.write(due.step, scalars, due.metrics["layers"])
     extra = f" | eval {due.eval_out['eval_loss']:.3f}" if due.eval_out else ""
-    progress.update(due.step, loss, scalars["tokens_per_sec"], extra)
+    progress.update(due.step, loss, scalars, extra)
     due = None
 
   def save(at_step):
     nonlocal last_saved, loss
-    write_log()
-    loss = checked_loss()  # never save a state that went non-finite
-    ckpt.save(at_step, nnx.to_pure_dict(state), data.train)
+    with speed.excluded(pending.latest()):
+      write_log()
+      loss = checked_loss()  # never save a state that went non-finite
+      ckpt.save(at_step, nnx.to_pure_dict(state), data.train)
     last_saved = at_step
 
   try:
@@ -231,19 +239,18 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
       profiler.after(step, metrics)
       pending.add(step, metrics)
       write_log()  # the previous logged step, now that this one is queued behind it
-      steps_since_log += 1
-      if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-        elapsed = time.time() - t_log
-        extra = {"tokens_per_sec": tokens_per_step * steps_since_log / max(elapsed, 1e-9),
-                 "learning_rate": float(schedule(step - 1))}
+      last = step == train_cfg.steps
+      eval_due = step % train_cfg.eval_every == 0 or last
+      if step % train_cfg.log_every == 0 or eval_due or last:  # each at its own interval
+        extra = {**speed.measure(step, metrics["loss"]), "learning_rate": float(schedule(step - 1))}
         eval_now = None
-        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-          eval_out = eval_now = evaluate(steps, state, data.eval_batches, data.eval_unpadded)
+        if eval_due:
+          with speed.excluded(metrics["loss"]):
+            eval_out = eval_now = evaluate(steps, state, data.eval_batches, data.eval_unpadded)
           extra.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
         for leaf in jax.tree.leaves(metrics):
           leaf.copy_to_host_async()
         due = _LogEntry(step, metrics, extra, eval_now)
-        t_log, steps_since_log = time.time(), 0
       if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
         save(step)
       preempted = stop.agreed(step)

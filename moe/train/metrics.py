@@ -80,9 +80,16 @@ def _duration(seconds: float) -> str:
       f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _speed(speed: dict[str, float]) -> str:
+  """12.3k tok/s | 166 ms/step | 1.02 TFLOP/s/device (| MFU 41.2%)"""
+  out = (f"{speed['tokens_per_sec'] / 1000:.1f}k tok/s | {speed['step_time_s'] * 1000:.0f} ms/step | "
+         f"{speed['tflops_per_sec_per_device']:.3g} TFLOP/s/device")
+  return out + (f" | MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")
+
+
 class Progress:
-  """`step 120/300 [#####.....] loss 4.12 | 12.3k tok/s | ETA 2m13s`, redrawn in place on
-  a terminal, one line per update elsewhere (logs, notebooks)."""
+  """`step 120/300 [#####.....] loss 4.12 | 12.3k tok/s | 166 ms/step | ... | ETA 2m13s`,
+  redrawn in place on a terminal, one line per update elsewhere (logs, notebooks)."""
 
   def __init__(self, total_steps: int, start_step: int = 0, stream=None):
     self.total, self.start = total_steps, start_step
@@ -90,14 +97,15 @@ class Progress:
     self.t0 = time.time()
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
-  def update(self, step: int, loss: float, tokens_per_sec: float, extra: str = "") -> None:
+  def update(self, step: int, loss: float, speed: dict[str, float], extra: str = "") -> None:
+    """speed: moe.train.throughput.Throughput.measure's (tokens_per_sec, step_time_s, ...)."""
     done = step - self.start
     rate = done / max(time.time() - self.t0, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else float("nan")
     width = 20
     filled = int(width * step / max(self.total, 1))
     line = (f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
-            f"loss {loss:.4f} | {tokens_per_sec / 1000:.1f}k tok/s | "
+            f"loss {loss:.4f} | {_speed(speed)} | "
             f"ETA {_duration(eta) if math.isfinite(eta) else '?'}{extra}")
     self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
     self.stream.flush()
