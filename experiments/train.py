@@ -58,12 +58,16 @@ def main(argv):
                                 mesh_cfg=mesh_cfg, profile_steps=profile_steps)
   except MeshError as e:
     raise SystemExit(f"bad mesh: {e}") from None
-  print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")
+  if result.status == "nothing_to_do":
+    print(f"nothing to do: the run finished its {result.step} steps; raise "
+          f"--gin.TrainConfig.steps to continue it")
+  else:
+    print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}")
   if result.eval:
     print(f"validation loss {result.eval['eval_loss']:.4f} nats/token "
           f"(perplexity {result.eval['eval_perplexity']:.1f}); "
           f"unigram entropy of the training tokens {result.unigram_entropy:.4f} nats/token")
-  if result.status == "finished" and _SAMPLE.value > 0:
+  if result.status in ("finished", "nothing_to_do") and _SAMPLE.value > 0:
     print_sample(workdir, _SAMPLE.value, mesh_cfg)
 
 

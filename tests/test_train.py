@@ -174,6 +174,17 @@ def _train_subprocess(workdir, corpus, extra=()):
   return args
 
 
+def test_a_finished_run_started_again_says_there_is_nothing_to_do(straight_run, tmp_path, small_corpus):
+  workdir = tmp_path / "again"
+  shutil.copytree(straight_run[0], workdir)
+  out = subprocess.run(_train_subprocess(workdir, small_corpus, ["--sample_tokens=0"]), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"restored step 16 from {workdir / 'checkpoints' / '16'}" in out.stdout
+  assert "nothing to do: the run finished its 16 steps; raise --gin.TrainConfig.steps" in out.stdout
+  assert "nan" not in out.stdout
+
+
 def test_resume_is_bit_exact(straight_run, tmp_path, small_corpus):
   straight_dir, _ = straight_run
   workdir = tmp_path / "resumed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -174,6 +175,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   if ckpt.steps():
     step, restored = ckpt.restore(None, nnx.to_pure_dict(state), data.train)
     nnx.replace_by_pure_dict(state, restored)
+    if primary:
+      print(f"restored step {step} from {ckpt.path(step)}", file=stream or sys.stdout, flush=True)
   elif train_cfg.init_from_hf:  # a new run starts from the checkpoint; a resumed one from its own
     load_into_state(state, train_cfg.init_from_hf, model_cfg, mesh)
   # Setup succeeded: a failed one leaves no record to refuse a fixed config, and the records
@@ -228,10 +231,12 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
       ckpt.save(at_step, nnx.to_pure_dict(state), data.train)
     last_saved = at_step
 
+  if step >= train_cfg.steps:  # a finished run started again
+    status = "nothing_to_do"
   try:
     if stop.agreed(step):  # before the first step: nothing new to save
       status = "preempted"
-    while step < train_cfg.steps and status != "preempted":
+    while step < train_cfg.steps and status == "finished":
       batch = next(data.train)
       profiler.before(step + 1)
       state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))

@@ -122,7 +122,7 @@ def write_operative_config(workdir: str) -> None:
 
 class RunResult(NamedTuple):
   step: int
-  status: str                  # 'finished', 'stopped' (stop_after_steps) or 'preempted'
+  status: str  # 'finished', 'stopped' (stop_after_steps), 'preempted', 'nothing_to_do' (was finished)
   train_loss: float
   eval: dict[str, Any] | None  # eval_loss, eval_perplexity, layers
   unigram_entropy: float
