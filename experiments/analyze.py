@@ -15,6 +15,7 @@ import os
 
 from absl import app, flags, logging
 
+from experiments import errors
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.parallel.mesh import MeshError
@@ -41,7 +42,7 @@ def main(argv):
     results = report.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
                              _MAX_TOKENS.value, _STEP.value, mesh_cfg=mesh_config())
   except MeshError as e:
-    raise SystemExit(f"bad mesh: {e}") from None
+    raise SystemExit(f"error: bad mesh: {e}") from None
   text = report.report(results)
   with open(os.path.join(out_dir, "analysis.md"), "w") as f:
     f.write(text + "\n")
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

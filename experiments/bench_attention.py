@@ -15,9 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import SingleDeviceSharding
 
+from experiments import errors
 from experiments.timing import temp_bytes, time_ms
 from moe.model import attention_backends as ab
 from moe.model.loss import chunked_lm_loss, lm_loss
@@ -92,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 
 from data.config import DataConfig
 from data.input_pipeline import batches, tokenizer_for
-from experiments import gin_flags
+from experiments import errors, gin_flags
 
 _STEPS = flags.DEFINE_integer("steps", 10_000, "batches read before the state is saved")
 
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.flags_parser)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

@@ -27,9 +27,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import errors
 from moe.cache import enable_compile_cache
 from moe.decode.generate import Decoder
 from moe.hub.safetensors_export import export_checkpoint
@@ -149,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from data.input_pipeline import random_batch
+from experiments import errors
 from experiments.timing import time_ms
 from moe.cpu_threads import reserve_collective_threads
 from moe.model.presets import get_preset
@@ -83,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

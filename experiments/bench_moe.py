@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from data.input_pipeline import random_batch
+from experiments import errors
 from experiments.timing import temp_bytes, time_ms
 from moe.dispatch import cpu_kernel, registry
 from moe.dispatch.experts import swiglu
@@ -240,4 +241,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -5,6 +5,7 @@
 
 from absl import app, flags
 
+from experiments import errors
 from moe.model.counts import count_params, shares
 from moe.model.presets import PRESETS, get_preset
 
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from data.config import DataConfig
 from data.input_pipeline import tokenizer_for
 from data.text_tokenizer import load_tokenizer
-from experiments import gin_flags
+from experiments import errors, gin_flags
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.hub.hf_config import CheckpointFormatError
@@ -148,13 +148,13 @@ def main(argv):
       return
     out = evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides, mesh_cfg)
   except MeshError as e:
-    raise SystemExit(f"bad mesh: {e}") from None
+    raise SystemExit(f"error: bad mesh: {e}") from None
   except CheckpointFormatError as e:
-    raise SystemExit(f"bad checkpoint: {e}") from None
+    raise SystemExit(f"error: bad checkpoint: {e}") from None
   print(format_report(out))
   if _JSON_OUT.value and jax.process_index() == 0:
     write_json(_JSON_OUT.value, out)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.flags_parser)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

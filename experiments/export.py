@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from experiments import errors
 from experiments.mesh_flag import mesh_config
 from moe.hub.hf_config import CheckpointFormatError
 from moe.parallel.mesh import MeshError, make_mesh
@@ -32,11 +33,11 @@ def main(argv):
     out = export_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
                      int(_MAX_SHARD_MB.value * (1 << 20)), make_mesh(mesh_cfg) if mesh_cfg.shape else None)
   except (CheckpointFormatError, MeshError) as e:
-    raise SystemExit(f"cannot export: {e}") from None
+    raise SystemExit(f"error: cannot export: {e}") from None
   print(f"step {out.step} -> {_OUT.value} ({_DTYPE.value}): {', '.join(out.files)}")
   for note in out.notes:
     print(f"note: {note}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -17,7 +17,7 @@ import json
 
 from absl import app, flags, logging
 
-from experiments import generation
+from experiments import errors, generation
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.decode.sampling import Sampling
@@ -54,7 +54,7 @@ def main(argv):
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     out = generation.generate_text(loaded, _PROMPT.value, _MAX_NEW.value, sampling, _SEED.value)
   except MeshError as e:
-    raise SystemExit(f"bad mesh: {e}") from None
+    raise SystemExit(f"error: bad mesh: {e}") from None
   except ValueError as e:  # prompts that do not fit, an empty prompt
     raise SystemExit(f"error: {e}") from None
   print(generation.format_result(out))
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -43,4 +43,9 @@ def parse(argv: list[str]) -> None:
   try:
     gin.parse_config_files_and_bindings(_GIN_FILES.value, bindings)
   except (ValueError, KeyError, SyntaxError, IOError) as e:
-    raise SystemExit(f"bad gin config ({e}); files: {_GIN_FILES.value}, bindings: {bindings}")
+    message = " ".join(str(e).split())
+    if "malformed node or string" in message or "Failed to parse token" in message:
+      message += ("; a string value needs quotes inside the flag: --gin.NAME=\"'value'\" "
+                  "(or NAME = 'value' in a gin file)")
+    raise SystemExit(f"error: bad gin config: {message}; files: {_GIN_FILES.value}, "
+                     f"bindings: {bindings}") from None

@@ -18,9 +18,9 @@ import json
 import math
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from experiments import gin_flags
+from experiments import errors, gin_flags
 from moe.model.presets import model_config
 from moe.parallel import topology
 from moe.parallel.mesh import BATCH_AXES, MeshConfig, MeshError, make_mesh
@@ -103,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.flags_parser)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
+from experiments import errors
 from experiments.timing import temp_bytes, time_ms
 from moe.dispatch import gpu
 from moe.dispatch.backend import ragged_dot_bytes
@@ -75,4 +76,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

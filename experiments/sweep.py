@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from experiments import gin_flags
+from experiments import errors, gin_flags
 from moe.research import sweep, sweep_results
 
 _SWEEP = flags.DEFINE_string("sweep", None, "sweep file (JSON)", required=True)
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -14,7 +14,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from experiments import gin_flags
+from experiments import errors, gin_flags
 from experiments.generation import sample_continuation
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
@@ -57,7 +57,7 @@ def main(argv):
     result = train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
                                 mesh_cfg=mesh_cfg, profile_steps=profile_steps)
   except MeshError as e:
-    raise SystemExit(f"bad mesh: {e}") from None
+    raise SystemExit(f"error: bad mesh: {e}") from None
   if result.status == "nothing_to_do":
     print(f"nothing to do: the run finished its {result.step} steps; raise "
           f"--gin.TrainConfig.steps to continue it")
@@ -82,4 +82,4 @@ def print_sample(workdir: str, n_tokens: int, mesh_cfg) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.flags_parser)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

@@ -200,3 +200,39 @@ def test_seed_summary_and_bias_curves(tmp_path):
   row = sweep_results.collect([sweep.Variant("run", (), ())], str(tmp_path))[0]
   assert row["train_max_over_mean_load"] == pytest.approx(3.5)
   assert row["late_train_max_over_mean_load"] == pytest.approx(2.0)  # steps after 20
+
+
+BAD_INPUTS = {  # script and arguments -> a phrase of the one line it must print
+    "preset_typo": (["experiments.train", "--gin.model_config.preset='tiny_deepseekmok'"],
+                    "error: unknown preset 'tiny_deepseekmok'"),
+    "invalid_config": (["experiments.train", "--gin.model_config.n_heads=5"],
+                       "error: ModelConfig.n_heads=5: does not divide"),
+    "unquoted_gin_string": (["experiments.train", "--gin.model_config.preset=tiny_deepseekmoe"],
+                            "a string value needs quotes"),
+    "missing_gin_file": (["experiments.train", "--gin_file=NOPE/missing.gin"],
+                         "error: bad gin config: Unable to open file: NOPE/missing.gin"),
+    "bad_mesh": (["experiments.train", "--mesh=data:3"], "error: bad mesh: mesh 'data:3' has 3 devices"),
+    "eval_no_workdir": (["experiments.eval", "--workdir=NOPE"], "error: no checkpoint directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_it(case, tmp_path):
+  """No traceback: the last line of stderr names the problem (the lines before, if any, are
+  logging of libraries); --traceback brings the traceback back."""
+  argv, phrase = BAD_INPUTS[case]
+  argv = [a.replace("NOPE", str(tmp_path / "nope")) for a in argv]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  if argv[0] == "experiments.train":
+    argv.append(f"--workdir={tmp_path / 'run'}")
+  out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert phrase.replace("NOPE", str(tmp_path / "nope")) in lines[-1], lines[-1]
+  assert sum(line.startswith("error:") for line in lines) == 1
+  if case == "preset_typo":
+    again = subprocess.run([sys.executable, "-m", *argv, "--traceback"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert "Traceback" in again.stderr and "unknown preset" in again.stderr
+  assert not os.path.exists(tmp_path / "run" / "operative_config.gin")  # nothing written

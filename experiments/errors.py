@@ -1,0 +1,37 @@
+"""Errors as one line: a script ends on the project's own errors (a bad config, flag,
+checkpoint, mesh, topology or data; a non-finite loss) with `error: MESSAGE` on stderr and
+exit status 1, not a traceback; --traceback shows the traceback instead (bug reports)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from absl import app, flags
+
+from moe.train.checkpoint import CheckpointError
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "on an error, raise it with its traceback "
+                               "instead of printing one line")
+
+# What bad input raises: configs, flags, shapes and meshes (ValueError and its subclasses:
+# MeshError, TopologyError, CheckpointFormatError), files (OSError), checkpoints, NaN stops.
+INPUT_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
+_GIN_CONTEXT = "\n  In call to configurable"  # gin appends where the error was raised
+
+
+def one_line(e: BaseException) -> str:
+  """`error: MESSAGE`, the message's lines joined, gin's call-site note dropped."""
+  message = str(e).split(_GIN_CONTEXT)[0]
+  return "error: " + " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def run(main: Callable[[list[str]], None], **kwargs) -> None:
+  """absl's app.run(main), with INPUT_ERRORS printed as one line unless --traceback."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except INPUT_ERRORS as e:
+      if _TRACEBACK.value:
+        raise
+      raise SystemExit(one_line(e) + "  (--traceback for details)") from None
+  app.run(guarded, **kwargs)
