@@ -29,7 +29,8 @@ _STEP = flags.DEFINE_integer("step", None, "--workdir's checkpoint step (default
 _HF = flags.DEFINE_string("hf_checkpoint", None, "a checkpoint directory: config.json, "
                           "*.safetensors (public DeepSeek-MoE names), tokenizer.json")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt text; repeat for a batch", required=True)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (fewer after EOS)")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (fewer after EOS)",
+                                lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample from the smallest set of mass >= p (1: all)")

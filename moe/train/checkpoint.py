@@ -71,10 +71,13 @@ class Checkpointer:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for unreadable files
       earlier = [s for s in steps if s < step]
-      raise CheckpointError(
-          f"checkpoint {self.path(step)!r} cannot be restored ({type(e).__name__}: {e}). "
-          f"Nothing was changed on disk; earlier checkpoints: {earlier}. Move the broken "
-          f"directory away to resume from an earlier one") from e
+      detail = " ".join(f"{type(e).__name__}: {e}".split())
+      detail = detail if len(detail) <= 300 else detail[:300] + "..."
+      fallback = (f"the last earlier one is step {earlier[-1]} (evaluate it with --step={earlier[-1]}; "
+                  f"move {self.path(step)!r} away to resume training from it)" if earlier
+                  else "there is no earlier checkpoint")
+      raise CheckpointError(f"checkpoint {self.path(step)!r} cannot be restored ({detail}). Nothing "
+                            f"was changed on disk; {fallback}") from e
     return step, out["state"]
 
   def wait(self) -> None:

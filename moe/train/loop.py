@@ -173,7 +173,12 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
                       train_cfg.async_checkpoints)
   step = 0
   if ckpt.steps():
-    step, restored = ckpt.restore(None, nnx.to_pure_dict(state), data.train)
+    try:
+      step, restored = ckpt.restore(None, nnx.to_pure_dict(state), data.train)
+    except Exception:
+      ckpt.close()  # orbax's threads, else they fail noisily as the interpreter exits
+      data.train.close()
+      raise
     nnx.replace_by_pure_dict(state, restored)
     if primary:
       print(f"restored step {step} from {ckpt.path(step)}", file=stream or sys.stdout, flush=True)
