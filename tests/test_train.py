@@ -155,6 +155,9 @@ def test_short_run_learns_and_logs(straight_run):
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert os.path.exists(os.path.join(workdir, "operative_config.gin"))
   assert result.eval["eval_loss"] < result.unigram_entropy + 1.5
+  with open(os.path.join(workdir, "result.json")) as f:
+    env = json.load(f)["environment"]
+  assert env["python"] == ".".join(map(str, sys.version_info[:3])) and env["jax"] == jax.__version__
 
 
 def _train_subprocess(workdir, corpus, extra=()):

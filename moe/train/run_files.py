@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 from typing import Any, NamedTuple
 
 import gin
+import jax
 import numpy as np
 
 from data.config import DataConfig
@@ -128,10 +130,17 @@ class RunResult(NamedTuple):
   unigram_entropy: float
 
 
+def environment() -> dict[str, str]:
+  """What the numbers depend on beyond the configs: the embedded corpus is this Python's
+  standard library, so its version changes the data; JAX's changes the kernels."""
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "platform": jax.default_backend()}
+
+
 def write_result(workdir: str, result: RunResult) -> None:
   """workdir/result.json: how the last process of the run ended (sweeps read it)."""
   record = {"step": result.step, "status": result.status, "train_loss": result.train_loss,
-            "unigram_entropy": result.unigram_entropy}
+            "unigram_entropy": result.unigram_entropy, "environment": environment()}
   if result.eval:
     record.update(eval_loss=result.eval["eval_loss"], eval_perplexity=result.eval["eval_perplexity"],
                   layers={k: np.asarray(v).tolist() for k, v in result.eval["layers"].items()})
