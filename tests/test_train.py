@@ -1,6 +1,7 @@
 """Training: schedule, a short run whose loss drops, exact resume, pre-emption, bad input."""
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -142,6 +143,15 @@ def test_logged_speed_is_of_completed_steps_not_dispatch(every):
   assert 0.7 * per_step < speed.measure(n + 1, step(x))["step_time_s"] < per_step + 0.5
 
 
+def _tensorboard_tags(workdir) -> set[str]:
+  import tensorflow as tf
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
 def test_short_run_learns_and_logs(straight_run):
   workdir, result = straight_run
   assert result.status == "finished" and result.step == 16
@@ -152,7 +162,9 @@ def test_short_run_learns_and_logs(straight_run):
   evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
   assert len(evals) == 2 and evals[-1] < evals[0]
   assert len(rows[-1]["layers"]["router_entropy"]) == small_model().n_moe_layers
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert _tensorboard_tags(workdir) >= {
+      "train/loss", "train/learning_rate", "perf/tokens_per_sec", "perf/step_time_s",
+      "eval/loss", "moe/layer0/router_entropy", "moe/expert_load", "config/operative_gin"}
   assert os.path.exists(os.path.join(workdir, "operative_config.gin"))
   assert result.eval["eval_loss"] < result.unigram_entropy + 1.5
   with open(os.path.join(workdir, "result.json")) as f:

@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import Any, NamedTuple
 
+import gin
 import jax
 import numpy as np
 from flax import nnx
@@ -191,6 +192,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     record_run_configs(workdir, configs)
   start_step = step
   writer = MetricWriter(workdir, enabled=primary)
+  writer.text(step, "config/operative_gin", gin.operative_config_str())
   progress = Progress(train_cfg.steps, step, stream)
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
   schedule = schedule_of(train_cfg)
@@ -224,6 +226,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     loss = checked_loss(due.step)
     scalars = {**_scalars(due.metrics), **due.extra}
     writer.write(due.step, scalars, due.metrics["layers"])
+    if due.eval_out:
+      writer.evaluation(due.step, due.eval_out["layers"])
     extra = f" | eval {due.eval_out['eval_loss']:.3f}" if due.eval_out else ""
     progress.update(due.step, loss, scalars, extra)
     due = None

@@ -32,6 +32,28 @@ def flatten_layers(layers: dict[str, Any]) -> dict[str, float]:
   return out
 
 
+PERF = ("tokens_per_sec", "step_time_s", "tflops_per_sec_per_device", "mfu")
+
+
+def tensorboard_tag(name: str) -> str:
+  """TensorBoard's grouping, as t5x and MaxText lay it out: eval/*, perf/*, train/*
+  (per-layer statistics are already moe/layer{i}/*)."""
+  if name.startswith("moe/"):
+    return name
+  if name.startswith("eval_"):
+    return "eval/" + name[len("eval_"):]
+  return ("perf/" if name in PERF else "train/") + name
+
+
+def load_image(load: Any) -> np.ndarray:
+  """[n_layers, n_experts] expert loads (1 = balanced) -> a [1, H, W, 1] uint8 heatmap,
+  each cell 8x8 pixels, white at the most loaded expert."""
+  a = np.asarray(load, np.float32)
+  a = a / max(float(a.max()), 1e-9)
+  cells = np.kron(a, np.ones((8, 8), np.float32))
+  return (cells * 255).astype(np.uint8)[None, :, :, None]
+
+
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
   TensorBoard (workdir/tensorboard), when TensorFlow is importable. Disabled (every call
@@ -63,8 +85,27 @@ class MetricWriter:
       with self.tb.as_default(step=int(step)):
         for k, v in {**scalars, **flatten_layers(layers or {})}.items():
           if np.ndim(v) == 0:
-            tf.summary.scalar(k, float(v))
+            tf.summary.scalar(tensorboard_tag(k), float(v))
       self.tb.flush()
+
+  def evaluation(self, step: int, layers: dict[str, Any]) -> None:
+    """TensorBoard: the evaluation's per-layer expert loads as a heatmap image."""
+    if not self.enabled or self.tb is None or "load" not in layers:
+      return
+    import tensorflow as tf
+    with self.tb.as_default(step=int(step)):
+      tf.summary.image("moe/expert_load", load_image(layers["load"]),
+                       description="rows: MoE layers, columns: routed experts; white: most loaded")
+    self.tb.flush()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    """TensorBoard text (e.g. the operative gin config), as preformatted markdown."""
+    if not self.enabled or self.tb is None:
+      return
+    import tensorflow as tf
+    with self.tb.as_default(step=int(step)):
+      tf.summary.text(tag, "```\n" + text + "\n```")
+    self.tb.flush()
 
   def close(self) -> None:
     if not self.enabled:
