@@ -95,13 +95,16 @@ def held_out_prompt(data_cfg, n_lines: int = 4) -> str:
   raise ValueError(f"split {data_cfg.eval_split!r} of {data_cfg.dataset!r} has no text")
 
 
-def sample_continuation(workdir: str, n_tokens: int = 48, mesh: Mesh | None = None) -> dict[str, Any]:
-  """A greedy continuation of a held-out prompt by a run's latest checkpoint; the prompt
-  is cut to fit the run's training context (seq_len) with the new tokens."""
-  loaded = load_run(workdir, mesh=mesh)
+def sample_continuation(workdir: str, n_tokens: int = 48, mesh: Mesh | None = None,
+                        sampling: Sampling = Sampling(), seed: int = 0,
+                        loaded: Loaded | None = None) -> dict[str, Any]:
+  """A continuation (greedy by default) of a held-out prompt by a run's latest checkpoint
+  (or by `loaded`, already loaded from it); the prompt is cut to fit the run's training
+  context (seq_len) with the new tokens."""
+  loaded = loaded or load_run(workdir, mesh=mesh)
   ids = loaded.tokenizer.encode(held_out_prompt(loaded.data_cfg))
   ids = ids[:max(loaded.data_cfg.seq_len - n_tokens, 8)]
-  return generate_text(loaded, [], n_tokens, warmup=False, prompt_ids=[ids])
+  return generate_text(loaded, [], n_tokens, sampling, seed, warmup=False, prompt_ids=[ids])
 
 
 def format_result(out: dict[str, Any]) -> str:

@@ -15,9 +15,10 @@ import jax
 from absl import app, flags, logging
 
 from experiments import errors, gin_flags
-from experiments.generation import sample_continuation
+from experiments.generation import load_run, sample_continuation
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
+from moe.decode.sampling import Sampling
 from moe.model.presets import model_config
 from moe.parallel.hosts import initialize_distributed
 from moe.parallel.mesh import MeshError, make_mesh
@@ -29,8 +30,9 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "checkpoint and exit after this many steps; rerun to resume")
 _PROFILE = flags.DEFINE_string("profile_steps", None, "FIRST:LAST: trace these steps with "
                                "jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)")
-_SAMPLE = flags.DEFINE_integer("sample_tokens", 48, "after a finished run, print a greedy "
-                               "continuation of this many tokens of a held-out prompt (0: none)")
+_SAMPLE = flags.DEFINE_integer("sample_tokens", 48, "after a finished run, print a greedy and "
+                               "a sampled continuation of this many tokens of a held-out prompt "
+                               "(0: none)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "multi-host: call jax.distributed.initialize() first (TPU pods)")
 
@@ -72,13 +74,19 @@ def main(argv):
 
 
 def print_sample(workdir: str, n_tokens: int, mesh_cfg) -> None:
-  """The trained model's greedy continuation of a held-out prompt (KV-cache decoding)."""
+  """The trained model's greedy and sampled continuations of a held-out prompt (KV-cache
+  decoding)."""
   if jax.process_count() > 1:  # the decoder takes host arrays: one process only
     print("(no sample: generation runs in single-process jobs)")
     return
-  out = sample_continuation(workdir, n_tokens, make_mesh(mesh_cfg))
-  print(f"greedy continuation of a held-out prompt ({n_tokens} tokens):\n"
-        f"--- prompt ---\n{out['prompts'][0]}\n--- continuation ---\n{out['texts'][0]}")
+  loaded = load_run(workdir, mesh=make_mesh(mesh_cfg))
+  greedy = sample_continuation(workdir, n_tokens, loaded=loaded)
+  sampled = sample_continuation(workdir, n_tokens, sampling=Sampling(temperature=1.0), seed=0,
+                                loaded=loaded)
+  print(f"a held-out prompt and two {n_tokens}-token continuations:\n"
+        f"--- prompt ---\n{greedy['prompts'][0]}\n"
+        f"--- greedy ---\n{greedy['texts'][0]}\n"
+        f"--- sampled at temperature 1, seed 0 ---\n{sampled['texts'][0]}")
 
 
 if __name__ == "__main__":

@@ -321,6 +321,11 @@ def test_a_trained_run_continues_a_held_out_prompt(trained_run):
   out = generation.sample_continuation(trained_run, n_tokens=12)
   assert len(out["generated_ids"][0]) == 12 and out["prompt_ids"][0]
   assert out["prompts"][0].startswith("def ")
+  # The main job's seeded sample beside the greedy one: same prompt, reproducible, different.
+  from moe.decode.sampling import Sampling
+  hot = lambda seed: generation.sample_continuation(trained_run, 12, sampling=Sampling(temperature=1.0),
+                                                    seed=seed)["generated_ids"][0]
+  assert hot(0) == hot(0) and hot(0) != out["generated_ids"][0]
   loaded = generation.load_run(trained_run, dtype="bfloat16")
   assert loaded.cfg.dtype == "bfloat16"
   bf16 = generation.generate_text(loaded, ["def f(x):\n    return"], 6, warmup=False)
