@@ -33,6 +33,12 @@ def flags_parser(argv: list[str]) -> list[str]:
     sys.exit(f"{e}\nPass --help for the flags.")
 
 
+def requested() -> tuple[list[str], list[str]]:
+  """(gin files, bindings) given on the command line (--gin_file, --gin_bindings, --gin.*),
+  unparsed: for scripts that hand them on (experiments.sweep)."""
+  return list(_GIN_FILES.value), list(_GIN_BINDINGS.value) + _SHORTHAND
+
+
 def parse(argv: list[str]) -> None:
   """Apply the gin files and bindings; unknown names and bad values fail with the binding named."""
   if len(argv) > 1:

@@ -10,6 +10,11 @@ _MESH = flags.DEFINE_string("mesh", None, "device mesh, e.g. data:-1 or fsdp:4,e
                             "(default: gin's MeshConfig.shape; empty = one device)")
 
 
+def mesh_flag() -> str | None:
+  """--mesh as given (None when absent)."""
+  return _MESH.value
+
+
 def mesh_config() -> MeshConfig:
   """--mesh if given, else MeshConfig() as gin configures it (empty shape: one device)."""
   return MeshConfig(_MESH.value) if _MESH.value is not None else MeshConfig()

@@ -3,6 +3,10 @@
   python -m experiments.sweep --sweep=experiments/sweeps/ladder_cpu.json --workdir=/tmp/ladder
   python -m experiments.sweep --sweep=... --workdir=... --print_commands   # for a cluster
   python -m experiments.sweep --sweep=... --workdir=... --collect_only
+  python -m experiments.sweep --sweep=... --workdir=... --gin.TrainConfig.steps=100 --mesh=data:-1
+
+Gin files and bindings on the command line (--gin_file, --gin_bindings, --gin.NAME=VALUE) and
+--mesh apply to every variant, after the sweep file's own (so they win).
 
 Finished variants (result.json with status 'finished') are skipped on a re-run; the others
 start or resume from their latest checkpoint. Results go to WORKDIR/<sweep file's name>.results/
@@ -18,6 +22,7 @@ import os
 from absl import app, flags
 
 from experiments import errors, gin_flags
+from experiments.mesh_flag import mesh_flag
 from moe.research import sweep, sweep_results
 
 _SWEEP = flags.DEFINE_string("sweep", None, "sweep file (JSON)", required=True)
@@ -31,7 +36,10 @@ _ONLY = flags.DEFINE_multi_string("only", [], "run only these variants")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  variants = sweep.load_sweep(_SWEEP.value)
+  files, bindings = gin_flags.requested()
+  mesh = mesh_flag()
+  variants = sweep.with_overrides(sweep.load_sweep(_SWEEP.value), files, bindings,
+                                  [f"--mesh={mesh}"] if mesh is not None else [])
   if _ONLY.value:
     unknown = sorted(set(_ONLY.value) - {v.name for v in variants})
     if unknown:
@@ -58,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

@@ -169,6 +169,13 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   lines = printed.stdout.strip().splitlines()
   assert len(lines) == 2 and all(l.startswith("python -m experiments.train --workdir=") for l in lines)
   assert "'--gin_bindings=model_config.n_activated_experts = 3'" in lines[1]
+  # Sweep-wide overrides reach every variant, after the sweep file's bindings (so they win).
+  over = subprocess.run(args + ["--print_commands", "--gin.TrainConfig.steps=7", "--mesh=data:-1"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = over.stdout.strip().splitlines()
+  assert over.returncode == 0 and len(lines) == 2, over.stderr[-2000:]
+  for line in lines:
+    assert line.endswith("'--gin_bindings=TrainConfig.steps = 7' --mesh=data:-1"), line
 
 
 def test_seed_summary_and_bias_curves(tmp_path):

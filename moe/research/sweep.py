@@ -44,6 +44,15 @@ class Variant:
   name: str
   gin_files: tuple[str, ...]
   bindings: tuple[str, ...]
+  args: tuple[str, ...] = ()  # further flags of experiments.train (e.g. --mesh=...)
+
+
+def with_overrides(variants: list[Variant], gin_files=(), bindings=(), args=()) -> list[Variant]:
+  """Every variant with sweep-wide gin files and bindings after its own (so they win over
+  the sweep file's) and further training flags."""
+  return [dataclasses.replace(v, gin_files=v.gin_files + tuple(gin_files),
+                              bindings=v.bindings + tuple(bindings), args=v.args + tuple(args))
+          for v in variants]
 
 
 def load_sweep(path: str) -> list[Variant]:
@@ -97,7 +106,7 @@ def command(variant: Variant, workdir: str) -> list[str]:
   """The training command of one variant (what --print_commands prints)."""
   return [sys.executable, "-m", "experiments.train", f"--workdir={os.path.join(workdir, variant.name)}",
           *[f"--gin_file={f}" for f in variant.gin_files],
-          *[f"--gin_bindings={b}" for b in variant.bindings]]
+          *[f"--gin_bindings={b}" for b in variant.bindings], *variant.args]
 
 
 def shell_command(variant: Variant, workdir: str) -> str:
