@@ -4,6 +4,7 @@ exit status 1, not a traceback; --traceback shows the traceback instead (bug rep
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from absl import app, flags
@@ -25,8 +26,22 @@ def one_line(e: BaseException) -> str:
   return "error: " + " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+SHARED_FLAG_MODULES = ("experiments.errors", "experiments.gin_flags", "experiments.mesh_flag")
+
+
+def _show_shared_flags() -> None:
+  """--help lists the main module's key flags only: make the shared flags (--traceback,
+  --gin_file, --gin_bindings, --mesh) key flags of the script that imports them."""
+  for name in SHARED_FLAG_MODULES:
+    module = sys.modules.get(name)
+    if module is not None:
+      for flag in flags.FLAGS.get_key_flags_for_module(module):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)  # absl: the main module's name
+
+
 def run(main: Callable[[list[str]], None], **kwargs) -> None:
   """absl's app.run(main), with INPUT_ERRORS printed as one line unless --traceback."""
+  _show_shared_flags()
   def guarded(argv):
     try:
       return main(argv)

@@ -9,7 +9,8 @@ import gin
 from absl import flags
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config file(s), applied in order")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s) 'NAME = VALUE'")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s) 'NAME = VALUE' "
+                                          "(also written --gin.NAME=VALUE)")
 
 _SHORTHAND: list[str] = []
 # `include 'experiments/configs/...'` in gin files resolves against the repository root too.

@@ -243,3 +243,16 @@ def test_bad_input_is_one_line_naming_it(case, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert "Traceback" in again.stderr and "unknown preset" in again.stderr
   assert not os.path.exists(tmp_path / "run" / "operative_config.gin")  # nothing written
+
+
+@pytest.mark.parametrize("script, shared", [
+    ("experiments.train", ["--gin_file", "--gin_bindings", "--mesh", "--traceback"]),
+    ("experiments.sweep", ["--gin_file", "--gin_bindings", "--mesh", "--traceback"]),
+    ("experiments.count_params", ["--traceback"])])
+def test_shared_flags_show_in_help(script, shared):
+  """--help lists the flags a script takes from the shared modules, not only its own."""
+  out = subprocess.run([sys.executable, "-m", script, "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  text = out.stdout + out.stderr
+  for flag in shared:
+    assert f"  {flag}:" in text or f"  --[no]{flag[2:]}:" in text, (flag, text[-2000:])
