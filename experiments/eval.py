@@ -21,6 +21,7 @@ moe.train.lm_eval has the scoring.
 from __future__ import annotations
 
 import json
+import os
 
 import gin
 import jax
@@ -41,6 +42,7 @@ from moe.parallel.mesh import MeshError, make_mesh
 from moe.train import lm_eval
 from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate_checkpoint
+from moe.train.metrics import tensorboard_scalars
 from moe.train.restore import restore_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory")
@@ -55,8 +57,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "window / context length (defau
 _BATCH = flags.DEFINE_integer("batch_size", None, "rows per step (default: the mesh's batch shards)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call "
                                  "jax.distributed.initialize() first; run on every host")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "also write the --workdir evaluation (full "
-                                "precision, per-layer statistics) to this JSON file (process 0)")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "where to write the --workdir evaluation (full "
+                                "precision, per-layer statistics) as JSON (default: "
+                                "WORKDIR/eval/step_N.json; process 0)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "--hf_checkpoint: parameter and compute dtype")
 
@@ -115,6 +118,7 @@ def lm_report(mesh_cfg) -> str:
 
 
 def write_json(path: str, out: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   record = {k: v for k, v in out.items() if k != "layers"}
   record["layers"] = {k: np.asarray(v).tolist() for k, v in out["layers"].items()}
   with open(path, "w") as f:
@@ -152,8 +156,13 @@ def main(argv):
   except CheckpointFormatError as e:
     raise SystemExit(f"error: bad checkpoint: {e}") from None
   print(format_report(out))
-  if _JSON_OUT.value and jax.process_index() == 0:
-    write_json(_JSON_OUT.value, out)
+  if jax.process_index() == 0:  # into the run's directory, beside its training records
+    path = _JSON_OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{out['step']}.json")
+    write_json(path, dict(out, data_overrides=overrides))
+    scalars = {"eval_loss": out["eval_loss"], "eval_perplexity": out["eval_perplexity"]}
+    if not overrides:  # the run's own evaluation set: comparable with its training curves
+      tensorboard_scalars(os.path.join(_WORKDIR.value, "tensorboard", "eval"), out["step"], scalars)
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

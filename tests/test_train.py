@@ -389,6 +389,18 @@ def test_eval_script_honours_data_overrides_and_refuses_others(straight_run):
                       text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "{'eval_batches': 1}" in ok.stdout and f"validation loss {one:.4f}" in ok.stdout
+  with open(os.path.join(workdir, "eval", "step_16.json")) as f:  # into the run's directory
+    record = json.load(f)
+  assert record["eval_loss"] == pytest.approx(one) and record["data_overrides"] == {"eval_batches": 1}
+  plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert plain.returncode == 0, plain.stderr[-2000:]
+  with open(os.path.join(workdir, "eval", "step_16.json")) as f:
+    assert json.load(f)["eval_loss"] == pytest.approx(base)
+  import tensorflow as tf  # the run's own evaluation set: also a TensorBoard point at its step
+  events = glob.glob(os.path.join(workdir, "tensorboard", "eval", "events.*"))
+  points = [(e.step, v.tag) for path in events for e in tf.compat.v1.train.summary_iterator(path)
+            for v in e.summary.value]
+  assert (16, "eval/loss") in points
   refused = subprocess.run(cmd + ["--gin.model_config.n_layers=1"], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
   assert refused.returncode != 0 and "{'model_config': ['n_layers']} do not apply" in refused.stderr

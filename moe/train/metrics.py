@@ -54,6 +54,21 @@ def load_image(load: Any) -> np.ndarray:
   return (cells * 255).astype(np.uint8)[None, :, :, None]
 
 
+def tensorboard_scalars(directory: str, step: int, scalars: dict[str, float]) -> bool:
+  """Scalars at `step` into TensorBoard files in `directory` (tags as tensorboard_tag);
+  False when TensorFlow is not importable."""
+  try:
+    import tensorflow as tf
+  except ImportError:
+    return False
+  writer = tf.summary.create_file_writer(directory)
+  with writer.as_default(step=int(step)):
+    for k, v in scalars.items():
+      tf.summary.scalar(tensorboard_tag(k), float(v))
+  writer.close()
+  return True
+
+
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
   TensorBoard (workdir/tensorboard), when TensorFlow is importable. Disabled (every call
