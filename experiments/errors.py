@@ -9,6 +9,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from experiments.accelerators import cpu_unless_accelerator
 from moe.train.checkpoint import CheckpointError
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "on an error, raise it with its traceback "
@@ -42,6 +43,7 @@ def _show_shared_flags() -> None:
 def run(main: Callable[[list[str]], None], **kwargs) -> None:
   """absl's app.run(main), with INPUT_ERRORS printed as one line unless --traceback."""
   _show_shared_flags()
+  cpu_unless_accelerator()  # no libtpu start-up noise on machines without a TPU
   def guarded(argv):
     try:
       return main(argv)

@@ -256,3 +256,21 @@ def test_shared_flags_show_in_help(script, shared):
   text = out.stdout + out.stderr
   for flag in shared:
     assert f"  {flag}:" in text or f"  --[no]{flag[2:]}:" in text, (flag, text[-2000:])
+
+
+def test_no_tpu_start_up_noise_without_an_accelerator(tmp_path):
+  """libtpu is installed (jax[tpu], for compiling) but there is no TPU: scripts start on the
+  CPU without libtpu's error lines. The PCI check decides."""
+  from experiments import accelerators
+  for vendor, accelerator in (("0x1af4", False), ("0x10de", True), ("0x1ae0", True)):
+    os.makedirs(tmp_path / vendor / "0000:00:01.0")
+    (tmp_path / vendor / "0000:00:01.0" / "vendor").write_text(vendor + "\n")
+    assert accelerators.has_accelerator(str(tmp_path / vendor)) == accelerator
+  assert accelerators.has_accelerator(str(tmp_path / "no_bus"))  # unknown: JAX decides
+  if accelerators.has_accelerator():
+    pytest.skip("this machine has an accelerator")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-m", "experiments.count_params"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "total_params=" in out.stdout
+  assert "TPU" not in out.stderr, out.stderr[-2000:]
