@@ -254,7 +254,9 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay_loadable(straight_run
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
-  with pytest.raises(CheckpointError, match=rf"checkpoints/{latest}'.*cannot be restored.*earlier checkpoints"):
+  with pytest.raises(CheckpointError, match=rf"checkpoints/{latest}'.*cannot be restored.*the last "
+                                           rf"earlier one is step {latest - 4} \(evaluate it with "
+                                           rf"--step={latest - 4};"):
     evaluate_checkpoint(str(workdir))
   assert os.path.isdir(ckpts / str(latest))  # nothing deleted
   out = evaluate_checkpoint(str(workdir), step=latest - 4)
