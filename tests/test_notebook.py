@@ -1,4 +1,4 @@
-"""The Colab notebook runs top to bottom (CPU, small settings); any failing cell fails."""
+"""The Colab notebook runs top to bottom, twice (CPU, small settings); any failing cell fails."""
 
 import os
 
@@ -16,15 +16,17 @@ def test_notebook_executes(tmp_path, small_corpus, monkeypatch):
   for key, value in dict(NB_STEPS="4", NB_SMALL="1", NB_SOURCE_DIR=source_dir, NB_DATA_DIR=data_dir,
                          NB_WORKDIR=str(tmp_path / "run")).items():
     monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-  assert "finished at step 4" in outputs
-  assert "experts ruled out" in outputs
-  images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if "image/png" in o.get("data", {})]
-  assert len(images) == 3
+  # Twice, top to bottom: the second run finds the run finished and works from its checkpoint.
+  for status in ("finished at step 4", "nothing_to_do at step 4"):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert status in outputs
+    assert "experts ruled out" in outputs
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 3
 
 
 def test_colab_cell_installs_the_package_from_one_url_variable():
