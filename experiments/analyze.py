@@ -18,7 +18,6 @@ from absl import app, flags, logging
 from experiments import errors
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
-from moe.parallel.mesh import MeshError
 from moe.research import report
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "training run directory (repeatable)",
@@ -38,11 +37,8 @@ def main(argv):
   if len(set(names)) != len(names):
     names = [f"{i}_{n}" for i, n in enumerate(names)]
   out_dir = _OUT.value or os.path.join(_WORKDIRS.value[0], "analysis")
-  try:
-    results = report.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
-                             _MAX_TOKENS.value, _STEP.value, mesh_cfg=mesh_config())
-  except MeshError as e:
-    raise SystemExit(f"error: bad mesh: {e}") from None
+  results = report.analyze(dict(zip(names, _WORKDIRS.value)), out_dir, _ANALYSES.value,
+                           _MAX_TOKENS.value, _STEP.value, mesh_cfg=mesh_config())
   text = report.report(results)
   with open(os.path.join(out_dir, "analysis.md"), "w") as f:
     f.write(text + "\n")

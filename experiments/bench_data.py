@@ -14,7 +14,7 @@ import dataclasses
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data.config import DataConfig
 from data.input_pipeline import batches, tokenizer_for

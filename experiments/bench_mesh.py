@@ -50,10 +50,6 @@ def _size(shape: str) -> int:
   return math.prod(int(part.split(":")[1]) for part in shape.split(","))
 
 
-def _axis(shape: str, axis: str) -> int:
-  return math.prod(int(part.split(":")[1]) for part in shape.split(",") if part.split(":")[0] == axis)
-
-
 def main(argv):
   del argv
   n = max(_size(shape) for shape in _MESHES.value)
@@ -71,7 +67,7 @@ def main(argv):
   print(f"| one device | - | {single:.1f} | 1.00 |")
   for shape in _MESHES.value:
     mesh = make_mesh(MeshConfig(shape), jax.devices()[:_size(shape)])
-    shards = _axis(shape, "expert")
+    shards = mesh.shape["expert"]
     # The default dropless rounds; beside them, one exchange of blocks that hold every pair
     # (capacity factor = shards: nothing dropped, worst-case buffers).
     exchanges = [("rounds (default)", cfg)]

@@ -10,6 +10,8 @@ from typing import Callable
 from absl import app, flags
 
 from experiments.accelerators import cpu_unless_accelerator
+from moe.hub.hf_config import CheckpointFormatError
+from moe.parallel.mesh import MeshError
 from moe.train.checkpoint import CheckpointError
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "on an error, raise it with its traceback "
@@ -19,12 +21,15 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "on an error, raise it with i
 # MeshError, TopologyError, CheckpointFormatError), files (OSError), checkpoints, NaN stops.
 INPUT_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
 _GIN_CONTEXT = "\n  In call to configurable"  # gin appends where the error was raised
+# What a message is about where the error's type says so and the message may not.
+_SUBJECTS = ((MeshError, "bad mesh: "), (CheckpointFormatError, "bad checkpoint: "))
 
 
 def one_line(e: BaseException) -> str:
-  """`error: MESSAGE`, the message's lines joined, gin's call-site note dropped."""
+  """`error: [SUBJECT: ]MESSAGE`, the message's lines joined, gin's call-site note dropped."""
+  subject = next((s for kind, s in _SUBJECTS if isinstance(e, kind)), "")
   message = str(e).split(_GIN_CONTEXT)[0]
-  return "error: " + " ".join(line.strip() for line in message.splitlines() if line.strip())
+  return "error: " + subject + " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 SHARED_FLAG_MODULES = ("experiments.errors", "experiments.gin_flags", "experiments.mesh_flag")
@@ -41,7 +46,8 @@ def _show_shared_flags() -> None:
 
 
 def run(main: Callable[[list[str]], None], **kwargs) -> None:
-  """absl's app.run(main), with INPUT_ERRORS printed as one line unless --traceback."""
+  """absl's app.run(main), with INPUT_ERRORS printed as one line unless --traceback; the
+  shared flags shown by --help; the CPU backend chosen where there is no accelerator."""
   _show_shared_flags()
   cpu_unless_accelerator()  # no libtpu start-up noise on machines without a TPU
   def guarded(argv):

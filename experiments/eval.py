@@ -34,11 +34,10 @@ from data.text_tokenizer import load_tokenizer
 from experiments import errors, gin_flags
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
-from moe.hub.hf_config import CheckpointFormatError
 from moe.hub.safetensors_import import import_checkpoint
 from moe.model.presets import model_config
 from moe.parallel.hosts import initialize_distributed
-from moe.parallel.mesh import MeshError, make_mesh
+from moe.parallel.mesh import make_mesh
 from moe.train import lm_eval
 from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate_checkpoint
@@ -146,15 +145,10 @@ def main(argv):
   mesh_cfg = mesh_config()
   if mesh_cfg.shape:
     print(f"mesh: {mesh_cfg.shape}")
-  try:
-    if _TEXT.value or _CHOICES.value:
-      print(lm_report(mesh_cfg))
-      return
-    out = evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides, mesh_cfg)
-  except MeshError as e:
-    raise SystemExit(f"error: bad mesh: {e}") from None
-  except CheckpointFormatError as e:
-    raise SystemExit(f"error: bad checkpoint: {e}") from None
+  if _TEXT.value or _CHOICES.value:
+    print(lm_report(mesh_cfg))
+    return
+  out = evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides, mesh_cfg)
   print(format_report(out))
   if jax.process_index() == 0:  # into the run's directory, beside its training records
     path = _JSON_OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{out['step']}.json")

@@ -13,8 +13,7 @@ from absl import app, flags, logging
 
 from experiments import errors
 from experiments.mesh_flag import mesh_config
-from moe.hub.hf_config import CheckpointFormatError
-from moe.parallel.mesh import MeshError, make_mesh
+from moe.parallel.mesh import make_mesh
 from moe.train.export import export_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory", required=True)
@@ -29,11 +28,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   mesh_cfg = mesh_config()
-  try:
-    out = export_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
-                     int(_MAX_SHARD_MB.value * (1 << 20)), make_mesh(mesh_cfg) if mesh_cfg.shape else None)
-  except (CheckpointFormatError, MeshError) as e:
-    raise SystemExit(f"error: cannot export: {e}") from None
+  out = export_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
+                   int(_MAX_SHARD_MB.value * (1 << 20)), make_mesh(mesh_cfg) if mesh_cfg.shape else None)
   print(f"step {out.step} -> {_OUT.value} ({_DTYPE.value}): {', '.join(out.files)}")
   for note in out.notes:
     print(f"note: {note}")

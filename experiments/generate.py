@@ -22,7 +22,7 @@ from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.decode.sampling import Sampling
 from moe.model.config import DTYPES
-from moe.parallel.mesh import MeshError, make_mesh
+from moe.parallel.mesh import make_mesh
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory")
 _STEP = flags.DEFINE_integer("step", None, "--workdir's checkpoint step (default: the latest)")
@@ -46,18 +46,13 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir and --hf_checkpoint")
   logging.set_verbosity(logging.WARNING)
   enable_compile_cache()
-  try:
-    mesh = make_mesh(mesh_config())
-    if _WORKDIR.value:
-      loaded = generation.load_run(_WORKDIR.value, _STEP.value, mesh, _DTYPE.value)
-    else:
-      loaded = generation.load_hf_checkpoint(_HF.value, _DTYPE.value or "bfloat16", mesh)
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    out = generation.generate_text(loaded, _PROMPT.value, _MAX_NEW.value, sampling, _SEED.value)
-  except MeshError as e:
-    raise SystemExit(f"error: bad mesh: {e}") from None
-  except ValueError as e:  # prompts that do not fit, an empty prompt
-    raise SystemExit(f"error: {e}") from None
+  mesh = make_mesh(mesh_config())
+  if _WORKDIR.value:
+    loaded = generation.load_run(_WORKDIR.value, _STEP.value, mesh, _DTYPE.value)
+  else:
+    loaded = generation.load_hf_checkpoint(_HF.value, _DTYPE.value or "bfloat16", mesh)
+  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  out = generation.generate_text(loaded, _PROMPT.value, _MAX_NEW.value, sampling, _SEED.value)
   print(generation.format_result(out))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -21,7 +21,7 @@ from moe.cache import enable_compile_cache
 from moe.decode.sampling import Sampling
 from moe.model.presets import model_config
 from moe.parallel.hosts import initialize_distributed
-from moe.parallel.mesh import MeshError, make_mesh
+from moe.parallel.mesh import make_mesh
 from moe.train.loop import train_and_evaluate
 from moe.train.profile import parse_steps
 
@@ -55,11 +55,8 @@ def main(argv):
     raise app.UsageError(f"--profile_steps: {e}") from None
   print(f"workdir: {os.path.abspath(workdir)}  model: {model_cfg.name}  mesh: {mesh_cfg.shape or 'one device'}",
         flush=True)
-  try:
-    result = train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
-                                mesh_cfg=mesh_cfg, profile_steps=profile_steps)
-  except MeshError as e:
-    raise SystemExit(f"error: bad mesh: {e}") from None
+  result = train_and_evaluate(workdir, model_cfg, stop_after_steps=_STOP_AFTER.value,
+                              mesh_cfg=mesh_cfg, profile_steps=profile_steps)
   if result.status == "nothing_to_do":
     print(f"nothing to do: the run finished its {result.step} steps; raise "
           f"--gin.TrainConfig.steps to continue it")

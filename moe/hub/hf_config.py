@@ -16,9 +16,18 @@ class CheckpointFormatError(ValueError):
   message names the file, tensor, field or shape."""
 
 
+def is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
+
+
+def short_repr(x: Any, limit: int = 120) -> str:
+  """repr(x), cut: a hostile value may be megabytes long, its error message need not be."""
+  r = repr(x)
+  return r if len(r) <= limit else r[:limit] + "..."
+
+
 def _refuse(field: str, value: Any, why: str) -> None:
-  shown = repr(value)
-  raise CheckpointFormatError(f"config.json: {field}={shown[:80] + '...' * (len(shown) > 80)}: {why}")
+  raise CheckpointFormatError(f"config.json: {field}={short_repr(value, 80)}: {why}")
 
 
 # Bounds far above any released model (DeepSeek-V3: 61 layers x 256 experts) that keep a
@@ -37,7 +46,7 @@ def _int(hf: Mapping[str, Any], field: str, default: Any = _MISSING, low: int = 
       raise CheckpointFormatError(f"config.json: {field} is missing; a DeepSeek-MoE config.json "
                                   f"always sets it")
     return default
-  if not isinstance(value, int) or isinstance(value, bool):
+  if not is_int(value):
     _refuse(field, value, f"must be an integer, not {type(value).__name__}")
   if not low <= value <= high:
     _refuse(field, value, f"must be between {low} and {high}")

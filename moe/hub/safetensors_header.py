@@ -17,7 +17,7 @@ import os
 import stat
 from typing import IO, Any
 
-from moe.hub.hf_config import CheckpointFormatError
+from moe.hub.hf_config import CheckpointFormatError, is_int, short_repr
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's cap on its JSON header
 MAX_JSON_BYTES = 100_000_000    # config.json and the index: far above any real one
@@ -28,23 +28,13 @@ ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 
             "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
-
-
-def _short(x: Any, limit: int = 120) -> str:
-  """repr(x), cut: a hostile value may be megabytes long, its error message need not be."""
-  r = repr(x)
-  return r if len(r) <= limit else r[:limit] + "..."
-
-
 def file_in(directory: str, name: Any, what: str) -> str:
   """The path of `name` in `directory` if it is a plain file name (no separators, not '.'
   or '..') whose real path, symlinks followed, stays inside the directory (or a hub cache
   snapshot's blobs); `what` names where the name came from for the error."""
   if (not isinstance(name, str) or not name or name in (".", "..") or "\0" in name
       or any(sep and sep in name for sep in (os.sep, os.altsep, "/"))):
-    raise CheckpointFormatError(f"{what} names file {_short(name)}: not a plain file name in "
+    raise CheckpointFormatError(f"{what} names file {short_repr(name)}: not a plain file name in "
                                 f"{directory} (no paths outside the checkpoint directory)")
   path = os.path.join(directory, name)
   if not any(_inside(os.path.realpath(path), root) for root in _allowed_roots(directory)):
@@ -106,7 +96,7 @@ def read_json_object(path: str) -> dict[str, Any]:
 def _tensor_span(path: str, name: str, h: Any) -> tuple[str, tuple[int, ...], int, int]:
   """(dtype, shape, begin, end) of one header entry, each field's type and range checked."""
   def bad(why: str):
-    raise CheckpointFormatError(f"{path}: tensor {_short(name)}: {why}")
+    raise CheckpointFormatError(f"{path}: tensor {short_repr(name)}: {why}")
   if not isinstance(h, dict):
     bad(f"header entry is a {type(h).__name__}, not an object")
   missing = {"dtype", "shape", "data_offsets"} - set(h)
@@ -114,15 +104,15 @@ def _tensor_span(path: str, name: str, h: Any) -> tuple[str, tuple[int, ...], in
     bad(f"header entry has no {sorted(missing)}")
   dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
   if not isinstance(dtype, str):
-    bad(f"dtype {_short(dtype)} is not a string")
-  if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-    bad(f"shape {_short(shape)} is not a list of non-negative integers")
-  if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+    bad(f"dtype {short_repr(dtype)} is not a string")
+  if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+    bad(f"shape {short_repr(shape)} is not a list of non-negative integers")
+  if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets)
       or not 0 <= offsets[0] <= offsets[1]):
-    bad(f"data_offsets {_short(offsets)} are not two integers 0 <= begin <= end")
+    bad(f"data_offsets {short_repr(offsets)} are not two integers 0 <= begin <= end")
   begin, end = offsets
   if dtype in ITEMSIZE and end - begin != ITEMSIZE[dtype] * math.prod(shape):
-    bad(f"bytes [{begin}, {end}) do not hold {dtype} {_short(shape)} ({ITEMSIZE[dtype] * math.prod(shape)} bytes)")
+    bad(f"bytes [{begin}, {end}) do not hold {dtype} {short_repr(shape)} ({ITEMSIZE[dtype] * math.prod(shape)} bytes)")
   return dtype, tuple(shape), begin, end
 
 
@@ -150,13 +140,13 @@ def read_header(path: str) -> tuple[int, dict[str, Any]]:
   data, at, last = size - 8 - n, 0, None
   for name, dtype, shape, begin, end in sorted(spans, key=lambda s: (s[3], s[4])):
     if end > data:
-      raise CheckpointFormatError(f"{path}: tensor {_short(name)}'s bytes [{begin}, {end}) do not hold "
-                                  f"{_short(dtype)} {_short(list(shape))} within the file's {data} data bytes "
+      raise CheckpointFormatError(f"{path}: tensor {short_repr(name)}'s bytes [{begin}, {end}) do not hold "
+                                  f"{short_repr(dtype)} {short_repr(list(shape))} within the file's {data} data bytes "
                                   f"(truncated or corrupt)")
     if begin != at:  # a gap (bytes no tensor owns) or an overlap (bytes two tensors share)
-      what = (f"overlap tensor {_short(last)}'s, which end at {at}" if begin < at
+      what = (f"overlap tensor {short_repr(last)}'s, which end at {at}" if begin < at
               else f"leave bytes [{at}, {begin}) that no tensor owns")
-      raise CheckpointFormatError(f"{path}: tensor {_short(name)}'s bytes [{begin}, {end}) {what} "
+      raise CheckpointFormatError(f"{path}: tensor {short_repr(name)}'s bytes [{begin}, {end}) {what} "
                                   f"(corrupt header)")
     at, last = end, name
   if at != data:

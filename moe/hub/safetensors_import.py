@@ -105,17 +105,21 @@ class SafetensorsCheckpoint:
                                     f"does not hold it")
     return out
 
-  def check(self, cfg: ModelConfig) -> None:
-    """Every tensor `cfg`'s model needs is here, with its shape and a float dtype, and no other."""
-    # At least one tensor per layer and per routed expert of each MoE layer: a config.json
-    # that implies far more than the headers hold (a corrupt layer or expert count) is
-    # refused before millions of names are listed; a near miss still gets the list below.
+  def check_count(self, cfg: ModelConfig) -> None:
+    """Refuses a config.json that implies far more tensors than the headers hold (a corrupt
+    layer or expert count) from the counts alone: before millions of names are listed or a
+    model that size is built. At least one tensor per layer and per routed expert of each
+    MoE layer; a near miss is left to `check`, which lists what is missing."""
     least = cfg.n_layers + cfg.n_moe_layers * cfg.n_routed_experts
     if least > 2 * len(self.tensors) + 100:
       raise CheckpointFormatError(f"{self.directory}: config.json implies at least {least} tensors "
                                   f"({cfg.n_layers} layers, {cfg.n_routed_experts} routed experts); "
                                   f"the checkpoint holds {len(self.tensors)}. Is config.json right "
                                   f"for these weights?")
+
+  def check(self, cfg: ModelConfig) -> None:
+    """Every tensor `cfg`'s model needs is here, with its shape and a float dtype, and no other."""
+    self.check_count(cfg)
     want = public_shapes(cfg)
     missing = [n for n in want if n not in self.tensors]
     if missing:
@@ -219,7 +223,7 @@ def import_checkpoint(directory: str, mesh: Mesh | None = None, dtype: str = "bf
   ckpt = SafetensorsCheckpoint(directory)
   name = os.path.basename(os.path.normpath(directory))
   cfg = config_from_hf(ckpt.hf_config, **{"name": name, "dtype": dtype, "param_dtype": dtype, **overrides})
-  ckpt.check(cfg)  # before the abstract model: a corrupt config.json may imply a huge one
+  ckpt.check_count(cfg)  # before the abstract model: a corrupt config.json may imply a huge one
   graphdef, params = abstract_params(cfg)
   variables = dict(nnx.to_flat_state(params))  # the same Variables `params` holds
   for path, array in stream_params(ckpt, cfg, params, mesh):

@@ -200,9 +200,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   last_saved = step if ckpt.steps() else None
   status, loss, eval_out = "finished", float("nan"), None
   stop_at = step + stop_after_steps if stop_after_steps else None
-  devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
   speed = Throughput(step, tokens_per_step, count_params(model_cfg, data_cfg.seq_len).train_flops_per_token,
-                     len(list(devices)), peak_tflops(jax.devices()[0].device_kind))
+                     mesh.size if mesh is not None else 1, peak_tflops(jax.devices()[0].device_kind))
 
   pending = _Pending()
   due: _LogEntry | None = None
@@ -253,9 +252,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
       profiler.after(step, metrics)
       pending.add(step, metrics)
       write_log()  # the previous logged step, now that this one is queued behind it
-      last = step == train_cfg.steps
-      eval_due = step % train_cfg.eval_every == 0 or last
-      if step % train_cfg.log_every == 0 or eval_due or last:  # each at its own interval
+      eval_due = step % train_cfg.eval_every == 0 or step == train_cfg.steps
+      if step % train_cfg.log_every == 0 or eval_due:  # each at its own interval
         extra = {**speed.measure(step, metrics["loss"]), "learning_rate": float(schedule(step - 1))}
         eval_now = None
         if eval_due:
