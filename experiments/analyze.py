@@ -15,15 +15,14 @@ import os
 
 from absl import app, flags, logging
 
-from experiments import errors
+from experiments import common_flags, errors
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.research import report
 
-_WORKDIRS = flags.DEFINE_multi_string("workdir", None, "training run directory (repeatable)",
-                                      required=True)
-_OUT = flags.DEFINE_string("out_dir", None, "output directory (default: FIRST_WORKDIR/analysis)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: each run's latest)")
+_WORKDIRS = common_flags.workdir(required=True, multiple=True)
+_OUT = common_flags.out_dir()
+_STEP = common_flags.step()
 _ANALYSES = flags.DEFINE_list("analyses", list(report.ANALYSES), "which analyses")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 20_000, "held-out tokens for the category analysis")
 

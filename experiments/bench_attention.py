@@ -1,7 +1,7 @@
 """Attention and loss paths: forward+backward time and compiled temporaries on this machine,
 and the TPU compiler's temporaries for the TPU paths at the 16B shape; prints tables.
 
-  python -m experiments.bench_attention [--seq_lens=256,1024,2048 --reps=5]
+  python -m experiments.bench_attention [--seq_len=256 --seq_len=1024 --seq_len=2048 --reps=5]
 
 Attention: reference ([B, H, S, S] f32 scores) against jax.nn.dot_product_attention
 (`xla`), 4 rows of 8 heads of 64, packed rows (segment ids). Loss: the LM head and
@@ -15,17 +15,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from jax.sharding import SingleDeviceSharding
 
-from experiments import errors
+from experiments import common_flags, errors
 from experiments.timing import temp_bytes, time_ms
 from moe.model import attention_backends as ab
 from moe.model.loss import chunked_lm_loss, lm_loss
 from moe.parallel import topology
 
-_SEQ = flags.DEFINE_list("seq_lens", ["256", "1024", "2048"], "sequence lengths (CPU rows)")
-_REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
+_SEQ = common_flags.seq_len(multiple=True)  # CPU rows; default 256, 1024, 2048
+_REPS = common_flags.reps()
 _CHUNK = 512
 
 
@@ -87,7 +86,7 @@ def main(argv):
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()}; fwd+bwd, median of {_REPS.value}")
   print("| path | backend | seq | fwd+bwd ms | temporaries MiB |")
   print("|---|---|---:|---:|---:|")
-  for path, name, s, ms, temp in cpu_rows([int(s) for s in _SEQ.value], _REPS.value) + tpu_rows():
+  for path, name, s, ms, temp in cpu_rows(_SEQ.value or [256, 1024, 2048], _REPS.value) + tpu_rows():
     ms_text = "-" if ms != ms else f"{ms:.1f}"
     print(f"| {path} | {name} | {s} | {ms_text} | {temp / 2**20:.1f} |", flush=True)
 

@@ -2,13 +2,14 @@
 every new token, greedy, random initialisation; then the released-format import's
 throughput. Prints markdown tables.
 
-  python -m experiments.bench_decode [--preset=tiny_deepseekmoe --batches=1,8 --new_tokens=256]
+  python -m experiments.bench_decode [--preset=tiny_deepseekmoe --batch_size=1 --batch_size=8
+                                      --max_new_tokens=256]
                                      [--import_preset=deepseekmoe_16b --import_layers=2]
 
 Both run as one compiled loop over fixed shapes [batch, max_len] (max_len = prompt + new
 tokens), so every recomputation step is the same full forward pass over [batch, max_len]:
 it is timed over --recompute_tokens steps (its tokens/s does not depend on how many).
-Compilation and the prefill are not timed; each time is the best of --reps runs.
+Compilation and the prefill are not timed; each time is the median of --reps runs.
 
 Import: a randomly initialised --import_preset cut to --import_layers layers is exported
 in bf16 (moe.hub.safetensors_export, 1 GiB shards) to a temporary directory and read back
@@ -22,29 +23,31 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
+import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import app, flags
 from flax import nnx
 
-from experiments import errors
+from experiments import common_flags, errors, gin_flags
+from experiments.timing import median_of
 from moe.cache import enable_compile_cache
 from moe.decode.generate import Decoder
 from moe.hub.safetensors_export import export_checkpoint
 from moe.hub.safetensors_import import import_checkpoint
 from moe.model.decoder import Transformer
-from moe.model.presets import get_preset
+from moe.model.config import ModelConfig
+from moe.model.presets import get_preset, model_config
 
-_PRESET = flags.DEFINE_string("preset", "tiny_deepseekmoe", "model preset (random init)")
-_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
-_NEW = flags.DEFINE_integer("new_tokens", 256, "new tokens per row")
+_PRESET = common_flags.preset()  # random initialisation
+_BATCHES = common_flags.batch_size(multiple=True)  # default: 1 and 8
+_NEW = common_flags.max_new_tokens()
 _PROMPT = flags.DEFINE_integer("prompt_len", 16, "prompt tokens per row")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype")
+_DTYPE = common_flags.dtype()  # default float32 (CPU)
 _RECOMPUTE = flags.DEFINE_integer("recompute_tokens", 64, "new tokens timed without the cache")
-_REPS = flags.DEFINE_integer("reps", 3, "timed runs (best taken)")
+_REPS = common_flags.reps()
 _IMPORT_PRESET = flags.DEFINE_string("import_preset", "deepseekmoe_16b", "preset written and "
                                      "imported (random init); empty: skip the import table")
 _IMPORT_LAYERS = flags.DEFINE_integer("import_layers", 2, "layers of --import_preset kept "
@@ -68,25 +71,14 @@ def recompute_loop(graphdef):
   return run
 
 
-def best_of(reps: int, fn):
-  """(min wall time, last result) of `reps` calls of fn()."""
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return min(times), out
-
-
-def bench(preset: str, batch: int, n_new: int, prompt_len: int, dtype: str, n_recompute: int,
+def bench(cfg: ModelConfig, batch: int, n_new: int, prompt_len: int, n_recompute: int,
           reps: int) -> dict:
-  cfg = get_preset(preset).replace(dtype=dtype)
   graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
   prompts = np.random.default_rng(batch).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
   decoder = Decoder(graphdef, params, batch, prompt_len + n_new)
   decoder.generate(prompts, 2)  # compile
   runs = [decoder.generate(prompts, n_new) for _ in range(reps)]
-  decode_s = min(r.decode_s for r in runs)
+  decode_s = statistics.median(r.decode_s for r in runs)
   cached = np.stack(runs[-1].tokens)
 
   run = recompute_loop(graphdef)
@@ -94,7 +86,7 @@ def bench(preset: str, batch: int, n_new: int, prompt_len: int, dtype: str, n_re
   tokens[:, :prompt_len] = prompts
   lengths = np.full((batch,), prompt_len, np.int32)
   jax.block_until_ready(run(params, tokens, lengths, np.int32(1)))  # compile
-  recompute_s, full = best_of(reps, lambda: np.asarray(run(params, tokens, lengths, np.int32(n_recompute))))
+  recompute_s, full = median_of(reps, lambda: np.asarray(run(params, tokens, lengths, np.int32(n_recompute))))
   full = full[:, prompt_len:prompt_len + n_recompute]
   cached_tps, full_tps = batch * n_new / decode_s, batch * n_recompute / recompute_s
   return {"batch": batch, "max_len": decoder.max_len, "cached_tokens_per_s": cached_tps,
@@ -117,7 +109,7 @@ def bench_import(preset: str, n_layers: int, reps: int) -> list[dict]:
       def load():
         out = import_checkpoint(directory, None, dtype).params
         jax.block_until_ready(jax.tree.leaves(out))
-      seconds, _ = best_of(reps, load)
+      seconds, _ = median_of(reps, load)
       rows.append({"dtype": dtype, "files": len(files), "mb": size / 1e6, "seconds": seconds,
                    "mb_per_s": size / 1e6 / seconds})
     return rows
@@ -126,22 +118,24 @@ def bench_import(preset: str, n_layers: int, reps: int) -> list[dict]:
 
 
 def main(argv):
-  del argv
+  gin_flags.parse(argv)
   enable_compile_cache()
-  print(f"{_PRESET.value}, {_DTYPE.value}, prompt {_PROMPT.value} tokens, {_NEW.value} new tokens "
+  cfg = model_config().replace(dtype=_DTYPE.value or "float32")
+  if _NEW.value == 0:
+    raise app.UsageError("--max_new_tokens=0: nothing to time")
+  print(f"{cfg.name}, {cfg.dtype}, prompt {_PROMPT.value} tokens, {_NEW.value} new tokens "
         f"(recomputation timed over {min(_RECOMPUTE.value, _NEW.value)}), greedy; "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs")
   print("| batch | max_len | KV cache tokens/s | recompute tokens/s | speedup | prefill s | same tokens |")
   print("|---|---|---|---|---|---|---|")
-  for b in map(int, _BATCHES.value):
-    r = bench(_PRESET.value, b, _NEW.value, _PROMPT.value, _DTYPE.value,
-              min(_RECOMPUTE.value, _NEW.value), _REPS.value)
+  for b in _BATCHES.value or [1, 8]:
+    r = bench(cfg, b, _NEW.value, _PROMPT.value, min(_RECOMPUTE.value, _NEW.value), _REPS.value)
     print(f"| {r['batch']} | {r['max_len']} | {r['cached_tokens_per_s']:.1f} | "
           f"{r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x | {r['prefill_s']:.3f} | "
           f"{r['same_tokens']:.0%} |", flush=True)
   if _IMPORT_PRESET.value:
     print(f"\nimport of {_IMPORT_PRESET.value} cut to {_IMPORT_LAYERS.value} layers, stored bf16, "
-          f"one device, best of {_REPS.value}")
+          f"one device, median of {_REPS.value}")
     print("| into | files | MB on disk | seconds | MB/s |")
     print("|---|---|---|---|---|")
     for r in bench_import(_IMPORT_PRESET.value, _IMPORT_LAYERS.value, _REPS.value):
@@ -150,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import flags
 
 from data.input_pipeline import random_batch
-from experiments import errors
+from experiments import common_flags, errors
 from experiments.timing import time_ms
 from moe.cpu_threads import reserve_collective_threads
 from moe.model.presets import get_preset
@@ -25,12 +24,11 @@ from moe.train.config import TrainConfig
 from moe.train.state import init_state
 from moe.train.steps import make_steps, put_batch
 
-_MESHES = flags.DEFINE_multi_string(
-    "mesh", ["data:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2", "expert:8"],
-    "mesh layouts, every size given (repeat the flag)")
-_REPS = flags.DEFINE_integer("reps", 5, "timed steps (median reported)")
-_BATCH = flags.DEFINE_integer("batch", 16, "global batch (sequences)")
-_SEQ = flags.DEFINE_integer("seq_len", 128, "sequence length")
+LAYOUTS = ("data:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2", "expert:8")
+_MESHES = common_flags.mesh(multiple=True)  # every size given; default LAYOUTS
+_REPS = common_flags.reps()
+_BATCH = common_flags.batch_size()  # default 16
+_SEQ = common_flags.seq_len()  # default 128
 
 
 def step_ms(cfg, mesh, batch, reps: int) -> float:
@@ -52,12 +50,13 @@ def _size(shape: str) -> int:
 
 def main(argv):
   del argv
-  n = max(_size(shape) for shape in _MESHES.value)
+  layouts = _MESHES.value or LAYOUTS
+  n = max(_size(shape) for shape in layouts)
   reserve_collective_threads(n)  # before the backend starts (moe/cpu_threads.py)
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)  # before the backend starts
   cfg = get_preset("tiny_deepseekmoe").replace(n_routed_experts=16)  # 16 splits 2/4/8 ways
-  b, s = _BATCH.value, _SEQ.value
+  b, s = _BATCH.value or 16, _SEQ.value or 128
   batch = random_batch(b, s, cfg.vocab_size)
   single = step_ms(cfg, None, batch, _REPS.value)
   print(f"train step, {cfg.name} with 16 routed experts, batch {b} x {s}; "
@@ -65,7 +64,7 @@ def main(argv):
   print("| layout | expert exchange | step ms | ratio to one device |")
   print("|---|---|---:|---:|")
   print(f"| one device | - | {single:.1f} | 1.00 |")
-  for shape in _MESHES.value:
+  for shape in layouts:
     mesh = make_mesh(MeshConfig(shape), jax.devices()[:_size(shape)])
     shards = mesh.shape["expert"]
     # The default dropless rounds; beside them, one exchange of blocks that hold every pair

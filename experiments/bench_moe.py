@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from data.input_pipeline import random_batch
-from experiments import errors
+from experiments import common_flags, errors
 from experiments.timing import temp_bytes, time_ms
 from moe.dispatch import cpu_kernel, registry
 from moe.dispatch.experts import swiglu
@@ -31,11 +31,11 @@ from moe.model.presets import get_preset
 
 _T = flags.DEFINE_integer("tokens", 4096, "tokens per batch (T)")
 _D = flags.DEFINE_integer("d_model", 512, "model width")
-_E = flags.DEFINE_integer("experts", 64, "routed experts")
+_E = common_flags.n_routed_experts()  # default 64
 _F = flags.DEFINE_integer("expert_width", 128, "expert FFN width")
-_K = flags.DEFINE_integer("top_k", 6, "routed experts per token")
-_S = flags.DEFINE_integer("shared", 2, "shared experts")
-_REPS = flags.DEFINE_integer("reps", 9, "timed repetitions (median reported)")
+_K = flags.DEFINE_integer("n_activated_experts", 6, "routed experts per token (top-k)")
+_S = common_flags.n_shared_experts()  # default 2
+_REPS = common_flags.reps()
 _INTERPRET = flags.DEFINE_integer("interpret_tokens", 256,
                                    "tokens for the interpret-mode Pallas row, which is timed against "
                                    "its own dense limit at that size (0: skip; it is slow)")
@@ -44,7 +44,7 @@ _PATHS = flags.DEFINE_list("paths", list(PATHS), f"layer paths to time, from {PA
                            "(pallas only on TPU; floor: the routed FLOPs as one dense matmul "
                            "chain, the same one expert at a time, and the shared experts alone)")
 _MODEL = flags.DEFINE_bool("model", False, "time training steps of tiny models instead")
-_JSON = flags.DEFINE_string("json_out", None, "also write the rows as JSON here")
+_JSON = common_flags.json_out()
 
 
 @dataclasses.dataclass
@@ -230,9 +230,11 @@ def main(argv):
     unknown = set(_PATHS.value) - set(PATHS)
     if unknown:
       raise app.UsageError(f"--paths: unknown {sorted(unknown)}; choose from {PATHS}")
-    rows = layer_rows(_T.value, _D.value, _E.value, _F.value, _K.value, _S.value, _REPS.value,
+    e = 64 if _E.value is None else _E.value
+    s = 2 if _S.value is None else _S.value
+    rows = layer_rows(_T.value, _D.value, e, _F.value, _K.value, s, _REPS.value,
                       _INTERPRET.value, tuple(_PATHS.value))
-    header = (f"MoE layer: T={_T.value} d_model={_D.value} {_S.value} shared + {_E.value} routed "
+    header = (f"MoE layer: T={_T.value} d_model={_D.value} {s} shared + {e} routed "
               f"experts of width {_F.value}, {_K.value} active")
   print(f"{header}; backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
   print(format_table(rows))

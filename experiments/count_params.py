@@ -1,21 +1,21 @@
-"""Print a preset's total and activated parameters and FLOPs per token.
+"""Print a model's total and activated parameters and FLOPs per token.
 
   python -m experiments.count_params --preset=deepseekmoe_16b
+  python -m experiments.count_params --gin_file=experiments/configs/cpu/deepseekmoe.gin
 """
 
-from absl import app, flags
-
-from experiments import errors
+from experiments import common_flags, errors, gin_flags
+from moe.model.config import ModelConfig
 from moe.model.counts import count_params, shares
-from moe.model.presets import PRESETS, get_preset
+from moe.model.presets import get_preset, model_config
 
-_PRESET = flags.DEFINE_string("preset", "tiny_deepseekmoe", f"one of {sorted(PRESETS)}")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "context length for attention FLOPs "
-                                "(default: the preset's max_seq_len)")
+_PRESET = common_flags.preset()
+_SEQ_LEN = common_flags.seq_len()  # for attention FLOPs
 
 
-def report(preset: str, seq_len: int | None = None) -> str:
-  cfg = get_preset(preset)
+def report(cfg: ModelConfig | str, seq_len: int | None = None) -> str:
+  """`cfg`: a config or a preset's name."""
+  cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
   c = count_params(cfg, seq_len)
   sh = shares(cfg, seq_len)
   return "\n".join([
@@ -31,10 +31,9 @@ def report(preset: str, seq_len: int | None = None) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(report(_PRESET.value, _SEQ_LEN.value))
+  gin_flags.parse(argv)
+  print(report(model_config(), _SEQ_LEN.value))
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  errors.run(main, flags_parser=gin_flags.flags_parser)

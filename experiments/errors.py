@@ -9,6 +9,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from experiments import common_flags
 from experiments.accelerators import cpu_unless_accelerator
 from moe.hub.hf_config import CheckpointFormatError
 from moe.parallel.mesh import MeshError
@@ -32,12 +33,12 @@ def one_line(e: BaseException) -> str:
   return "error: " + subject + " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
-SHARED_FLAG_MODULES = ("experiments.errors", "experiments.gin_flags", "experiments.mesh_flag")
+SHARED_FLAG_MODULES = ("experiments.errors", "experiments.gin_flags", "experiments.common_flags")
 
 
 def _show_shared_flags() -> None:
   """--help lists the main module's key flags only: make the shared flags (--traceback,
-  --gin_file, --gin_bindings, --mesh) key flags of the script that imports them."""
+  --gin_file, --gin_bindings, common_flags') key flags of the script that imports them."""
   for name in SHARED_FLAG_MODULES:
     module = sys.modules.get(name)
     if module is not None:
@@ -52,7 +53,10 @@ def run(main: Callable[[list[str]], None], **kwargs) -> None:
   cpu_unless_accelerator()  # no libtpu start-up noise on machines without a TPU
   def guarded(argv):
     try:
+      common_flags.apply_deprecated()
       return main(argv)
+    except app.UsageError as e:  # absl would print the whole --help before the message
+      raise SystemExit(one_line(e) + "  (--help for the flags)") from None
     except INPUT_ERRORS as e:
       if _TRACEBACK.value:
         raise

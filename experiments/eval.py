@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from data.config import DataConfig
 from data.input_pipeline import tokenizer_for
 from data.text_tokenizer import load_tokenizer
-from experiments import errors, gin_flags
+from experiments import common_flags, errors, gin_flags
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.hub.safetensors_import import import_checkpoint
@@ -44,23 +44,17 @@ from moe.train.evaluate import evaluate_checkpoint
 from moe.train.metrics import tensorboard_scalars
 from moe.train.restore import restore_run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-_HF = flags.DEFINE_string("hf_checkpoint", None, "a released-format checkpoint directory "
-                          "(config.json, *.safetensors, tokenizer)")
+_WORKDIR = common_flags.workdir()
+_STEP = common_flags.step()
+_HF = common_flags.hf_checkpoint()
 _TEXT = flags.DEFINE_string("text_file", None, "report perplexity over this text file")
 _CHOICES = flags.DEFINE_string("choices_file", None, "score these multiple-choice items "
                                "(JSON lines: context, choices, answer)")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "window / context length (default: the "
-                                "run's seq_len, or the checkpoint's max_position_embeddings)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "rows per step (default: the mesh's batch shards)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call "
-                                 "jax.distributed.initialize() first; run on every host")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "where to write the --workdir evaluation (full "
-                                "precision, per-layer statistics) as JSON (default: "
-                                "WORKDIR/eval/step_N.json; process 0)")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "--hf_checkpoint: parameter and compute dtype")
+_SEQ_LEN = common_flags.seq_len()  # --text_file / --choices_file windows
+_BATCH = common_flags.batch_size()
+_DISTRIBUTED = common_flags.distributed()
+_JSON_OUT = common_flags.json_out()  # beside WORKDIR/eval/step_N.json, always written
+_DTYPE = common_flags.dtype()  # --hf_checkpoint's parameters and compute
 
 
 def format_report(out: dict) -> str:
@@ -98,9 +92,10 @@ def lm_report(mesh_cfg) -> str:
   """--text_file / --choices_file on --hf_checkpoint or --workdir."""
   mesh = make_mesh(mesh_cfg) if mesh_cfg.shape else None
   if _HF.value:
-    ckpt = import_checkpoint(_HF.value, mesh, dtype=_DTYPE.value)
+    dtype = _DTYPE.value or "bfloat16"
+    ckpt = import_checkpoint(_HF.value, mesh, dtype=dtype)
     lm, tok = lm_eval.LM(ckpt.graphdef, ckpt.params, mesh), load_tokenizer(_HF.value)
-    seq_len, what = _SEQ_LEN.value or ckpt.model_cfg.max_seq_len, f"{_HF.value} ({_DTYPE.value})"
+    seq_len, what = _SEQ_LEN.value or ckpt.model_cfg.max_seq_len, f"{_HF.value} ({dtype})"
   else:
     run = restore_run(_WORKDIR.value, _STEP.value, mesh)
     lm, tok = lm_eval.LM(run.graphdef, run.params, mesh), tokenizer_for(run.data_cfg)
@@ -151,8 +146,9 @@ def main(argv):
   out = evaluate_checkpoint(_WORKDIR.value, _STEP.value, overrides, mesh_cfg)
   print(format_report(out))
   if jax.process_index() == 0:  # into the run's directory, beside its training records
-    path = _JSON_OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{out['step']}.json")
-    write_json(path, dict(out, data_overrides=overrides))
+    path = os.path.join(_WORKDIR.value, "eval", f"step_{out['step']}.json")
+    for p in [path] + ([_JSON_OUT.value] if _JSON_OUT.value else []):
+      write_json(p, dict(out, data_overrides=overrides))
     scalars = {"eval_loss": out["eval_loss"], "eval_perplexity": out["eval_perplexity"]}
     if not overrides:  # the run's own evaluation set: comparable with its training curves
       tensorboard_scalars(os.path.join(_WORKDIR.value, "tensorboard", "eval"), out["step"], scalars)

@@ -17,26 +17,23 @@ import json
 
 from absl import app, flags, logging
 
-from experiments import errors, generation
+from experiments import common_flags, errors, generation
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
 from moe.decode.sampling import Sampling
-from moe.model.config import DTYPES
 from moe.parallel.mesh import make_mesh
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory")
-_STEP = flags.DEFINE_integer("step", None, "--workdir's checkpoint step (default: the latest)")
-_HF = flags.DEFINE_string("hf_checkpoint", None, "a checkpoint directory: config.json, "
-                          "*.safetensors (public DeepSeek-MoE names), tokenizer.json")
+_WORKDIR = common_flags.workdir()
+_STEP = common_flags.step()
+_HF = common_flags.hf_checkpoint()
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt text; repeat for a batch", required=True)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (fewer after EOS)",
-                                lower_bound=1)
+_MAX_NEW = common_flags.max_new_tokens()
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample from the smallest set of mass >= p (1: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "compute dtype (default: see above)")
-_JSON = flags.DEFINE_string("json_out", None, "write prompt ids, generated ids, text and timing here")
+_DTYPE = common_flags.dtype()
+_JSON = common_flags.json_out()  # prompt ids, generated ids, texts and timing
 
 
 def main(argv):
@@ -44,6 +41,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if (_WORKDIR.value is None) == (_HF.value is None):
     raise app.UsageError("give exactly one of --workdir and --hf_checkpoint")
+  if _MAX_NEW.value == 0:
+    raise app.UsageError("--max_new_tokens=0: nothing to generate")
   logging.set_verbosity(logging.WARNING)
   enable_compile_cache()
   mesh = make_mesh(mesh_config())

@@ -8,6 +8,14 @@ import sys
 import gin
 from absl import flags
 
+from experiments import common_flags
+# Every configurable registered, so every script reads the same gin files (a model-only
+# script given a training config ignores nothing silently and fails on no unknown name).
+import data.config  # noqa: F401,E402
+import moe.model.presets  # noqa: F401,E402
+import moe.parallel.mesh  # noqa: F401,E402
+import moe.train.config  # noqa: F401,E402
+
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config file(s), applied in order")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s) 'NAME = VALUE' "
                                           "(also written --gin.NAME=VALUE)")
@@ -37,14 +45,20 @@ def flags_parser(argv: list[str]) -> list[str]:
 def requested() -> tuple[list[str], list[str]]:
   """(gin files, bindings) given on the command line (--gin_file, --gin_bindings, --gin.*),
   unparsed: for scripts that hand them on (experiments.sweep)."""
-  return list(_GIN_FILES.value), list(_GIN_BINDINGS.value) + _SHORTHAND
+  return list(_GIN_FILES.value), _preset_binding() + list(_GIN_BINDINGS.value) + _SHORTHAND
+
+
+def _preset_binding() -> list[str]:
+  """--preset as the binding it stands for, after the gin files and before other bindings."""
+  flag = common_flags.defined("preset")
+  return [f"model_config.preset = {flag.value!r}"] if flag is not None and flag.value else []
 
 
 def parse(argv: list[str]) -> None:
   """Apply the gin files and bindings; unknown names and bad values fail with the binding named."""
   if len(argv) > 1:
     raise flags.Error(f"unexpected arguments: {argv[1:]}")
-  bindings = list(_GIN_BINDINGS.value) + _SHORTHAND
+  bindings = _preset_binding() + list(_GIN_BINDINGS.value) + _SHORTHAND
   if REPO_ROOT not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (gin has no getter)
     gin.add_config_file_search_path(REPO_ROOT)
   try:

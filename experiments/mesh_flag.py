@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from absl import flags
-
+from experiments import common_flags
 from moe.parallel.mesh import MeshConfig
 
-_MESH = flags.DEFINE_string("mesh", None, "device mesh, e.g. data:-1 or fsdp:4,expert:8 "
-                            "(default: gin's MeshConfig.shape; empty = one device)")
+_MESH = common_flags.mesh()
 
 
 def mesh_flag() -> str | None:

@@ -5,9 +5,9 @@ compile time. With --topology the real TPU compiler compiles it for that slice (
 compiles it for a simulated CPU mesh of that many devices (an estimate).
 
   python -m experiments.plan --topology=v5p:4x4x4 --preset=deepseekmoe_16b \
-      --mesh=fsdp:16,expert:4 --batch=64
+      --mesh=fsdp:16,expert:4 --batch_size=64
   python -m experiments.plan --preset=deepseekmoe_145b --mesh=fsdp:32,expert:8 \
-      --batch=256 --expert_capacity_factor=2
+      --batch_size=256 --expert_capacity_factor=2
 
 Model fields can be overridden with gin (--gin.model_config.n_layers=4).
 """
@@ -18,28 +18,27 @@ import json
 import math
 
 import jax
-from absl import flags
+from absl import app, flags
 
-from experiments import errors, gin_flags
+from experiments import common_flags, errors, gin_flags
+from experiments.mesh_flag import mesh_flag
 from moe.model.presets import model_config
 from moe.parallel import topology
 from moe.parallel.mesh import BATCH_AXES, MeshConfig, MeshError, make_mesh
 from moe.train.config import TrainConfig
 from moe.train.plan import plan
 
-_PRESET = flags.DEFINE_string("preset", "deepseekmoe_16b", "model preset")
-_MESH = flags.DEFINE_string("mesh", None, "mesh, e.g. data:2,fsdp:16,expert:8 (sizes multiply "
-                            "to the simulated device count)", required=True)
-_BATCH = flags.DEFINE_integer("batch", None, "global batch in sequences (default: one per device)")
-_SEQ = flags.DEFINE_integer("seq_len", None, "sequence length (default: the preset's max_seq_len)")
+_PRESET = common_flags.preset()
+_BATCH = common_flags.batch_size()
+_SEQ = common_flags.seq_len()
 _REMAT = flags.DEFINE_bool("remat", True, "rematerialise each layer in the backward pass")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype (parameters stay float32)")
+_DTYPE = common_flags.dtype()  # activations; parameters stay float32
 _CF = flags.DEFINE_float("expert_capacity_factor", 0.0,
                          "> 0: one all_to_all of blocks of this multiple of the balanced "
                          "share, dropping overflow; 0 = dropless rounds")
 _BLOCK = flags.DEFINE_float("expert_block_factor", 1.25, "dropless rounds: block size as a "
                             "multiple of the balanced share")
-_JSON = flags.DEFINE_string("json_out", None, "append the row as one JSON line to this file")
+_JSON = common_flags.json_out()
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile for this TPU slice with the TPU "
                                 "compiler, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4 (chips "
                                 "must equal the mesh's device count)")
@@ -53,7 +52,10 @@ def _gib(n: int) -> str:
 
 def main(argv):
   gin_flags.parse(argv)
-  sizes = [part.split(":")[-1] for part in _MESH.value.split(",")]
+  if not mesh_flag():
+    raise app.UsageError("--mesh: give the layout, e.g. fsdp:16,expert:4 (every size: they set "
+                         "the device count)")
+  sizes = [part.split(":")[-1] for part in mesh_flag().split(",")]
   if any(s.strip() == "-1" for s in sizes):
     raise MeshError("--mesh: give every axis size (no -1): the size sets the simulated device count")
   n_devices = math.prod(int(s) for s in sizes)
@@ -71,9 +73,9 @@ def main(argv):
                       f"fresh process (and without --xla_force_host_platform_device_count)")
     devices, chips = None, topology.HBM_GIB
 
-  mesh = make_mesh(MeshConfig(_MESH.value), devices)
-  cfg = model_config(preset=_PRESET.value).replace(
-      remat=_REMAT.value, dtype=_DTYPE.value, expert_capacity_factor=_CF.value,
+  mesh = make_mesh(MeshConfig(mesh_flag()), devices)
+  cfg = model_config().replace(
+      remat=_REMAT.value, dtype=_DTYPE.value or "bfloat16", expert_capacity_factor=_CF.value,
       expert_block_factor=_BLOCK.value,
       dispatch_backend=_DISPATCH.value)
   batch = _BATCH.value or math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -95,8 +97,8 @@ def main(argv):
   print(f"(per device; temporaries from {compiler}'s memory analysis of the compiled step; "
         f"dispatch {cfg.dispatch_backend})")
   if _JSON.value:
-    with open(_JSON.value, "a") as f:
-      f.write(json.dumps(dict(preset=cfg.name, mesh=_MESH.value, batch=batch, seq_len=seq,
+    with open(_JSON.value, "w") as f:
+      f.write(json.dumps(dict(preset=cfg.name, mesh=mesh_flag(), batch=batch, seq_len=seq,
                               topology=_TOPOLOGY.value, dispatch=cfg.dispatch_backend,
                               expert_capacity_factor=cfg.expert_capacity_factor,
                               **p._asdict())) + "\n")

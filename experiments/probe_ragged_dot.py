@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from experiments import errors
+from experiments import common_flags, errors
 from experiments.timing import temp_bytes, time_ms
 from moe.dispatch import gpu
 from moe.dispatch.backend import ragged_dot_bytes
@@ -53,21 +53,19 @@ def probe(rows: int, k: int, n: int, groups: int, dtype: str, reps: int) -> dict
   return out
 
 
-def _define_flags() -> None:
-  # Defined only when run as a script: its --reps would clash with bench_moe's on import.
-  flags.DEFINE_integer("rows", 49152, "rows (tokens x K')")
-  flags.DEFINE_integer("k", 2048, "contraction width (d_model)")
-  flags.DEFINE_integer("n", 1408, "output width (expert width)")
-  flags.DEFINE_integer("groups", 64, "groups (experts)")
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "input dtype")
-  flags.DEFINE_integer("reps", 10, "timed repetitions (median)")
+_ROWS = flags.DEFINE_integer("rows", 49152, "rows (tokens x K')")
+_K = flags.DEFINE_integer("k", 2048, "contraction width (d_model)")
+_N = flags.DEFINE_integer("n", 1408, "output width (expert width)")
+_GROUPS = flags.DEFINE_integer("groups", 64, "groups (experts)")
+_DTYPE = common_flags.dtype()  # default bfloat16 (a TPU/GPU probe)
+_REPS = common_flags.reps()
 
 
 def main(argv):
   del argv
-  f = flags.FLAGS
-  result = probe(f.rows, f.k, f.n, f.groups, f.dtype, f.reps)
-  print(f"ragged_dot [{f.rows}, {f.k}] x [{f.groups}, {f.k}, {f.n}] {f.dtype} on "
+  dtype = _DTYPE.value or "bfloat16"
+  result = probe(_ROWS.value, _K.value, _N.value, _GROUPS.value, dtype, _REPS.value)
+  print(f"ragged_dot [{_ROWS.value}, {_K.value}] x [{_GROUPS.value}, {_K.value}, {_N.value}] {dtype} on "
         f"{jax.devices()[0].device_kind}")
   for name, value in result.items():
     print(f"  {name:20s} {value!s:>10s}" if isinstance(value, bool) else f"  {name:20s} {value:10.2f}")
@@ -75,5 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
   errors.run(main)

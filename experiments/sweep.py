@@ -21,13 +21,12 @@ import os
 
 from absl import app, flags
 
-from experiments import errors, gin_flags
+from experiments import common_flags, errors, gin_flags
 from experiments.mesh_flag import mesh_flag
 from moe.research import sweep, sweep_results
 
 _SWEEP = flags.DEFINE_string("sweep", None, "sweep file (JSON)", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "parent directory of the variants' workdirs",
-                               required=True)
+_WORKDIR = common_flags.workdir(required=True)  # the parent of the variants' directories
 _PRINT = flags.DEFINE_bool("print_commands", False, "print one launch command per variant, run nothing")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "only collect the results table")
 _ONLY = flags.DEFINE_multi_string("only", [], "run only these variants")

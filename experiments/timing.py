@@ -20,6 +20,16 @@ def time_ms(fn, args, reps: int, warmup: bool = True) -> float:
   return statistics.median(times) * 1e3
 
 
+def median_of(reps: int, fn):
+  """(median wall seconds, last result) of `reps` calls of fn(), which returns host values."""
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), out
+
+
 def temp_bytes(fn, args) -> int:
   """Temporary bytes of jitted fn's compiled executable for args (-1 where XLA reports none)."""
   analysis = fn.lower(*args).compile().memory_analysis()

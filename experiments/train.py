@@ -2,7 +2,7 @@
 
   python -m experiments.train
   python -m experiments.train --workdir=/tmp/run --gin_file=experiments/configs/x.gin \
-      --gin.model_config.preset="'deepseekmoe_2b'" --gin.TrainConfig.steps=1000
+      --preset=deepseekmoe_2b --gin.TrainConfig.steps=1000
   python -m experiments.train --mesh=fsdp:2,expert:4     # 8 devices, experts split 4 ways
   python -m experiments.train --profile_steps=10:12      # jax.profiler trace of steps 10-12
 """
@@ -14,7 +14,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from experiments import errors, gin_flags
+from experiments import common_flags, errors, gin_flags
 from experiments.generation import load_run, sample_continuation
 from experiments.mesh_flag import mesh_config
 from moe.cache import enable_compile_cache
@@ -25,16 +25,14 @@ from moe.parallel.mesh import make_mesh
 from moe.train.loop import train_and_evaluate
 from moe.train.profile import parse_steps
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: ./workdirs/<preset>)")
+_WORKDIR = common_flags.workdir()
+_PRESET = common_flags.preset()
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "checkpoint and exit after this many steps; rerun to resume")
 _PROFILE = flags.DEFINE_string("profile_steps", None, "FIRST:LAST: trace these steps with "
                                "jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)")
-_SAMPLE = flags.DEFINE_integer("sample_tokens", 48, "after a finished run, print a greedy and "
-                               "a sampled continuation of this many tokens of a held-out prompt "
-                               "(0: none)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "multi-host: call jax.distributed.initialize() first (TPU pods)")
+_SAMPLE = common_flags.max_new_tokens()  # a finished run prints a greedy and a sampled continuation
+_DISTRIBUTED = common_flags.distributed()
 
 
 def main(argv):

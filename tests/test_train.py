@@ -192,7 +192,7 @@ def _train_subprocess(workdir, corpus, extra=()):
 def test_a_finished_run_started_again_says_there_is_nothing_to_do(straight_run, tmp_path, small_corpus):
   workdir = tmp_path / "again"
   shutil.copytree(straight_run[0], workdir)
-  out = subprocess.run(_train_subprocess(workdir, small_corpus, ["--sample_tokens=0"]), cwd=ROOT,
+  out = subprocess.run(_train_subprocess(workdir, small_corpus, ["--max_new_tokens=0"]), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"restored step 16 from {workdir / 'checkpoints' / '16'}" in out.stdout
