@@ -40,11 +40,11 @@ def import_or_skip(module: str, capability: str):
     skip_or_fail(capability, f"could not import {module!r}: {e}")
 
 
-def tpu_devices_or_skip(name: str):
-  """The abstract devices of TPU slice `name` (moe.parallel.topology), or a skip."""
+def tpu_devices_or_skip(name: str, one_host: bool = False, slices: int = 1):
+  """The abstract devices of TPU slice `name` (moe.parallel.topology.tpu_devices), or a skip."""
   from moe.parallel import topology
 
   try:
-    return topology.tpu_devices(name)
+    return topology.tpu_devices(name, one_host, slices)
   except topology.TopologyError as e:
     skip_or_fail("tpu_compiler", str(e))

@@ -36,9 +36,14 @@ def parse(name: str) -> tuple[str, int]:
 
 
 @functools.cache
-def tpu_devices(name: str) -> list:
-  """The abstract devices of TPU slice `name` (one per chip), for compiling only."""
+def tpu_devices(name: str, one_host: bool = False, slices: int = 1) -> list:
+  """The abstract devices of TPU slice `name` (one per chip), for compiling only.
+  one_host: every chip on one host, as a single-host VM (v5e-8, v6e-8, Colab); libtpu's
+  default host holds 2x2 chips (so it refuses 1x1 and makes v5e:2x4 two hosts).
+  slices > 1: that many copies of the slice joined by the data-centre network, each device
+  carrying its `slice_index`."""
   generation, chips = parse(name)
+  chips *= slices
   # Compiling only: several processes (tests, plans) may load libtpu at once; without this
   # the second one fails on libtpu's lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -48,6 +53,11 @@ def tpu_devices(name: str) -> list:
     # v4's two TensorCores per chip act as one device (megacore), as JAX runs them on a v4;
     # the abstract topology would otherwise give a device per core.
     extra = {"chip_config_name": "megacore"} if generation == "v4" else {}
+    if one_host:
+      dims = [int(n) for n in name.split(":")[1].split("x")]
+      extra["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+    if slices > 1:
+      extra["num_slices"] = slices
     devices = list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
   except Exception as e:  # libtpu missing, or this libtpu does not know the slice
     raise TopologyError(f"topology {name!r}: the TPU compiler is not available here ({e!r}); "
