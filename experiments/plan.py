@@ -23,7 +23,8 @@ from absl import app, flags
 from experiments import common_flags, errors, gin_flags
 from experiments.mesh_flag import mesh_flag
 from moe.model.presets import model_config
-from moe.parallel import topology
+from moe.parallel import compiled_cost, topology
+from moe.research import plots
 from moe.parallel.mesh import BATCH_AXES, MeshConfig, MeshError, make_mesh
 from moe.train.config import TrainConfig
 from moe.train.plan import plan
@@ -42,12 +43,36 @@ _JSON = common_flags.json_out()
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile for this TPU slice with the TPU "
                                 "compiler, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4 (chips "
                                 "must equal the mesh's device count)")
+_OPTIONS = flags.DEFINE_multi_string("compiler_option", [], "KEY=VALUE passed to the compiler, "
+                                     "e.g. xla_tpu_enable_async_all_to_all=true (repeatable)")
+_CHART = flags.DEFINE_string("chart", None, "--topology: write the estimated time by component "
+                             "as a bar chart PNG here")
 _DISPATCH = flags.DEFINE_string("dispatch", "auto", "dispatch backend (auto: the target "
                                 "platform's default, pallas on TPU)")
 
 
 def _gib(n: int) -> str:
   return f"{n / 2**30:.2f}"
+
+
+def print_speed(s, generation: str) -> None:
+  """The TPU compiler's estimate (moe.parallel.compiled_cost): a row, then where the time goes."""
+  print(f"estimated by the TPU compiler's cost model, per chip (an estimate: see docs/plan.md "
+        f"for its calibration); MFU against {generation}'s "
+        f"{compiled_cost.PEAK_FLOPS[generation] / 1e12:.0f} TFLOP/s bf16 peak")
+  print("| model TFLOP | compiled TFLOP (ratio) | step s | tokens/s | MFU | all_to_all GiB | "
+        "collectives | overlapped s |")
+  print("|---:|---:|---:|---:|---:|---:|---|---:|")
+  collectives = ", ".join(f"{n} {k}" for k, n in s.collectives.items()) or "none"
+  print(f"| {s.model_flops / 1e12:.2f} | {s.compiled_flops / 1e12:.2f} "
+        f"({s.compiled_flops / s.model_flops:.2f}) | {s.step_seconds:.3f} | {s.tokens_per_sec:,.0f} | "
+        f"{s.mfu:.1%} | {s.all_to_all_bytes / 2**30:.2f} | {collectives} | {s.overlapped_seconds:.3f} |")
+  print("| component | estimated s | share |")
+  print("|---|---:|---:|")
+  for name, seconds in sorted(s.seconds.items(), key=lambda kv: -kv[1]):
+    print(f"| {name} | {seconds:.4f} | {seconds / s.step_seconds:.1%} |")
+  if s.unestimated:
+    print(f"not in the estimate (no cost given by the compiler): {s.unestimated}")
 
 
 def main(argv):
@@ -71,7 +96,7 @@ def main(argv):
     if len(jax.devices()) != n_devices:
       raise MeshError(f"JAX already started with {len(jax.devices())} devices; run the plan in a "
                       f"fresh process (and without --xla_force_host_platform_device_count)")
-    devices, chips = None, topology.HBM_GIB
+    devices, chips, generation = None, topology.HBM_GIB, None
 
   mesh = make_mesh(MeshConfig(mesh_flag()), devices)
   cfg = model_config().replace(
@@ -80,7 +105,9 @@ def main(argv):
       dispatch_backend=_DISPATCH.value)
   batch = _BATCH.value or math.prod(mesh.shape[a] for a in BATCH_AXES)
   seq = _SEQ.value or cfg.max_seq_len
-  p = plan(cfg, TrainConfig(), mesh, batch, seq)
+  options = dict(o.split("=", 1) for o in _OPTIONS.value)
+  p = plan(cfg, TrainConfig(), mesh, batch, seq, generation=generation if _TOPOLOGY.value else None,
+           compiler_options=options or None)
 
   fits = ", ".join(f"{chip}: {'yes' if p.peak_bytes <= gib * 2**30 else 'no'}"
                    for chip, gib in chips.items())
@@ -96,6 +123,11 @@ def main(argv):
         f"{p.compile_seconds:.1f} | {fits} |")
   print(f"(per device; temporaries from {compiler}'s memory analysis of the compiled step; "
         f"dispatch {cfg.dispatch_backend})")
+  if p.speed:
+    print_speed(p.speed, generation)
+    if _CHART.value:
+      plots.bar_chart(_CHART.value, p.speed.seconds, f"{cfg.name} on {_TOPOLOGY.value}: estimated "
+                      f"seconds per step", "estimated seconds")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       f.write(json.dumps(dict(preset=cfg.name, mesh=mesh_flag(), batch=batch, seq_len=seq,

@@ -1,4 +1,4 @@
-"""Line plots and heatmaps as PNG files (matplotlib, no display needed)."""
+"""Line plots, heatmaps and bar charts as PNG files (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def plot_heatmap(path: str, values: np.ndarray, xlabel: str, ylabel: str, title:
   else:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def bar_chart(path: str, values: dict[str, float], title: str, xlabel: str) -> None:
+  """Horizontal bars, largest on top."""
+  plt = _plt()
+  items = sorted(values.items(), key=lambda kv: kv[1])
+  fig, ax = plt.subplots(figsize=(6, 0.35 * len(items) + 1.2))
+  ax.barh([k for k, _ in items], [v for _, v in items])
+  ax.set(xlabel=xlabel, title=title)
+  ax.title.set_fontsize(9)
+  ax.grid(alpha=0.3, axis="x")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

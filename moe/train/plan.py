@@ -22,11 +22,48 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moe.model.config import ModelConfig
-from moe.parallel import expert_parallel, rounds, rules
+from moe.model.counts import count_params
+from moe.parallel import compiled_cost, expert_parallel, rounds, rules
 from moe.parallel.mesh import BATCH_AXES
 from moe.train.config import TrainConfig
 from moe.train.state import abstract_state
 from moe.train.steps import make_steps
+
+
+# The named scopes of the model and the train step (moe.model, moe.train.steps): where an
+# estimated second is spent.
+COMPONENTS = ("attention", "router", "dispatch", "routed_experts", "shared_experts", "dense_ffn",
+              "lm_head_loss", "embedding", "optimizer")
+
+
+class Speed(NamedTuple):
+  """The TPU compiler's estimate of one train step, per chip (moe.parallel.compiled_cost)."""
+  model_flops: float        # 6 x activated params x tokens + attention (moe.model.counts), per chip
+  compiled_flops: float     # matmul and kernel FLOPs in the compiled step, per chip
+  step_seconds: float       # estimated, exposed collectives included
+  tokens_per_sec: float     # per chip
+  mfu: float                # model_flops / (step_seconds x the chip's peak bf16 FLOP/s)
+  seconds: dict             # component -> estimated seconds
+  all_to_all_bytes: float   # sent per chip per step, as compiled (one dropless round)
+  collectives: dict         # "kind sync|async" -> count per step
+  overlapped_seconds: float  # collective time hidden behind compute
+  unestimated: dict         # what has no estimate -> count per step
+
+
+def speed(compiled_text: str, generation: str, cfg: ModelConfig, mesh: Mesh, batch: int,
+          seq_len: int) -> Speed:
+  """The estimate for a step compiled for `generation` chips (dropless rounds: one each)."""
+  cost = compiled_cost.estimate(compiled_text, generation,
+                                compiled_cost.scope_component(COMPONENTS))
+  model_flops = count_params(cfg, seq_len).train_flops_per_token * batch * seq_len / mesh.size
+  step = cost.total
+  return Speed(
+      model_flops=model_flops, compiled_flops=cost.flops, step_seconds=step,
+      tokens_per_sec=batch * seq_len / mesh.size / step if step else float("nan"),
+      mfu=model_flops / (step * compiled_cost.PEAK_FLOPS[generation]) if step else float("nan"),
+      seconds=cost.seconds, all_to_all_bytes=cost.collective_bytes.get("all-to-all", 0.0),
+      collectives={f"{k} {mode}": n for (k, mode), n in sorted(cost.collectives.items())},
+      overlapped_seconds=cost.overlapped_seconds, unestimated=dict(cost.unestimated))
 
 
 class Plan(NamedTuple):
@@ -40,6 +77,7 @@ class Plan(NamedTuple):
   extra_round_bytes: int  # dropless: what one more round in every MoE layer adds per step
   compile_seconds: float
   tokens_per_device: int
+  speed: Speed | None = None  # TPU compiles only
 
 
 def _per_device_bytes(abstract, shardings) -> int:
@@ -73,7 +111,7 @@ def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
 
 
 def compile_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
-                 seq_len: int):
+                 seq_len: int, compiler_options: dict | None = None):
   """(compiled train step for [batch, seq_len] global batches on `mesh`, abstract state,
   its shardings, compile seconds): lowered from abstract shapes, nothing allocated."""
   rules.check_batch(mesh, batch, "batch")
@@ -89,14 +127,16 @@ def compile_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: in
   key = jax.eval_shape(lambda: jax.random.key(0))
   key_in = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rules.replicated(mesh))
   start = time.perf_counter()
-  compiled = steps.train.lower(state_in, batch_in, key_in).compile()
+  compiled = steps.train.lower(state_in, batch_in, key_in).compile(compiler_options)
   return compiled, abstract, steps.state_shardings, time.perf_counter() - start
 
 
-def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
-         seq_len: int) -> Plan:
-  """Lower and compile the train step for [batch, seq_len] global batches on `mesh`."""
-  compiled, abstract, state_shardings, seconds = compile_step(cfg, train_cfg, mesh, batch, seq_len)
+def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int, seq_len: int,
+         generation: str | None = None, compiler_options: dict | None = None) -> Plan:
+  """Lower and compile the train step for [batch, seq_len] global batches on `mesh`; with
+  `generation` (the TPU compiler's devices of that chip), its speed estimate too."""
+  compiled, abstract, state_shardings, seconds = compile_step(cfg, train_cfg, mesh, batch, seq_len,
+                                                              compiler_options)
   mem = compiled.memory_analysis()
   model_state, opt_state = abstract[0], abstract[1]  # nnx.State keyed 0 (model), 1 (optimizer)
   model_sh, opt_sh = state_shardings[0], state_shardings[1]
@@ -111,4 +151,5 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int,
       all_to_all_bytes=step_all_to_all_bytes(cfg, mesh, tokens),
       extra_round_bytes=(step_all_to_all_bytes(cfg, mesh, tokens, 2) - step_all_to_all_bytes(cfg, mesh, tokens)
                          if cfg.expert_capacity_factor <= 0 else 0),
-      compile_seconds=seconds, tokens_per_device=tokens)
+      compile_seconds=seconds, tokens_per_device=tokens,
+      speed=speed(compiled.as_text(), generation, cfg, mesh, batch, seq_len) if generation else None)

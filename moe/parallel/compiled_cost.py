@@ -1,0 +1,295 @@
+"""What the TPU compiler's own module says a compiled step costs, per instruction.
+
+`compiled.cost_analysis()` is no step time: it counts a while loop's body once whatever its
+trip count (our layers are a scan), and each scatter the compiler offloads to the v5p's
+SparseCores adds about -2 s. The scheduled module text (`compiled.as_text()`,
+`is_scheduled=true`: text order is the schedule) carries more: every fusion's
+`backend_config` holds the compiler's `estimated_cycles`, Pallas kernels may carry a
+`cost_estimate` (flops, bytes), and every instruction keeps the `op_name` of the JAX code
+it came from, named scopes included. So a step's estimated time here is:
+
+- fusions and convolutions: estimated cycles / the chip's clock (peak bf16 FLOP/s over the
+  MXU's FLOPs per cycle), times the trip count of every loop around them;
+- Pallas kernels: the roofline of their cost estimate (max of FLOPs / peak and bytes / HBM
+  bandwidth); kernels with none are counted in `unestimated`;
+- collectives: bytes on the wire / the chip's ICI bandwidth (one direction); a synchronous
+  one is exposed, an asynchronous one (start ... done) hides behind the estimated time of
+  what the schedule places between its start and done.
+
+Every figure is an estimate: docs/plan.md calibrates them against published step times.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Callable, Iterator
+
+# Peak dense bf16 FLOP/s per chip (Google Cloud TPU documentation pages for each
+# generation; sources in docs/plan.md).
+PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+# MXU FLOPs per cycle: 4 MXUs of 128x128 (v4, v5p: 2 cores x 4), 4 of 128x128 (v5e),
+# 2 of 256x256 (v6e). peak / this = the clock the cycle estimates count.
+_MXU_FLOPS_PER_CYCLE = {"v4": 262_144, "v5e": 131_072, "v5p": 262_144, "v6e": 524_288}
+CLOCK_HZ = {g: PEAK_FLOPS[g] / f for g, f in _MXU_FLOPS_PER_CYCLE.items()}
+HBM_BYTES_PER_S = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1638e9}
+# ICI per chip, both directions together (v4: not on its Cloud TPU page: None, no estimate).
+ICI_BYTES_PER_S = {"v4": None, "v5e": 400e9, "v5p": 1200e9, "v6e": 800e9}
+
+_SENTINEL = 2**62  # estimated_cycles of SparseCore-offloaded work: INT64_MAX, no estimate
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+             "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\(")
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  opcode: str
+  shape: str      # the result's shape text, e.g. bf16[8,1024]{1,0} or a tuple
+  text: str       # the whole instruction, continuation lines included
+
+  @property
+  def op_name(self) -> str:
+    m = re.search(r'op_name="([^"]*)"', self.text)
+    return m.group(1) if m else ""
+
+  @property
+  def cycles(self) -> int | None:
+    m = re.search(r'"estimated_cycles":"(\d+)"', self.text)
+    return int(m.group(1)) if m else None
+
+  def attribute(self, key: str) -> str | None:  # calls=, body=, condition=, to_apply=
+    m = re.search(rf"\b{key}=%([\w.\-]+)", self.text)
+    return m.group(1) if m else None
+
+  @property
+  def collective(self) -> str | None:
+    """The collective this instruction starts or runs (None for other instructions)."""
+    base = self.opcode.removesuffix("-start")
+    if base in _COLLECTIVES:
+      return base
+    m = re.search(r'async_collective_name="([a-z\-]+?)(?:-start)?"', self.text)
+    if self.name.startswith("async-collective-start") and m:
+      return m.group(1)
+    if "all-reduce-scatter" in self.text and self.opcode == "fusion":
+      return "reduce-scatter"
+    return None
+
+
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation: instructions in schedule order}, the entry computation's name)."""
+  computations: dict[str, list[Instruction]] = {}
+  current, entry = None, ""
+  for line in text.splitlines():
+    if current is None:
+      m = _COMPUTATION.match(line)
+      if m:
+        current = m.group(2)
+        computations[current] = []
+        entry = current if m.group(1) else entry
+      continue
+    if line == "}":  # only a bare brace ends one: kernels' metadata holds lines starting "}}"
+      current = None
+      continue
+    m = _INSTRUCTION.match(line)
+    if m:
+      computations[current].append(Instruction(m.group(1), m.group(3), m.group(2), line))
+    elif computations[current]:
+      computations[current][-1].text += "\n" + line
+  return computations, entry
+
+
+def shape_bytes(shape: str) -> int:
+  return sum(math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE.get(dtype, 0)
+             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape))
+
+
+def group_size(ins: Instruction, n_devices: int) -> int:
+  """Devices in each of the collective's groups, from any of the module's three spellings."""
+  m = re.search(r"replica_groups=\{\{([\d,]+)\}", ins.text)
+  if m:
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", ins.text)  # iota: [groups,size]<=[n]
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", ins.text)  # named mesh axes
+  if m:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", m.group(2)))
+  return n_devices  # replica_groups={}: every device
+
+
+def wire_bytes(ins: Instruction, kind: str, n_devices: int) -> float:
+  """Bytes one chip sends for collective `kind` (ring algorithms)."""
+  n = group_size(ins, n_devices)
+  arrays = re.findall(r"\b[a-z]+\d*\[[\d,]*\]", ins.shape)
+  if ins.opcode.endswith("-start") and len(arrays) > 1:
+    arrays = arrays[1:2]  # a start's tuple is (operand, result, context...): the result
+  size = sum(shape_bytes(a) for a in arrays)
+  if kind == "all-reduce":
+    return 2 * size * (n - 1) / n
+  if kind == "reduce-scatter":
+    return size * (n - 1)  # the result is one shard of n
+  if kind == "collective-permute":
+    return size
+  return size * (n - 1) / n  # all-gather (result gathered), all-to-all
+
+
+def _dims(shape: str) -> list[int]:
+  m = re.search(r"\[([\d,]*)\]", shape)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _operands(ins: Instruction) -> list[str]:
+  m = re.search(rf"{re.escape(ins.opcode)}\(([^)]*)\)", ins.text)
+  return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
+
+
+def matmul_flops(computations, ins: Instruction, body: list[Instruction] | None = None) -> float:
+  """FLOPs of the dots and convolutions `ins` runs (inside its fusion, nested fusions too)
+  and of a Pallas kernel's cost estimate."""
+  if ins.opcode == "fusion":
+    called = computations.get(ins.attribute("calls"), [])
+    return sum(matmul_flops(computations, i, called) for i in called)
+  if ins.opcode in ("convolution", "dot"):
+    shapes = {i.name: i.shape for i in (body or [])}
+    lhs = _dims(shapes.get(_operands(ins)[0], "")) if _operands(ins) else []
+    out = math.prod(_dims(ins.shape))
+    if ins.opcode == "dot":
+      m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.text)
+      dims = [int(d) for d in (m.group(1).split(",") if m else []) if d]
+      return 2.0 * out * math.prod(lhs[d] for d in dims if d < len(lhs))
+    m = re.search(r"dim_labels=(\w+)_", ins.text)
+    k = lhs[m.group(1).index("f")] if m and "f" in m.group(1) and lhs else 1
+    window = re.search(r"window=\{size=([\dx]+)", ins.text)
+    k *= math.prod(int(w) for w in window.group(1).split("x")) if window else 1
+    groups = re.search(r"feature_group_count=(\d+)", ins.text)
+    return 2.0 * out * k / (int(groups.group(1)) if groups else 1)
+  m = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.text)
+  return float(m.group(1)) if m and "tpu_custom_call" in ins.text else 0.0
+
+
+def _trip_count(computations, condition: str | None) -> int:
+  """A counted loop's bound; 1 where it is data-dependent."""
+  for ins in computations.get(condition, []):
+    m = re.search(r"constant\((\d+)\)", ins.text)
+    if ins.opcode == "constant" and m:
+      return int(m.group(1))
+  return 1
+
+
+@dataclasses.dataclass
+class Cost:
+  """A compiled step's estimated seconds by component, and what the estimate could not see."""
+  seconds: dict[str, float]                     # component -> estimated seconds (exposed)
+  collective_bytes: dict[str, float]            # collective kind -> bytes one chip sends
+  collectives: collections.Counter              # (kind, "sync" | "async") -> count
+  flops: float = 0.0                            # matmul and kernel FLOPs, loops unrolled
+  overlapped_seconds: float = 0.0               # collective time hidden behind compute
+  unestimated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def total(self) -> float:
+    return sum(self.seconds.values())
+
+
+def estimate(text: str, generation: str, component_of: Callable[[str], str],
+             loop_trips: Callable[[Instruction], int] | None = None) -> Cost:
+  """The estimated step time of compiled module `text` for a `generation` chip, by
+  component (`component_of(op_name)`). `loop_trips` gives a data-dependent loop's trip
+  count (default 1)."""
+  computations, entry = parse(text)
+  m = re.search(r"num_partitions=(\d+)", text)
+  n_devices = int(m.group(1)) if m else 1
+  clock, peak, hbm = CLOCK_HZ[generation], PEAK_FLOPS[generation], HBM_BYTES_PER_S[generation]
+  ici = ICI_BYTES_PER_S[generation]
+  cost = Cost(collections.defaultdict(float), collections.defaultdict(float), collections.Counter())
+
+  def compute_seconds(ins: Instruction) -> float | None:
+    cycles = ins.cycles
+    if cycles is not None and cycles < _SENTINEL:
+      return cycles / clock
+    m = re.search(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"\d+","bytes_accessed":"(\d+)"',
+                  ins.text)
+    if m:
+      return max(int(m.group(1)) / peak, int(m.group(2)) / hbm)
+    return None
+
+  def walk(name: str, times: int) -> Iterator[tuple[Instruction, int]]:
+    for ins in computations.get(name, []):
+      if ins.opcode == "while":
+        trips = _trip_count(computations, ins.attribute("condition"))
+        if trips == 1 and loop_trips is not None:
+          trips = loop_trips(ins)
+        yield from walk(ins.attribute("body"), times * trips)
+      elif ins.opcode in ("call", "conditional") and ins.attribute("to_apply"):
+        yield from walk(ins.attribute("to_apply"), times)
+      else:
+        yield ins, times
+
+  def between(name: str, start: Instruction, done: Instruction) -> float:
+    order = [i.name for i in computations[name]]
+    lo, hi = order.index(start.name), order.index(done.name)
+    return sum(compute_seconds(i) or 0.0 for i in computations[name][lo + 1:hi])
+
+  starts: dict[str, tuple[str, Instruction]] = {}
+  for name in computations:
+    for ins in computations[name]:
+      if ins.collective and (ins.opcode.endswith("-start") or ins.name.startswith("async-collective-start")):
+        starts[ins.name] = (name, ins)
+
+  for ins, times in walk(entry, 1):
+    kind = ins.collective
+    component = component_of(ins.op_name)
+    if kind is not None:
+      sent = wire_bytes(ins, kind, n_devices)
+      cost.collective_bytes[kind] += sent * times
+      seconds = sent / (ici / 2) if ici else 0.0
+      if ins.name in starts:  # asynchronous: hidden behind what runs until its done
+        done = _done_of(computations, starts[ins.name][0], ins)
+        hidden = min(seconds, between(starts[ins.name][0], ins, done)) if done else seconds
+        cost.collectives[(kind, "async")] += times
+        cost.overlapped_seconds += hidden * times
+        seconds -= hidden
+      else:
+        cost.collectives[(kind, "sync")] += times
+      if not ici:
+        cost.unestimated[f"{kind} (no ICI bandwidth for {generation})"] += times
+      cost.seconds["exchange" if kind == "all-to-all" else "collectives"] += seconds * times
+      continue
+    cost.flops += matmul_flops(computations, ins) * times
+    seconds = compute_seconds(ins)
+    if seconds is not None:
+      cost.seconds[component] += seconds * times
+    elif ins.cycles is not None or "tpu_custom_call" in ins.text:
+      what = "SparseCore offload" if ins.cycles is not None else f"kernel without estimate in {component}"
+      cost.unestimated[what] += times
+  cost.seconds = dict(cost.seconds)
+  cost.collective_bytes = dict(cost.collective_bytes)
+  return cost
+
+
+def _done_of(computations, name: str, start: Instruction) -> Instruction | None:
+  """The done that consumes `start` later in the same computation (None: loop-carried)."""
+  seen = False
+  for ins in computations[name]:
+    if ins is start:
+      seen = True
+    elif seen and (ins.opcode.endswith("-done") or ins.name.startswith("async-collective-done")) \
+        and re.search(rf"%{re.escape(start.name)}\b", ins.text.split("=", 1)[1]):
+      return ins
+  return None
+
+
+def scope_component(components: tuple[str, ...]) -> Callable[[str], str]:
+  """component_of for estimate(): the innermost named scope of `op_name` in `components`,
+  else 'other'."""
+  def component_of(op_name: str) -> str:
+    parts = op_name.split("/")
+    return next((p for p in reversed(parts) if p in components), "other")
+  return component_of
