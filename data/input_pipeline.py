@@ -137,8 +137,6 @@ class Datasets(NamedTuple):
   eval_batches: list[Batch]
   tokenizer: TextTokenizer
   unigram_entropy: float  # nats per token of the training tokens' unigram distribution
-  # Leading eval batches that no host padded (agree_eval_batches); None: all of them.
-  eval_unpadded: int | None = None
 
 
 def check_eval_batches(count: int, cfg: DataConfig) -> None:

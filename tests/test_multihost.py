@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from data.input_pipeline import make_datasets
+from data.input_pipeline import make_datasets, padding_batch
 from data.stdlib_corpus import source_files, split_of
 from moe.train.evaluate import evaluate
 from moe.train.loop import train_and_evaluate
@@ -147,7 +147,8 @@ def _shards(cfg, vocab_size):
 def test_hosts_with_unequal_eval_shards_evaluate_together(tmp_path, small_corpus):
   """One host packs more eval batches than the other (batch 8), or none at all (batch 16):
   the two-process evaluation still finishes, and its loss is the token-weighted NLL of
-  exactly the batches both hosts built, computed in one process."""
+  exactly the batches both hosts built, computed in one process; so are its routing
+  statistics, the other host's padding rows counting nowhere."""
   corpus = _unequal_eval_corpus(tmp_path, small_corpus)
   workdir = tmp_path / "run"
   cfg = small_data_config(corpus, eval_batches=8)
@@ -171,10 +172,12 @@ def test_hosts_with_unequal_eval_shards_evaluate_together(tmp_path, small_corpus
       out = json.load(f)
     assert out["eval_loss"] == pytest.approx(reference, rel=1e-5)
     assert all(f"validation loss {out['eval_loss']:.4f}" in o for o, _ in outs)
-    if counts[0]:  # routing statistics: of the global batches that hold no padding rows
-      full = [{k: np.concatenate([shards[0][i][k], shards[1][i][k]]) for k in shards[0][i]}
-              for i in range(counts[0])]
-      layers = evaluate(steps, run.params, full)["layers"]
-      del layers["device_balance_loss"]  # of the mesh's expert shards: 1 group on one device
-      for k, v in layers.items():
-        np.testing.assert_allclose(out["layers"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # Routing statistics: of every global batch, the padding rows of the host with fewer
+    # batches (agree_eval_batches) left out by construction.
+    pad = padding_batch(batch_size // 2, cfg.seq_len)
+    full = [{k: np.concatenate([s[i][k] if i < len(s) else pad[k] for s in shards]) for k in pad}
+            for i in range(counts[1])]
+    layers = evaluate(steps, run.params, full)["layers"]
+    del layers["device_balance_loss"]  # of the mesh's expert shards: 1 group on one device
+    for k, v in layers.items():
+      np.testing.assert_allclose(out["layers"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)

@@ -24,8 +24,11 @@ class CapacityRouting(NamedTuple):
 
 
 def assign_slots(expert_idx: jax.Array, n_experts: int, cap: int,
-                 keep: jax.Array | None = None) -> CapacityRouting:
-  """expert_idx: [T, K']; keep: optional [T, K'] bool of pairs to route at all.
+                 keep: jax.Array | None = None,
+                 token_mask: jax.Array | None = None) -> CapacityRouting:
+  """expert_idx: [T, K']; keep: optional [T, K'] bool of pairs to route at all;
+  token_mask: optional [T] bool of the tokens whose dropped pairs n_dropped counts (the
+  real tokens of a batch with padding; the slots are filled as without it).
 
   Slots are filled in GShard's priority order: every token's first choice before any
   second choice, tokens in sequence order within a choice. Only index arrays are built
@@ -44,7 +47,11 @@ def assign_slots(expert_idx: jax.Array, n_experts: int, cap: int,
   token = jnp.tile(jnp.arange(n_tokens, dtype=jnp.int32), k)
   slot_token = jnp.full((empty + 1,), n_tokens, jnp.int32).at[slot].set(token)[:empty]
   pair_slot = slot.reshape(k, n_tokens).T.astype(jnp.int32)
-  n_dropped = jnp.sum(wanted) - jnp.sum(fits)
+  if token_mask is None:
+    n_dropped = jnp.sum(wanted) - jnp.sum(fits)
+  else:
+    counted = jnp.tile(token_mask.astype(bool), k)
+    n_dropped = jnp.sum(wanted & ~fits & counted).astype(jnp.int32)
   return CapacityRouting(slot_token, pair_slot, n_dropped)
 
 

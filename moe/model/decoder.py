@@ -35,18 +35,20 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg, rngs)
     self.ffn = MoE(cfg, rngs) if kind == "moe" else SwiGLU(cfg, cfg.dense_ffn_width, rngs)
 
-  def __call__(self, x, positions, segment_ids, token_ids, key):
-    """x: [B, S, d], positions, segment_ids, token_ids: [B, S] -> (x, aux)."""
+  def __call__(self, x, positions, segment_ids, token_ids, key, token_mask=None):
+    """x: [B, S, d], positions, segment_ids, token_ids (token_mask): [B, S] -> (x, aux)."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    return self.feed_forward(x, token_ids, key)
+    return self.feed_forward(x, token_ids, key, token_mask)
 
-  def feed_forward(self, x, token_ids, key):
-    """The FFN half. x: [B, S, d] residual stream, token_ids: [B, S] -> (x + FFN(norm(x)), aux)."""
+  def feed_forward(self, x, token_ids, key, token_mask=None):
+    """The FFN half. x: [B, S, d] residual stream, token_ids: [B, S] -> (x + FFN(norm(x)), aux).
+    token_mask: optional [B, S] bool, the tokens the MoE's losses and statistics are of."""
     h = self.ffn_norm(x)
     if self.kind != "moe":
       return constrain(x + self.ffn(h), ACTIVATIONS), {}
     b, s, d = h.shape
-    y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key)
+    mask = None if token_mask is None else token_mask.reshape(b * s)
+    y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key, mask)
     return constrain(x + y.reshape(b, s, d), ACTIVATIONS), aux
 
 
@@ -72,14 +74,15 @@ class LayerStack(nnx.Module):
       if isinstance(var, nnx.Param):
         var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
 
-  def __call__(self, x, positions, segment_ids, token_ids, key):
+  def __call__(self, x, positions, segment_ids, token_ids, key, token_mask=None):
     """x: [B, S, d] -> (x, aux with a leading [count] axis on every entry)."""
     graphdef, state = nnx.split(self.blocks)
     keys = None if key is None else jax.random.split(key, self.count)
 
     def body(x, layer):
       layer_state, layer_key = layer
-      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, token_ids, layer_key)
+      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, token_ids, layer_key,
+                                              token_mask)
 
     if self.cfg.remat:
       body = jax.checkpoint(body)
@@ -114,11 +117,15 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                    positions: jax.Array | None = None, key: jax.Array | None = None):
+                    positions: jax.Array | None = None, key: jax.Array | None = None,
+                    token_mask: jax.Array | None = None):
     """tokens: [B, S] int -> (final-norm hidden states [B, S, d_model], per-layer MoE aux).
 
     segment_ids: [B, S] packed-document ids (attention stays within a document);
-    positions: [B, S] rotary positions (restart at each document); key: routing randomness.
+    positions: [B, S] rotary positions (restart at each document); key: routing randomness;
+    token_mask: [B, S] bool, the real tokens (not padding: moe.model.loss.real_tokens) the
+    MoE layers' losses and routing statistics are of (default: every token). The hidden
+    states do not depend on it.
     """
     b, s = tokens.shape
     if segment_ids is None:
@@ -129,7 +136,7 @@ class Transformer(nnx.Module):
     keys = [None] * len(self.stacks) if key is None else list(jax.random.split(key, len(self.stacks)))
     moe_aux = []
     for stack, k in zip(self.stacks, keys):
-      x, aux = stack(x, positions, segment_ids, tokens, k)
+      x, aux = stack(x, positions, segment_ids, tokens, k, token_mask)
       if aux:
         moe_aux.append(aux)
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux) if moe_aux else {}
@@ -150,12 +157,13 @@ class Transformer(nnx.Module):
         ffn.score_bias[...] = ffn.score_bias[...] + self.cfg.bias_update_rate * jnp.sign(error)
       row += stack.count
 
-  def __call__(self, tokens, segment_ids=None, positions=None, key=None):
+  def __call__(self, tokens, segment_ids=None, positions=None, key=None, token_mask=None):
     """tokens: [B, S] -> (logits [B, S, vocab] fp32, aux).
 
-    aux['layers']: per MoE layer [n_moe_layers, ...] unweighted losses and routing stats;
+    aux['layers']: per MoE layer [n_moe_layers, ...] unweighted losses and routing stats
+    (of the tokens of token_mask, as hidden_states);
     aux['losses']: the auxiliary losses weighted by their alphas and summed over layers,
     with their total under 'aux_loss'.
     """
-    h, stats = self.hidden_states(tokens, segment_ids, positions, key)
+    h, stats = self.hidden_states(tokens, segment_ids, positions, key, token_mask)
     return self.logits(h), {"layers": stats, "losses": weighted_aux_losses(self.cfg, stats)}

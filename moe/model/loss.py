@@ -40,6 +40,17 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = N
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def real_tokens(segment_ids: jax.Array | None, weights: jax.Array | None = None) -> jax.Array | None:
+  """[B, S] bool: the positions that are not padding, whose routing the MoE layers' losses
+  and statistics count. Padding (data.packing, data.input_pipeline.padding_batch) belongs
+  to no document (segment id 0) and carries no loss weight; a token with a weight counts
+  even in segment 0 (rows built without packing). No segment ids: None, every token counts."""
+  if segment_ids is None:
+    return None
+  real = segment_ids > 0
+  return real if weights is None else real | (weights > 0)
+
+
 def chunked_lm_loss(h: jax.Array, lm_head: jax.Array, targets: jax.Array,
                     weights: jax.Array | None, chunk: int) -> jax.Array:
   """lm_loss of logits = h @ lm_head, computed `chunk` positions of every row at a time.
@@ -68,16 +79,20 @@ def chunked_lm_loss(h: jax.Array, lm_head: jax.Array, targets: jax.Array,
 
 
 def objective(model: "Transformer", tokens, targets, weights=None, segment_ids=None,
-              positions=None, key=None):
+              positions=None, key=None, mask_padding: bool = True):
   """The training objective: LM loss plus weighted auxiliary losses -> (loss, metrics).
-  With ModelConfig.loss_chunk_tokens the LM head and cross-entropy run in chunks."""
+  With ModelConfig.loss_chunk_tokens the LM head and cross-entropy run in chunks. The
+  auxiliary losses and routing statistics are of the real tokens (real_tokens): padding
+  adds nothing to them; mask_padding=False counts every token (fully packed batches: the
+  same values, without a masked sum's different rounding)."""
   chunk = model.cfg.loss_chunk_tokens
+  mask = real_tokens(segment_ids, weights) if mask_padding else None
   if chunk:
-    h, stats = model.hidden_states(tokens, segment_ids, positions, key)
+    h, stats = model.hidden_states(tokens, segment_ids, positions, key, mask)
     lm = chunked_lm_loss(h, model.lm_head[...], targets, weights, chunk)
     aux = {"layers": stats, "losses": weighted_aux_losses(model.cfg, stats)}
   else:
-    logits, aux = model(tokens, segment_ids, positions, key)
+    logits, aux = model(tokens, segment_ids, positions, key, mask)
     lm = lm_loss(logits, targets, weights)
   metrics = {"lm_loss": lm, **aux["losses"], "layers": aux["layers"]}
   return lm + aux["losses"]["aux_loss"], metrics

@@ -42,12 +42,14 @@ def dropless_moe(x: jax.Array, route: Route, weights, backend: Backend) -> tuple
   return backend.routed(x, route.expert_idx, route.gates, weights), jnp.zeros((), jnp.int32)
 
 
-def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float) -> tuple[jax.Array, jax.Array]:
-  """x: [T, d] -> (gate-weighted expert outputs [T, d], dropped pairs), fixed-size buffers."""
+def capacity_moe(x: jax.Array, route: Route, weights, capacity_factor: float,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """x: [T, d] -> (gate-weighted expert outputs [T, d], dropped pairs), fixed-size buffers.
+  token_mask: optional [T] bool, the tokens whose dropped pairs are counted."""
   n_experts = weights[0].shape[0]
   n_tokens, k = route.expert_idx.shape
   cap = capacity.slots_per_expert(n_tokens, n_experts, k, capacity_factor)
-  slots = capacity.assign_slots(route.expert_idx, n_experts, cap, route.keep)
+  slots = capacity.assign_slots(route.expert_idx, n_experts, cap, route.keep, token_mask)
   out = slotted_swiglu(capacity.to_slots(x, slots, n_experts), *weights)
   return capacity.from_slots(out, slots, route.gates), slots.n_dropped
 
@@ -71,10 +73,14 @@ class MoE(nnx.Module):
     self.score_bias = (ScoreBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
                        if ROUTERS[cfg.router].score_bias else None)
 
-  def __call__(self, x: jax.Array, token_ids: jax.Array, key: jax.Array | None = None):
+  def __call__(self, x: jax.Array, token_ids: jax.Array, key: jax.Array | None = None,
+               token_mask: jax.Array | None = None):
     """x: [T, d_model], token_ids: [T] -> (y [T, d_model], aux: losses and routing stats).
 
     `key` enables stochastic routing (GShard's second expert) during training.
+    `token_mask` [T] bool: the real tokens of a batch with padding; the losses and routing
+    statistics are theirs alone (moe.model.balance). Every token is still routed and
+    dispatched: y does not depend on the mask.
     """
     cfg = self.cfg
     spec = ROUTERS[cfg.router]
@@ -94,17 +100,17 @@ class MoE(nnx.Module):
       backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
       ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
                                layer_capacity_factor(cfg.expert_capacity_factor, mesh),
-                               cfg.expert_block_factor, cfg.expert_exchange)
+                               cfg.expert_block_factor, cfg.expert_exchange, token_mask)
       y, n_dropped = ep.y, ep.n_dropped
       ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
                   "ep_rows_per_pair": ep.rows_per_pair}
     elif dropless:
       y, n_dropped = dropless_moe(x, route, weights, registry.resolve(cfg.dispatch_backend))
     else:  # capacity routers keep global (single-device) semantics; XLA partitions them
-      y, n_dropped = capacity_moe(x, route, weights, cap)
+      y, n_dropped = capacity_moe(x, route, weights, cap, token_mask)
     if self.shared is not None and not iv.drop_shared:
       y = y + self.shared(x)
-    aux = moe_aux(cfg, route, n_dropped)
+    aux = moe_aux(cfg, route, n_dropped, token_mask)
     if dropless and mesh is not None:
       aux.update(ep_stats)  # rounds and loads of expert parallelism, per layer
     if bias is not None:
@@ -114,16 +120,22 @@ class MoE(nnx.Module):
     return y, aux
 
 
-def moe_aux(cfg: ModelConfig, route: Route, n_dropped: jax.Array) -> dict[str, jax.Array]:
-  """Unweighted auxiliary losses and routing statistics of one layer."""
+def moe_aux(cfg: ModelConfig, route: Route, n_dropped: jax.Array,
+            token_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Unweighted auxiliary losses and routing statistics of one layer, of the tokens of
+  token_mask [T] (all without one)."""
   zero = jnp.zeros((), jnp.float32)
   aux = {"expert_balance_loss": zero, "device_balance_loss": zero, "z_loss": zero}
+  m = token_mask
   if route.scores is not None:
-    aux["expert_balance_loss"] = balance.expert_balance_loss(route.scores, route.expert_idx)
+    aux["expert_balance_loss"] = balance.expert_balance_loss(route.scores, route.expert_idx, m)
     # Default groups: the expert-parallel shards of the active mesh (1 without one).
     groups = cfg.n_device_groups or meshes.axis_size(meshes.active_mesh(), "expert")
-    aux["device_balance_loss"] = balance.device_balance_loss(route.scores, route.expert_idx, groups)
-    aux["z_loss"] = balance.z_loss(route.logits)
-  aux.update(balance.routing_stats(route.expert_idx, cfg.n_routed_experts, n_dropped, route.scores))
-  aux["gate_mass"] = jnp.mean(jnp.sum(route.gates, axis=-1))  # routed gates' sum per token
+    aux["device_balance_loss"] = balance.device_balance_loss(route.scores, route.expert_idx,
+                                                             groups, m)
+    aux["z_loss"] = balance.z_loss(route.logits, m)
+  aux.update(balance.routing_stats(route.expert_idx, cfg.n_routed_experts, n_dropped,
+                                   route.scores, m))
+  # The routed gates' sum per token.
+  aux["gate_mass"] = balance.token_mean(jnp.sum(route.gates, axis=-1), m)
   return aux

@@ -72,12 +72,13 @@ class EPResult(NamedTuple):
 
 
 def _capacity_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backend, n_shards: int,
-                   cap: int):
+                   cap: int, token_mask=None):
   """One device. x: [T_loc, d], gates/expert_idx: [T_loc, K'], w_*: this shard's experts
-  [E_loc, d, f_loc] / [E_loc, f_loc, d] -> (partial y [1, T_loc, d], dropped pairs [1])."""
+  [E_loc, d, f_loc] / [E_loc, f_loc, d] -> (partial y [1, T_loc, d], dropped pairs [1], of
+  the tokens of token_mask [T_loc] with one)."""
   e_local = w_gate.shape[0]
   d = x.shape[-1]
-  slots = capacity.assign_slots(expert_idx // e_local, n_shards, cap)
+  slots = capacity.assign_slots(expert_idx // e_local, n_shards, cap, token_mask=token_mask)
   send = capacity.to_slots(x, slots, n_shards)                                   # [P, B, d]
   # Each slot's expert on the destination shard; e_local marks an empty slot.
   slot_expert = (jnp.full((n_shards * cap + 1,), e_local, jnp.int32)
@@ -110,11 +111,15 @@ def _round_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Backe
 def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, weights,
                         backend: Backend, mesh: Mesh, capacity_factor: float = 0.0,
                         block_factor: float = rounds.BLOCK_FACTOR,
-                        exchange: str = "all_to_all") -> EPResult:
+                        exchange: str = "all_to_all",
+                        token_mask: jax.Array | None = None) -> EPResult:
   """x: [T, d] (T split over the batch axes), gates, expert_idx: [T, K'], weights: routed
   experts ([E, d, f], [E, d, f], [E, f, d]) -> sum_k g_k expert_k(x) [T, d] and statistics.
   capacity_factor > 0: one capacity exchange (drops); else dropless rounds of blocks of
-  block_factor x the balanced share, exchanged by `exchange` (moe.parallel.rounds.EXCHANGES)."""
+  block_factor x the balanced share, exchanged by `exchange` (moe.parallel.rounds.EXCHANGES).
+  token_mask: optional [T] bool, the real tokens of a batch with padding: the capacity
+  exchange's n_dropped counts only theirs (every token is still sent, and the rounds'
+  statistics are of the exchange's work, padding included)."""
   n_experts = weights[0].shape[0]
   n_shards = mesh.shape["expert"]
   if n_experts % n_shards:
@@ -128,9 +133,14 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
   t_local = n_tokens // token_shards
   tokens = P(BATCH_AXES, None)
   w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
+  inputs, specs = (x, gates, expert_idx), (tokens, tokens, tokens)
   if capacity_factor > 0:
     cap = block_rows(t_local, k, n_shards, capacity_factor)
     local = lambda *a: _capacity_experts(*a, backend=backend, n_shards=n_shards, cap=cap)
+    if token_mask is not None:
+      local = lambda x, g, i, m, *w: _capacity_experts(x, g, i, *w, backend=backend,
+                                                       n_shards=n_shards, cap=cap, token_mask=m)
+      inputs, specs = inputs + (token_mask.astype(bool),), specs + (P(BATCH_AXES),)
     second = P(BATCH_AXES)
   else:
     blocks = rounds.block_sizes(t_local, k, n_experts, n_shards, block_factor)
@@ -139,10 +149,10 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
     second = P(BATCH_AXES, None)  # each device's statistics, reduced below
   partial, extra = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+      in_specs=(*specs, w_in, w_in, w_out),
       out_specs=(P("tensor", BATCH_AXES, None), second),
       check_vma=False,
-  )(x, gates, expert_idx, *weights)
+  )(*inputs, *weights)
   # Each tensor shard holds its slice of the FFN width's contribution: sum them here, outside
   # shard_map, so autodiff sees a plain sum.
   y = jnp.sum(partial, axis=0)

@@ -16,6 +16,7 @@ from data.input_pipeline import (Datasets, check_eval_batches, host_batch_size, 
                                  padding_batch)
 from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.parallel.rules import check_batch
+from moe.train.metrics import token_weighted_mean
 from moe.train.restore import restore_run
 from moe.train.steps import Steps, make_steps, put_batch
 
@@ -23,34 +24,33 @@ from moe.train.steps import Steps, make_steps, put_batch
 def agree_eval_batches(data: Datasets, cfg: DataConfig) -> Datasets:
   """With several hosts, each host's eval batches padded with padding_batch (weight 0) to
   the most any host packed. Each eval step is one computation over every host's devices:
-  a host that ran fewer steps would leave the others waiting in its collectives.
-  eval_unpadded: the leading batches no host padded. One host: `data` as it is."""
+  a host that ran fewer steps would leave the others waiting in its collectives. The
+  padding rows add nothing to the loss or the routing statistics (evaluate). One host:
+  `data` as it is."""
   if jax.process_count() == 1:
     return data
   counts = multihost_utils.process_allgather(np.int32(len(data.eval_batches)))
-  most, least = int(np.max(counts)), int(np.min(counts))
+  most = int(np.max(counts))
   check_eval_batches(most, cfg)  # a host without a batch of its own pads them all
   pad = padding_batch(host_batch_size(cfg.batch_size, jax.process_count()), cfg.seq_len)
-  return data._replace(eval_batches=data.eval_batches + [pad] * (most - len(data.eval_batches)),
-                       eval_unpadded=least)
+  return data._replace(eval_batches=data.eval_batches + [pad] * (most - len(data.eval_batches)))
 
 
-def evaluate(steps: Steps, state, batches, stats_batches: int | None = None) -> dict[str, Any]:
+def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
   """Weighted mean NLL over `batches` (eval_loss, nats/token), its perplexity, and the
-  per-layer routing statistics averaged over batches (layers): over the first
-  `stats_batches` (Datasets.eval_unpadded) if any, since the router sees padding rows too
-  and a padded batch's statistics would count them."""
+  per-layer routing statistics of their real tokens (layers): each batch's statistics are
+  of its real tokens (moe.model.loss.real_tokens), averaged with the batch's real tokens as
+  weight, so padding, in a batch or as a whole batch (agree_eval_batches), counts nowhere."""
   total = count = 0.0
-  layers = []
+  layers, tokens = [], []
   for batch in batches:
-    nll, n, stats = steps.eval(state, put_batch(batch, steps.mesh))
+    nll, n, stats, real = steps.eval(state, put_batch(batch, steps.mesh))
     total, count = total + float(nll), count + float(n)
-    layers.append(stats)
+    layers.append(jax.device_get(stats))
+    tokens.append(float(real))
   loss = total / max(count, 1.0)
-  if stats_batches is not None:
-    layers = layers[:stats_batches] or layers  # every batch padded somewhere: all of them
-  mean_layers = jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *layers) if layers else {}
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "layers": mean_layers}
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+          "layers": token_weighted_mean(layers, tokens)}
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None,
@@ -68,7 +68,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   data = make_datasets(data_cfg, run.model_cfg.vocab_size, jax.process_index(), jax.process_count())
   data.train.close()  # stops its reading threads: only the eval batches are used
   data = agree_eval_batches(data, data_cfg)
-  out = evaluate(make_steps(run.graphdef, run.params, mesh), run.params, data.eval_batches,
-                 data.eval_unpadded)
+  out = evaluate(make_steps(run.graphdef, run.params, mesh), run.params, data.eval_batches)
   out.update(step=run.step, unigram_entropy=data.unigram_entropy)
   return out

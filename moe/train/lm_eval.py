@@ -24,8 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data.text_tokenizer import TextTokenizer, with_bos
+from moe.model.loss import real_tokens
 from moe.parallel import rules
 from moe.parallel.mesh import BATCH_AXES, use_mesh
+from moe.train.metrics import token_weighted_mean
 from moe.train.steps import put_batch
 
 
@@ -36,14 +38,16 @@ class LM(NamedTuple):
 
 
 def _score(graphdef, mesh, params, batch):
-  """-> (sum of weighted target log-probs [B], sum of weights [B], per-layer stats)."""
+  """-> (sum of weighted target log-probs [B], sum of weights [B], per-layer stats of the
+  real tokens, number of real tokens)."""
   with use_mesh(mesh):
     model = nnx.merge(graphdef, params)
-    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    real = real_tokens(batch["segment_ids"], batch["weights"])
+    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], token_mask=real)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     w = batch["weights"].astype(jnp.float32)
-    return jnp.sum(lp * w, axis=-1), jnp.sum(w, axis=-1), aux["layers"]
+    return jnp.sum(lp * w, axis=-1), jnp.sum(w, axis=-1), aux["layers"], jnp.sum(real)
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,13 +64,13 @@ def batch_rows(mesh: Mesh | None) -> int:
 def score_rows(lm: LM, rows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
                batch_size: int | None = None):
   """rows: (ids [n + 1], weights [n]) with n <= seq_len: weights[i] counts the prediction
-  of ids[i + 1] from ids[:i + 1]. -> (log-prob sums [R], weight sums [R], routing stats
-  averaged over batches, padding included). Rows are padded to seq_len and batches to
-  batch_size rows. One process: every row is this host's."""
+  of ids[i + 1] from ids[:i + 1]. -> (log-prob sums [R], weight sums [R], routing stats of
+  the rows' tokens). Rows are padded to seq_len and batches to batch_size rows; the padding
+  is in segment 0, outside the routing statistics. One process: every row is this host's."""
   batch_size = batch_size or batch_rows(lm.mesh)
   rules.check_batch(lm.mesh, batch_size, "batch_size")
   fn = _scorer(lm.graphdef, lm.mesh)
-  sums, counts, stats = [], [], []
+  sums, counts, stats, tokens = [], [], [], []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     b = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids")}
@@ -77,12 +81,12 @@ def score_rows(lm: LM, rows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: i
       assert 0 < n <= seq_len and len(weights) == n, (len(ids), len(weights), seq_len)
       b["inputs"][r, :n], b["targets"][r, :n] = ids[:-1], ids[1:]
       b["weights"][r, :n], b["segment_ids"][r, :n] = weights, 1  # padding: its own segment 0
-    lp, w, layer_stats = jax.device_get(fn(lm.params, put_batch(b, lm.mesh)))
+    lp, w, layer_stats, real = jax.device_get(fn(lm.params, put_batch(b, lm.mesh)))
     sums.append(lp[:len(chunk)])
     counts.append(w[:len(chunk)])
     stats.append(layer_stats)
-  layers = jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *stats) if stats and stats[0] else {}
-  return np.concatenate(sums), np.concatenate(counts), layers
+    tokens.append(float(real))
+  return np.concatenate(sums), np.concatenate(counts), token_weighted_mean(stats, tokens)
 
 
 def text_rows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:

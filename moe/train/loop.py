@@ -258,7 +258,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         eval_now = None
         if eval_due:
           with speed.excluded(metrics["loss"]):
-            eval_out = eval_now = evaluate(steps, state, data.eval_batches, data.eval_unpadded)
+            eval_out = eval_now = evaluate(steps, state, data.eval_batches)
           extra.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
         for leaf in jax.tree.leaves(metrics):
           leaf.copy_to_host_async()

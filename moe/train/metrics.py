@@ -32,6 +32,23 @@ def flatten_layers(layers: dict[str, Any]) -> dict[str, float]:
   return out
 
 
+def token_weighted_mean(stats: list[dict[str, Any]], tokens: list[float]) -> dict[str, np.ndarray]:
+  """Per-batch routing statistics (each of its batch's real tokens) -> their mean weighted
+  by each batch's real tokens: for the statistics linear in the tokens (load, router
+  entropy, gate mass, dropped fraction) those of all the batches' real tokens together.
+  Batches of padding only weigh nothing (all of them: the plain mean)."""
+  if not stats:
+    return {}
+  w = np.asarray(tokens, np.float64)
+  w = w / np.sum(w) if np.sum(w) > 0 else np.full(len(w), 1.0 / len(w))
+
+  def mean(values):
+    a = np.stack([np.asarray(v) for v in values])
+    return np.tensordot(w, a.astype(np.float64), axes=1).astype(np.result_type(a.dtype, np.float32))
+
+  return {k: mean([s[k] for s in stats]) for k in stats[0]}
+
+
 PERF = ("tokens_per_sec", "step_time_s", "tflops_per_sec_per_device", "mfu")
 
 

@@ -13,22 +13,29 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from moe.model.loss import objective
+from moe.model.loss import objective, real_tokens
 from moe.parallel import rules
 from moe.parallel.mesh import use_mesh
 
 
-def batch_objective(model, batch, key):
+def batch_objective(model, batch, key, mask_padding: bool = True):
   """The training objective of one batch dict (inputs, targets, weights, segment_ids,
-  positions) -> (loss, metrics)."""
+  positions) -> (loss, metrics); mask_padding: routing losses and statistics of the real
+  tokens only (moe.model.loss.real_tokens)."""
   return objective(model, batch["inputs"], batch["targets"], batch["weights"],
-                   batch["segment_ids"], batch["positions"], key)
+                   batch["segment_ids"], batch["positions"], key, mask_padding)
+
+
+def _train_objective(model, batch, key):
+  # Training batches are fully packed (the split is concatenated, then cut): a mask would
+  # change nothing but the rounding of masked sums, and runs reproduce bit for bit without.
+  return batch_objective(model, batch, key, mask_padding=False)
 
 
 def _train_step(graphdef, mesh, state, batch, key):
   with use_mesh(mesh):
     model, optimizer = nnx.merge(graphdef, state)
-    (loss, metrics), grads = nnx.value_and_grad(batch_objective, has_aux=True)(model, batch, key)
+    (loss, metrics), grads = nnx.value_and_grad(_train_objective, has_aux=True)(model, batch, key)
     optimizer.update(model, grads)
     if "load" in metrics["layers"]:
       model.update_score_bias(jax.lax.stop_gradient(metrics["layers"]["load"]))
@@ -41,19 +48,22 @@ def _train_step(graphdef, mesh, state, batch, key):
 
 
 def eval_step(graphdef, mesh, state, batch):
-  """-> (sum of weighted NLL, sum of weights, per-layer routing stats) of one batch. `state`
-  is of (model, optimizer) (training) or of the model alone (restored parameters)."""
+  """-> (sum of weighted NLL, sum of weights, per-layer routing stats of the batch's real
+  tokens, number of real tokens) of one batch. `state` is of (model, optimizer) (training)
+  or of the model alone (restored parameters)."""
   with use_mesh(mesh):
     merged = nnx.merge(graphdef, state)
     model = merged[0] if isinstance(merged, tuple) else merged
     _, metrics = batch_objective(model, batch, None)
     n = jnp.sum(batch["weights"])
-    return metrics["lm_loss"] * n, n, metrics["layers"]
+    tokens = jnp.sum(real_tokens(batch["segment_ids"], batch["weights"]).astype(jnp.float32))
+    return metrics["lm_loss"] * n, n, metrics["layers"], tokens
 
 
 class Steps(NamedTuple):
   """Jitted steps for one (model, mesh). train(state, batch, key) -> (state, metrics)
-  donates the state; eval(state, batch) -> (sum of weighted NLL, sum of weights, layer stats)."""
+  donates the state; eval(state, batch) -> (sum of weighted NLL, sum of weights, layer stats,
+  real tokens) (eval_step)."""
   train: Any
   eval: Any
   mesh: Mesh | None
