@@ -134,3 +134,6 @@ def test_the_plans_speed_columns_on_a_dense_model_counted_by_hand():
   assert s.tokens_per_sec == pytest.approx(tokens / s.step_seconds)
   assert s.mfu == pytest.approx(s.model_flops / s.step_seconds / cc.PEAK_FLOPS["v5p"])
   assert math.isclose(sum(s.seconds.values()), s.step_seconds)
+  # The model's named scopes name the components, through autodiff and remat.
+  assert {"attention", "dense_ffn", "lm_head_loss", "optimizer", "embedding"} <= set(s.seconds)
+  assert s.seconds["dense_ffn"] > s.seconds["optimizer"]

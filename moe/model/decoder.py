@@ -37,7 +37,8 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, token_ids, key, token_mask=None):
     """x: [B, S, d], positions, segment_ids, token_ids (token_mask): [B, S] -> (x, aux)."""
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    with jax.named_scope("attention"):  # scopes name the parts of a compiled step (moe.train.plan)
+      x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return self.feed_forward(x, token_ids, key, token_mask)
 
   def feed_forward(self, x, token_ids, key, token_mask=None):
@@ -45,7 +46,8 @@ class Block(nnx.Module):
     token_mask: optional [B, S] bool, the tokens the MoE's losses and statistics are of."""
     h = self.ffn_norm(x)
     if self.kind != "moe":
-      return constrain(x + self.ffn(h), ACTIVATIONS), {}
+      with jax.named_scope("dense_ffn"):
+        return constrain(x + self.ffn(h), ACTIVATIONS), {}
     b, s, d = h.shape
     mask = None if token_mask is None else token_mask.reshape(b * s)
     y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key, mask)
@@ -107,14 +109,16 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """tokens: [B, S] int -> the residual stream's input [B, S, d_model] in the compute dtype."""
     # FSDP: gather the table whole before the row lookup, as for every other weight.
-    table = constrain(self.embed[...], ("embed_vocab", "act_embed"))
-    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    return constrain(x, ACTIVATIONS)
+    with jax.named_scope("embedding"):
+      table = constrain(self.embed[...], ("embed_vocab", "act_embed"))
+      x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+      return constrain(x, ACTIVATIONS)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """h: [..., d_model] final-norm hidden states -> logits [..., vocab] in fp32."""
-    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head_loss"):
+      return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype),
+                        preferred_element_type=jnp.float32)
 
   def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                     positions: jax.Array | None = None, key: jax.Array | None = None,

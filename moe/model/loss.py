@@ -89,10 +89,12 @@ def objective(model: "Transformer", tokens, targets, weights=None, segment_ids=N
   mask = real_tokens(segment_ids, weights) if mask_padding else None
   if chunk:
     h, stats = model.hidden_states(tokens, segment_ids, positions, key, mask)
-    lm = chunked_lm_loss(h, model.lm_head[...], targets, weights, chunk)
+    with jax.named_scope("lm_head_loss"):
+      lm = chunked_lm_loss(h, model.lm_head[...], targets, weights, chunk)
     aux = {"layers": stats, "losses": weighted_aux_losses(model.cfg, stats)}
   else:
     logits, aux = model(tokens, segment_ids, positions, key, mask)
-    lm = lm_loss(logits, targets, weights)
+    with jax.named_scope("lm_head_loss"):
+      lm = lm_loss(logits, targets, weights)
   metrics = {"lm_loss": lm, **aux["losses"], "layers": aux["layers"]}
   return lm + aux["losses"]["aux_loss"], metrics

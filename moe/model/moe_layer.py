@@ -84,32 +84,35 @@ class MoE(nnx.Module):
     """
     cfg = self.cfg
     spec = ROUTERS[cfg.router]
-    logits = routers.router_logits(x, self.router[...]) if self.router is not None else None
     bias = self.score_bias[...] if self.score_bias is not None else None
-    route = spec.fn(RouteArgs(cfg, logits, token_ids, key, bias))
     iv = intervention.current()
-    if iv.mask_top or iv.n_activated:
-      route = intervention.rerouted(cfg, route, iv)
+    with jax.named_scope("router"):  # scopes name the parts of a compiled step (moe.train.plan)
+      logits = routers.router_logits(x, self.router[...]) if self.router is not None else None
+      route = spec.fn(RouteArgs(cfg, logits, token_ids, key, bias))
+      if iv.mask_top or iv.n_activated:
+        route = intervention.rerouted(cfg, route, iv)
     weights = self.experts.weights(x.dtype)
     mesh = meshes.active_mesh()
     cap = cfg.capacity_factor if iv.capacity_factor is None else iv.capacity_factor
     dropless = spec.dropless or cap <= 0  # capacity 0: Switch/GShard without dropping
     if route.keep is not None and dropless:
       route = route._replace(gates=jnp.where(route.keep, route.gates, 0.0))  # GShard's unkept 2nd
-    if dropless and mesh is not None:
-      backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
-      ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
-                               layer_capacity_factor(cfg.expert_capacity_factor, mesh),
-                               cfg.expert_block_factor, cfg.expert_exchange, token_mask)
-      y, n_dropped = ep.y, ep.n_dropped
-      ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
-                  "ep_rows_per_pair": ep.rows_per_pair}
-    elif dropless:
-      y, n_dropped = dropless_moe(x, route, weights, registry.resolve(cfg.dispatch_backend))
-    else:  # capacity routers keep global (single-device) semantics; XLA partitions them
-      y, n_dropped = capacity_moe(x, route, weights, cap, token_mask)
+    with jax.named_scope("dispatch"):  # the expert matmuls inside: "routed_experts"
+      if dropless and mesh is not None:
+        backend = registry.resolve(cfg.dispatch_backend, meshes.target_platform(mesh))
+        ep = expert_parallel_moe(x, route.gates, route.expert_idx, weights, backend, mesh,
+                                 layer_capacity_factor(cfg.expert_capacity_factor, mesh),
+                                 cfg.expert_block_factor, cfg.expert_exchange, token_mask)
+        y, n_dropped = ep.y, ep.n_dropped
+        ep_stats = {"ep_rounds": ep.rounds, "ep_max_block_load": ep.max_block_load,
+                    "ep_rows_per_pair": ep.rows_per_pair}
+      elif dropless:
+        y, n_dropped = dropless_moe(x, route, weights, registry.resolve(cfg.dispatch_backend))
+      else:  # capacity routers keep global (single-device) semantics; XLA partitions them
+        y, n_dropped = capacity_moe(x, route, weights, cap, token_mask)
     if self.shared is not None and not iv.drop_shared:
-      y = y + self.shared(x)
+      with jax.named_scope("shared_experts"):
+        y = y + self.shared(x)
     aux = moe_aux(cfg, route, n_dropped, token_mask)
     if dropless and mesh is not None:
       aux.update(ep_stats)  # rounds and loads of expert parallelism, per layer

@@ -287,9 +287,9 @@ def _done_of(computations, name: str, start: Instruction) -> Instruction | None:
 
 
 def scope_component(components: tuple[str, ...]) -> Callable[[str], str]:
-  """component_of for estimate(): the innermost named scope of `op_name` in `components`,
-  else 'other'."""
+  """component_of for estimate(): the innermost of `components` in `op_name`, else 'other'."""
   def component_of(op_name: str) -> str:
-    parts = op_name.split("/")
-    return next((p for p in reversed(parts) if p in components), "other")
+    # Autodiff wraps a scope's name: jvp(attention), transpose(jvp(lm_head_loss)).
+    names = re.findall(r"\w+", op_name)
+    return next((n for n in reversed(names) if n in components), "other")
   return component_of
