@@ -66,6 +66,15 @@ PRESETS: dict[str, ModelConfig] = {
                     dense_ffn_width=22528, n_routed_experts=128, n_shared_experts=4,
                     n_activated_experts=12, expert_width=1408, first_k_dense_replace=1,
                     expert_balance_alpha=0.003, device_balance_alpha=0.05, n_device_groups=4),
+        # Calibration targets of plan's speed estimates (docs/plan.md), shaped like runs
+        # MaxText published: Mixtral 8x7B (its attention is grouped-query, 8 KV heads; full
+        # multi-head here), and its fine-grained variant of MaxText issue #1256.
+        ModelConfig(name="mixtral_8x7b_shaped", vocab_size=32000, max_seq_len=4096, d_model=4096,
+                    n_layers=32, n_heads=32, dense_ffn_width=14336, n_routed_experts=8,
+                    n_activated_experts=2, expert_width=14336, norm_topk_prob=True),
+        ModelConfig(name="mixtral_56e_shaped", vocab_size=32000, max_seq_len=4096, d_model=4096,
+                    n_layers=32, n_heads=32, dense_ffn_width=14336, n_routed_experts=56,
+                    n_activated_experts=14, expert_width=2048, norm_topk_prob=True),
         ModelConfig(name="dense_0.2b", **_2B),
         ModelConfig(name="hash_2b", **_2B, router="hash", n_routed_experts=16,
                     n_activated_experts=1, expert_width=3520),
