@@ -43,6 +43,9 @@ _JSON = common_flags.json_out()
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile for this TPU slice with the TPU "
                                 "compiler, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4 (chips "
                                 "must equal the mesh's device count)")
+_SLICES = flags.DEFINE_integer("slices", 1, "--topology: this many such slices joined by the "
+                               "data-centre network; data parallel across them (the mesh's data "
+                               "size a multiple of it)")
 _OPTIONS = flags.DEFINE_multi_string("compiler_option", [], "KEY=VALUE passed to the compiler, "
                                      "e.g. xla_tpu_enable_async_all_to_all=true (repeatable)")
 _CHART = flags.DEFINE_string("chart", None, "--topology: write the estimated time by component "
@@ -86,7 +89,7 @@ def main(argv):
   n_devices = math.prod(int(s) for s in sizes)
   jax.config.update("jax_platforms", "cpu")  # the host runs on CPU (no libtpu probing)
   if _TOPOLOGY.value:
-    devices = topology.tpu_devices(_TOPOLOGY.value)
+    devices = topology.tpu_devices(_TOPOLOGY.value, slices=_SLICES.value)
     generation = topology.parse(_TOPOLOGY.value)[0]
     chips = {generation: topology.HBM_GIB[generation]}
   else:
@@ -121,6 +124,8 @@ def main(argv):
   print(f"| {_gib(p.param_bytes)} | {_gib(p.optimizer_bytes)} | {_gib(p.temp_bytes)} | "
         f"{_gib(p.peak_bytes)} | {_gib(p.all_to_all_bytes)} | {_gib(p.extra_round_bytes)} | "
         f"{p.compile_seconds:.1f} | {fits} |")
+  if _SLICES.value > 1:
+    print(f"across slices (data-centre network): {_gib(p.cross_slice_bytes)} GiB/step per chip sent")
   print(f"(per device; temporaries from {compiler}'s memory analysis of the compiled step; "
         f"dispatch {cfg.dispatch_backend})")
   if p.speed:

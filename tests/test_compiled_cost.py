@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe.model.counts import count_params
 from moe.model.presets import get_preset
-from moe.parallel import compiled_cost as cc
+from moe.parallel import compiled_cost as cc, hlo_text
 from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.train.config import TrainConfig
 from moe.train.plan import plan
@@ -107,8 +107,8 @@ def test_an_asynchronous_collective_hides_behind_what_runs_before_its_done(cycle
                                           ("replica_groups=mesh['a'=2,'b'=4] {'b'}", 4),
                                           ("replica_groups={}", 8)])
 def test_group_sizes_in_each_spelling(groups, size):
-  ins = cc.Instruction("ar", "all-reduce", "f32[8]", f"%ar = f32[8] all-reduce(%x), {groups}")
-  assert cc.group_size(ins, 8) == size
+  ins = hlo_text.Instruction("ar", "all-reduce", "f32[8]", f"%ar = f32[8] all-reduce(%x), {groups}")
+  assert hlo_text.group_size(ins, 8) == size
 
 
 def test_the_plans_speed_columns_on_a_dense_model_counted_by_hand():

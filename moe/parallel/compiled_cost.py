@@ -25,7 +25,10 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Callable, Iterator
+from typing import Callable
+
+from moe.parallel.hlo_text import (Instruction, dims, group_size, operands, parse, shape_bytes,
+                                   walk)
 
 # Peak dense bf16 FLOP/s per chip (Google Cloud TPU documentation pages for each
 # generation; sources in docs/plan.md).
@@ -39,89 +42,6 @@ HBM_BYTES_PER_S = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1638e9}
 ICI_BYTES_PER_S = {"v4": None, "v5e": 400e9, "v5p": 1200e9, "v6e": 800e9}
 
 _SENTINEL = 2**62  # estimated_cycles of SparseCore-offloaded work: INT64_MAX, no estimate
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-             "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\(")
-_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
-
-
-@dataclasses.dataclass
-class Instruction:
-  name: str
-  opcode: str
-  shape: str      # the result's shape text, e.g. bf16[8,1024]{1,0} or a tuple
-  text: str       # the whole instruction, continuation lines included
-
-  @property
-  def op_name(self) -> str:
-    m = re.search(r'op_name="([^"]*)"', self.text)
-    return m.group(1) if m else ""
-
-  @property
-  def cycles(self) -> int | None:
-    m = re.search(r'"estimated_cycles":"(\d+)"', self.text)
-    return int(m.group(1)) if m else None
-
-  def attribute(self, key: str) -> str | None:  # calls=, body=, condition=, to_apply=
-    m = re.search(rf"\b{key}=%([\w.\-]+)", self.text)
-    return m.group(1) if m else None
-
-  @property
-  def collective(self) -> str | None:
-    """The collective this instruction starts or runs (None for other instructions)."""
-    base = self.opcode.removesuffix("-start")
-    if base in _COLLECTIVES:
-      return base
-    m = re.search(r'async_collective_name="([a-z\-]+?)(?:-start)?"', self.text)
-    if self.name.startswith("async-collective-start") and m:
-      return m.group(1)
-    if "all-reduce-scatter" in self.text and self.opcode == "fusion":
-      return "reduce-scatter"
-    return None
-
-
-def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
-  """({computation: instructions in schedule order}, the entry computation's name)."""
-  computations: dict[str, list[Instruction]] = {}
-  current, entry = None, ""
-  for line in text.splitlines():
-    if current is None:
-      m = _COMPUTATION.match(line)
-      if m:
-        current = m.group(2)
-        computations[current] = []
-        entry = current if m.group(1) else entry
-      continue
-    if line == "}":  # only a bare brace ends one: kernels' metadata holds lines starting "}}"
-      current = None
-      continue
-    m = _INSTRUCTION.match(line)
-    if m:
-      computations[current].append(Instruction(m.group(1), m.group(3), m.group(2), line))
-    elif computations[current]:
-      computations[current][-1].text += "\n" + line
-  return computations, entry
-
-
-def shape_bytes(shape: str) -> int:
-  return sum(math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE.get(dtype, 0)
-             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape))
-
-
-def group_size(ins: Instruction, n_devices: int) -> int:
-  """Devices in each of the collective's groups, from any of the module's three spellings."""
-  m = re.search(r"replica_groups=\{\{([\d,]+)\}", ins.text)
-  if m:
-    return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", ins.text)  # iota: [groups,size]<=[n]
-  if m:
-    return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", ins.text)  # named mesh axes
-  if m:
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", m.group(2)))
-  return n_devices  # replica_groups={}: every device
 
 
 def wire_bytes(ins: Instruction, kind: str, n_devices: int) -> float:
@@ -140,16 +60,6 @@ def wire_bytes(ins: Instruction, kind: str, n_devices: int) -> float:
   return size * (n - 1) / n  # all-gather (result gathered), all-to-all
 
 
-def _dims(shape: str) -> list[int]:
-  m = re.search(r"\[([\d,]*)\]", shape)
-  return [int(d) for d in m.group(1).split(",") if d] if m else []
-
-
-def _operands(ins: Instruction) -> list[str]:
-  m = re.search(rf"{re.escape(ins.opcode)}\(([^)]*)\)", ins.text)
-  return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
-
-
 def matmul_flops(computations, ins: Instruction, body: list[Instruction] | None = None) -> float:
   """FLOPs of the dots and convolutions `ins` runs (inside its fusion, nested fusions too)
   and of a Pallas kernel's cost estimate."""
@@ -158,12 +68,12 @@ def matmul_flops(computations, ins: Instruction, body: list[Instruction] | None 
     return sum(matmul_flops(computations, i, called) for i in called)
   if ins.opcode in ("convolution", "dot"):
     shapes = {i.name: i.shape for i in (body or [])}
-    lhs = _dims(shapes.get(_operands(ins)[0], "")) if _operands(ins) else []
-    out = math.prod(_dims(ins.shape))
+    lhs = dims(shapes.get(operands(ins)[0], "")) if operands(ins) else []
+    out = math.prod(dims(ins.shape))
     if ins.opcode == "dot":
       m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.text)
-      dims = [int(d) for d in (m.group(1).split(",") if m else []) if d]
-      return 2.0 * out * math.prod(lhs[d] for d in dims if d < len(lhs))
+      contracted = [int(d) for d in (m.group(1).split(",") if m else []) if d]
+      return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
     m = re.search(r"dim_labels=(\w+)_", ins.text)
     k = lhs[m.group(1).index("f")] if m and "f" in m.group(1) and lhs else 1
     window = re.search(r"window=\{size=([\dx]+)", ins.text)
@@ -172,15 +82,6 @@ def matmul_flops(computations, ins: Instruction, body: list[Instruction] | None 
     return 2.0 * out * k / (int(groups.group(1)) if groups else 1)
   m = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.text)
   return float(m.group(1)) if m and "tpu_custom_call" in ins.text else 0.0
-
-
-def _trip_count(computations, condition: str | None) -> int:
-  """A counted loop's bound; 1 where it is data-dependent."""
-  for ins in computations.get(condition, []):
-    m = re.search(r"constant\((\d+)\)", ins.text)
-    if ins.opcode == "constant" and m:
-      return int(m.group(1))
-  return 1
 
 
 @dataclasses.dataclass
@@ -220,18 +121,6 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
       return max(int(m.group(1)) / peak, int(m.group(2)) / hbm)
     return None
 
-  def walk(name: str, times: int) -> Iterator[tuple[Instruction, int]]:
-    for ins in computations.get(name, []):
-      if ins.opcode == "while":
-        trips = _trip_count(computations, ins.attribute("condition"))
-        if trips == 1 and loop_trips is not None:
-          trips = loop_trips(ins)
-        yield from walk(ins.attribute("body"), times * trips)
-      elif ins.opcode in ("call", "conditional") and ins.attribute("to_apply"):
-        yield from walk(ins.attribute("to_apply"), times)
-      else:
-        yield ins, times
-
   def between(name: str, start: Instruction, done: Instruction) -> float:
     order = [i.name for i in computations[name]]
     lo, hi = order.index(start.name), order.index(done.name)
@@ -243,7 +132,7 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
       if ins.collective and (ins.opcode.endswith("-start") or ins.name.startswith("async-collective-start")):
         starts[ins.name] = (name, ins)
 
-  for ins, times in walk(entry, 1):
+  for ins, times in walk(computations, entry, 1, loop_trips):
     kind = ins.collective
     component = component_of(ins.op_name)
     if kind is not None:

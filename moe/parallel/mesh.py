@@ -6,6 +6,12 @@
 `MeshConfig.shape` ("data:2,expert:4", sizes multiply to the device count, one size may be
 -1 to take the rest) builds the mesh; the MoE layer reads the active mesh (`use_mesh`) to
 run expert parallelism with shard_map.
+
+Several slices (devices carrying a `slice_index`, joined by the data-centre network, DCN):
+the data axis spans them and everything else stays inside one slice. `data` splits into
+(slices, data // slices), the outer factor across slices, so only the gradient reduction
+crosses the DCN (moe.parallel.slices measures it in a compiled step); each slice keeps the
+layout one slice alone would get.
 """
 
 from __future__ import annotations
@@ -70,13 +76,39 @@ class MeshConfig:
     return sizes
 
 
+def slice_of(device) -> int:
+  """The slice a device belongs to: its `slice_index` (CPU/GPU devices have none: 0)."""
+  return getattr(device, "slice_index", None) or 0
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
-  """The mesh of cfg over `devices` (default: all), axes in MESH_AXES order; None if no shape."""
+  """The mesh of cfg over `devices` (default: all), axes in MESH_AXES order; None if no shape.
+  Devices from several slices: the data axis's outer factor runs over the slices (in
+  slice_index order) and each slice's devices, in the order given, take the layout one slice
+  would; a mesh that would put any other axis across slices is a MeshError."""
   if not cfg.shape:
     return None
   devices = list(jax.devices() if devices is None else devices)
   sizes = cfg.axis_sizes(len(devices))
-  grid = np.array(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
+  slices = sorted({slice_of(d) for d in devices})
+  if len(slices) == 1:
+    grid = np.array(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+  n = len(slices)
+  per_slice = [[d for d in devices if slice_of(d) == s] for s in slices]
+  if len({len(p) for p in per_slice}) > 1:
+    raise MeshError(f"mesh {cfg.shape!r}: the {n} slices hold different numbers of devices "
+                    f"({[len(p) for p in per_slice]}); give every slice the same count")
+  if sizes["data"] % n:
+    others = {a: sizes[a] for a in MESH_AXES[1:] if sizes[a] > 1}
+    raise MeshError(
+        f"mesh {cfg.shape!r} over {n} slices of {len(per_slice[0])} devices would put "
+        f"{'/'.join(others) or 'an axis'} across slices: only the data axis may span slices "
+        f"(the data-centre network should carry the gradient reduction only), so data must "
+        f"be a multiple of {n} (it is {sizes['data']}) and the other axes "
+        f"({','.join(f'{a}:{s}' for a, s in others.items())}) must fit in one slice")
+  inner = [sizes["data"] // n] + [sizes[a] for a in MESH_AXES[1:]]
+  grid = np.concatenate([np.array(p, dtype=object).reshape(inner) for p in per_slice], axis=0)
   return Mesh(grid, MESH_AXES)
 
 

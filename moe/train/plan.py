@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from moe.model.config import ModelConfig
 from moe.model.counts import count_params
-from moe.parallel import compiled_cost, expert_parallel, rounds, rules
+from moe.parallel import compiled_cost, expert_parallel, rounds, rules, slices
 from moe.parallel.mesh import BATCH_AXES
 from moe.train.config import TrainConfig
 from moe.train.state import abstract_state
@@ -86,6 +86,7 @@ class Plan(NamedTuple):
   compile_seconds: float
   tokens_per_device: int
   speed: Speed | None = None  # TPU compiles only
+  cross_slice_bytes: int = 0  # per device per step sent to other slices (DCN), as compiled
 
 
 def _per_device_bytes(abstract, shardings) -> int:
@@ -146,6 +147,7 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int, seq_l
   compiled, abstract, state_shardings, seconds = compile_step(cfg, train_cfg, mesh, batch, seq_len,
                                                               compiler_options)
   mem = compiled.memory_analysis()
+  text = compiled.as_text()
   model_state, opt_state = abstract[0], abstract[1]  # nnx.State keyed 0 (model), 1 (optimizer)
   model_sh, opt_sh = state_shardings[0], state_shardings[1]
   tokens = batch * seq_len // math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -160,4 +162,5 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int, seq_l
       extra_round_bytes=(step_all_to_all_bytes(cfg, mesh, tokens, 2) - step_all_to_all_bytes(cfg, mesh, tokens)
                          if cfg.expert_capacity_factor <= 0 else 0),
       compile_seconds=seconds, tokens_per_device=tokens,
-      speed=speed(compiled.as_text(), generation, cfg, mesh, batch, seq_len) if generation else None)
+      speed=speed(text, generation, cfg, mesh, batch, seq_len) if generation else None,
+      cross_slice_bytes=slices.cross_slice(text).sent_bytes)
