@@ -6,6 +6,7 @@ compiles it for a simulated CPU mesh of that many devices (an estimate).
 
   python -m experiments.plan --topology=v5p:4x4x4 --preset=deepseekmoe_16b \
       --mesh=fsdp:16,expert:4 --batch_size=64
+  python -m experiments.plan --topology=v5p:4x4x4 --preset=deepseekmoe_16b --batch_size=64 --search
   python -m experiments.plan --preset=deepseekmoe_145b --mesh=fsdp:32,expert:8 \
       --batch_size=256 --expert_capacity_factor=2
 
@@ -27,6 +28,7 @@ from moe.parallel import compiled_cost, topology
 from moe.research import plots
 from moe.parallel.mesh import BATCH_AXES, MeshConfig, MeshError, make_mesh
 from moe.train.config import TrainConfig
+from moe.train import mesh_search
 from moe.train.plan import plan
 
 _PRESET = common_flags.preset()
@@ -50,6 +52,9 @@ _OPTIONS = flags.DEFINE_multi_string("compiler_option", [], "KEY=VALUE passed to
                                      "e.g. xla_tpu_enable_async_all_to_all=true (repeatable)")
 _CHART = flags.DEFINE_string("chart", None, "--topology: write the estimated time by component "
                              "as a bar chart PNG here")
+_SEARCH = flags.DEFINE_bool("search", False, "--topology: rank every fsdp x expert x tensor "
+                            "layout of the slice by estimated step time (no --mesh)")
+_FACTORS = flags.DEFINE_list("block_factors", ["1.25"], "--search: dropless block factors to try")
 _DISPATCH = flags.DEFINE_string("dispatch", "auto", "dispatch backend (auto: the target "
                                 "platform's default, pallas on TPU)")
 
@@ -78,8 +83,29 @@ def print_speed(s, generation: str) -> None:
     print(f"not in the estimate (no cost given by the compiler): {s.unestimated}")
 
 
+def print_search(cfg, slice_name: str, batch: int, seq: int) -> None:
+  """--search: every layout of the slice ranked by estimated step time (moe.train.mesh_search)."""
+  rows = mesh_search.search(cfg, slice_name, batch, seq, tuple(float(f) for f in _FACTORS.value))
+  print(f"{cfg.name} on {slice_name}, batch {batch} x {seq}: layouts ranked by the TPU compiler's "
+        f"estimated step time (from {mesh_search.DEPTHS} MoE layers scaled to full depth)")
+  print("| rank | mesh | block factor | step s | tokens/s/chip | MFU | exposed all_to_all s | peak GiB | fits |")
+  print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+  for i, e in enumerate(rows, 1):
+    print(f"| {i} | {e.mesh} | {e.block_factor} | {e.step_seconds:.3f} | {e.tokens_per_sec:,.0f} | "
+          f"{e.mfu:.1%} | {e.exchange_seconds:.3f} | {_gib(e.peak_bytes)} | {'yes' if e.fits else 'no'} |",
+          flush=True)
+
+
 def main(argv):
   gin_flags.parse(argv)
+  if _SEARCH.value:
+    if not _TOPOLOGY.value or not _BATCH.value:
+      raise app.UsageError("--search needs --topology and --batch_size")
+    jax.config.update("jax_platforms", "cpu")
+    cfg = model_config().replace(remat=_REMAT.value, dtype=_DTYPE.value or "bfloat16",
+                                 dispatch_backend=_DISPATCH.value)
+    print_search(cfg, _TOPOLOGY.value, _BATCH.value, _SEQ.value or cfg.max_seq_len)
+    return
   if not mesh_flag():
     raise app.UsageError("--mesh: give the layout, e.g. fsdp:16,expert:4 (every size: they set "
                          "the device count)")

@@ -137,3 +137,42 @@ def test_the_plans_speed_columns_on_a_dense_model_counted_by_hand():
   # The model's named scopes name the components, through autodiff and remat.
   assert {"attention", "dense_ffn", "lm_head_loss", "optimizer", "embedding"} <= set(s.seconds)
   assert s.seconds["dense_ffn"] > s.seconds["optimizer"]
+
+
+_LOOPS = """HloModule m, is_scheduled=true, num_partitions=1
+
+%cond_counted (p: (s32[], bf16[8])) -> pred[] {
+  %p = (s32[], bf16[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %seven = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %seven), direction=LT
+}
+
+%cond_data (p: (s32[], s32[], bf16[8])) -> pred[] {
+  %p = (s32[], s32[], bf16[8]{0}) parameter(0)
+  %zero = s32[] constant(8)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], bf16[8])) -> (s32[], bf16[8]) {
+  %p = (s32[], bf16[8]{0}) parameter(0)
+  ROOT %f = bf16[8]{0} fusion(%p), kind=kLoop, calls=%c, backend_config={"window_config":{"estimated_cycles":"1000"}}
+}
+
+ENTRY %main (x: bf16[8]) -> bf16[8] {
+  %x = bf16[8]{0} parameter(0)
+  %w1 = (s32[], bf16[8]{0}) while(%x), condition=%cond_counted, body=%body
+  ROOT %w2 = (s32[], s32[], bf16[8]{0}) while(%x), condition=%cond_data, body=%body
+}
+"""
+
+
+def test_a_counted_loop_runs_its_bound_and_a_data_dependent_one_once():
+  """The dropless rounds' loop compares its counter with a computed count, not a constant
+  (an unrelated constant in its condition must not be read as its bound)."""
+  cost = cc.estimate(_LOOPS, "v5p", cc.scope_component(()))
+  assert cost.total == pytest.approx((7 + 1) * 1000 / cc.CLOCK_HZ["v5p"])
+  twice = cc.estimate(_LOOPS, "v5p", cc.scope_component(()), loop_trips=lambda ins: 2)
+  assert twice.total == pytest.approx((7 + 2) * 1000 / cc.CLOCK_HZ["v5p"])

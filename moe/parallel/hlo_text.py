@@ -108,12 +108,16 @@ def operands(ins: Instruction) -> list[str]:
 
 
 def trip_count(computations, condition: str | None) -> int:
-  """A counted loop's bound; 1 where it is data-dependent."""
-  for ins in computations.get(condition, []):
-    m = re.search(r"constant\((\d+)\)", ins.text)
-    if ins.opcode == "constant" and m:
-      return int(m.group(1))
-  return 1
+  """A counted loop's bound: the constant its condition's `counter < constant` compares
+  with; 1 where the bound is data-dependent (say, the dropless rounds' count)."""
+  body = computations.get(condition, [])
+  constants = {i.name: int(m.group(1)) for i in body if i.opcode == "constant"
+               for m in [re.search(r"constant\((-?\d+)\)", i.text)] if m}
+  compare = next((i for i in reversed(body) if i.opcode == "compare"), None)
+  if compare is None or "direction=LT" not in compare.text:
+    return 1
+  args = operands(compare)
+  return constants.get(args[1], 1) if len(args) == 2 else 1
 
 
 def while_trips(computations, scope: list[Instruction], loop: Instruction) -> int:
