@@ -55,6 +55,7 @@ _CHART = flags.DEFINE_string("chart", None, "--topology: write the estimated tim
 _SEARCH = flags.DEFINE_bool("search", False, "--topology: rank every fsdp x expert x tensor "
                             "layout of the slice by estimated step time (no --mesh)")
 _FACTORS = flags.DEFINE_list("block_factors", ["1.25"], "--search: dropless block factors to try")
+_TENSOR = flags.DEFINE_list("tensor_sizes", ["1", "2", "4"], "--search: tensor-parallel sizes to try")
 _DISPATCH = flags.DEFINE_string("dispatch", "auto", "dispatch backend (auto: the target "
                                 "platform's default, pallas on TPU)")
 
@@ -75,17 +76,19 @@ def print_speed(s, generation: str) -> None:
   print(f"| {s.model_flops / 1e12:.2f} | {s.compiled_flops / 1e12:.2f} "
         f"({s.compiled_flops / s.model_flops:.2f}) | {s.step_seconds:.3f} | {s.tokens_per_sec:,.0f} | "
         f"{s.mfu:.1%} | {s.all_to_all_bytes / 2**30:.2f} | {collectives} | {s.overlapped_seconds:.3f} |")
-  print("| component | estimated s | share |")
-  print("|---|---:|---:|")
+  print("| component | estimated s | share | compiled TFLOP |")
+  print("|---|---:|---:|---:|")
   for name, seconds in sorted(s.seconds.items(), key=lambda kv: -kv[1]):
-    print(f"| {name} | {seconds:.4f} | {seconds / s.step_seconds:.1%} |")
+    print(f"| {name} | {seconds:.4f} | {seconds / s.step_seconds:.1%} | "
+          f"{s.component_flops.get(name, 0.0) / 1e12:.2f} |")
   if s.unestimated:
     print(f"not in the estimate (no cost given by the compiler): {s.unestimated}")
 
 
 def print_search(cfg, slice_name: str, batch: int, seq: int) -> None:
   """--search: every layout of the slice ranked by estimated step time (moe.train.mesh_search)."""
-  rows = mesh_search.search(cfg, slice_name, batch, seq, tuple(float(f) for f in _FACTORS.value))
+  rows = mesh_search.search(cfg, slice_name, batch, seq, tuple(float(f) for f in _FACTORS.value),
+                            tuple(int(t) for t in _TENSOR.value))
   print(f"{cfg.name} on {slice_name}, batch {batch} x {seq}: layouts ranked by the TPU compiler's "
         f"estimated step time (from {mesh_search.DEPTHS} MoE layers scaled to full depth)")
   print("| rank | mesh | block factor | step s | tokens/s/chip | MFU | exposed all_to_all s | peak GiB | fits |")

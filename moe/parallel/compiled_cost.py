@@ -60,6 +60,20 @@ def wire_bytes(ins: Instruction, kind: str, n_devices: int) -> float:
   return size * (n - 1) / n  # all-gather (result gathered), all-to-all
 
 
+def _taps(window, lhs_labels: str, out_labels: str, lhs: list[int], out: list[int]) -> float:
+  """Mean window taps per output position that land on input, not padding: the compiler
+  writes some matmuls as a window of 16 over a dimension of 1 padded by 15 on each side."""
+  sizes = [int(w) for w in window.group(1).split("x")]
+  pads = [tuple(int(p) for p in pad.split("_")) for pad in window.group(2).split("x")] \
+      if window.group(2) else [(0, 0)] * len(sizes)
+  taps = 1.0
+  for d, (w, (lo, _)) in enumerate(zip(sizes, pads)):
+    n_in, n_out = lhs[lhs_labels.index(str(d))], out[out_labels.index(str(d))]
+    hits = sum(max(0, min(w, n_in + lo - o) - max(0, lo - o)) for o in range(n_out))
+    taps *= hits / n_out
+  return taps
+
+
 def matmul_flops(computations, ins: Instruction, body: list[Instruction] | None = None) -> float:
   """FLOPs of the dots and convolutions `ins` runs (inside its fusion, nested fusions too)
   and of a Pallas kernel's cost estimate."""
@@ -74,10 +88,11 @@ def matmul_flops(computations, ins: Instruction, body: list[Instruction] | None 
       m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.text)
       contracted = [int(d) for d in (m.group(1).split(",") if m else []) if d]
       return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
-    m = re.search(r"dim_labels=(\w+)_", ins.text)
+    m = re.search(r"dim_labels=(\w+)_\w+->(\w+)", ins.text)
     k = lhs[m.group(1).index("f")] if m and "f" in m.group(1) and lhs else 1
-    window = re.search(r"window=\{size=([\dx]+)", ins.text)
-    k *= math.prod(int(w) for w in window.group(1).split("x")) if window else 1
+    window = re.search(r"window=\{size=([\dx]+)(?: pad=([\d_x]+))?", ins.text)
+    if window and m and lhs:
+      k *= _taps(window, m.group(1), m.group(2), lhs, dims(ins.shape))
     groups = re.search(r"feature_group_count=(\d+)", ins.text)
     return 2.0 * out * k / (int(groups.group(1)) if groups else 1)
   m = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.text)
@@ -91,6 +106,7 @@ class Cost:
   collective_bytes: dict[str, float]            # collective kind -> bytes one chip sends
   collectives: collections.Counter              # (kind, "sync" | "async") -> count
   flops: float = 0.0                            # matmul and kernel FLOPs, loops unrolled
+  component_flops: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
   overlapped_seconds: float = 0.0               # collective time hidden behind compute
   unestimated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -151,7 +167,10 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
         cost.unestimated[f"{kind} (no ICI bandwidth for {generation})"] += times
       cost.seconds["exchange" if kind == "all-to-all" else "collectives"] += seconds * times
       continue
-    cost.flops += matmul_flops(computations, ins) * times
+    flops = matmul_flops(computations, ins) * times
+    cost.flops += flops
+    if flops:
+      cost.component_flops[component] += flops
     seconds = compute_seconds(ins)
     if seconds is not None:
       cost.seconds[component] += seconds * times

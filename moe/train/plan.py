@@ -44,6 +44,7 @@ class Speed(NamedTuple):
   tokens_per_sec: float     # per chip
   mfu: float                # model_flops / (step_seconds x the chip's peak bf16 FLOP/s)
   seconds: dict             # component -> estimated seconds
+  component_flops: dict     # component -> compiled matmul and kernel FLOPs
   all_to_all_bytes: float   # sent per chip per step, as compiled (one dropless round)
   collectives: dict         # "kind sync|async" -> count per step
   overlapped_seconds: float  # collective time hidden behind compute
@@ -69,7 +70,7 @@ def speed(compiled_text: str, generation: str, cfg: ModelConfig, mesh: Mesh, bat
       model_flops=model_flops, compiled_flops=cost.flops, step_seconds=step,
       tokens_per_sec=tokens / step if step else float("nan"),
       mfu=model_flops / (step * compiled_cost.PEAK_FLOPS[generation]) if step else float("nan"),
-      seconds=seconds, all_to_all_bytes=cost.collective_bytes.get("all-to-all", 0.0),
+      seconds=seconds, component_flops=dict(cost.component_flops), all_to_all_bytes=cost.collective_bytes.get("all-to-all", 0.0),
       collectives={f"{k} {mode}": n for (k, mode), n in sorted(cost.collectives.items())},
       overlapped_seconds=cost.overlapped_seconds, unestimated=dict(cost.unestimated))
 
