@@ -24,20 +24,27 @@ class Alias(NamedTuple):
   convert: Callable[[str], Any]
 
 
+def _ints(text: str) -> list[int]:
+  return [int(part) for part in text.split(",") if part.strip()]
+
+
 _DEFINED: dict[str, tuple[bool, flags.FlagHolder]] = {}
 _ALIASES: dict[str, Alias] = {}
-# Old names per concept, for the deprecation path and the vocabulary test.
-DEPRECATED = {
-    "batch_size": ("batch", "batches"),
-    "max_new_tokens": ("new_tokens", "sample_tokens"),
-    "out_dir": ("out",),
-    "seq_len": ("seq_lens",),
-    "n_routed_experts": ("experts",),
-    "n_shared_experts": ("shared",),
+# Old names per concept, each with how its value reads; defined beside the concept's flag
+# (for the deprecation path and the vocabulary test).
+DEPRECATED: dict[str, dict[str, Callable[[str], Any]]] = {
+    "batch_size": {"batch": int, "batches": _ints},
+    "max_new_tokens": {"new_tokens": int, "sample_tokens": int},
+    "out_dir": {"out": str},
+    "seq_len": {"seq_lens": _ints},
+    "n_routed_experts": {"experts": int},
+    "n_shared_experts": {"shared": int},
 }
 
 
 def _once(name: str, define: Callable[[], flags.FlagHolder], multiple: bool = False) -> flags.FlagHolder:
+  for old, convert in DEPRECATED.get(name, {}).items():
+    _alias(old, name, convert)
   if name not in _DEFINED:
     _DEFINED[name] = multiple, define()
   if _DEFINED[name][0] != multiple:
@@ -51,11 +58,7 @@ def defined(name: str) -> flags.FlagHolder | None:
   return _DEFINED[name][1] if name in _DEFINED else None
 
 
-def _ints(text: str) -> list[int]:
-  return [int(part) for part in text.split(",") if part.strip()]
-
-
-def _alias(old: str, new: str, convert: Callable[[str], Any] = str) -> None:
+def _alias(old: str, new: str, convert: Callable[[str], Any]) -> None:
   if old not in _ALIASES:
     _ALIASES[old] = Alias(old, new, convert)
     # Defined under this module's name but not a key flag of the script: --help leaves it out.
@@ -70,7 +73,7 @@ def apply_deprecated(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     old, new = flag_values[alias.old], flag_values[alias.new]
     if new.present:
       raise app.UsageError(f"--{alias.old} and --{alias.new} are the same flag: "
-                                        f"give --{alias.new} only")
+                           f"give --{alias.new} only")
     value = alias.convert(old.value)
     if isinstance(new, flags.MultiFlag):
       value = value if isinstance(value, list) else [value]
@@ -128,8 +131,6 @@ def mesh(multiple: bool = False) -> flags.FlagHolder:
 # --- shapes and numerics --------------------------------------------------------------------
 
 def batch_size(multiple: bool = False) -> flags.FlagHolder:
-  _alias("batch", "batch_size", int)
-  _alias("batches", "batch_size", _ints)
   define = flags.DEFINE_multi_integer if multiple else flags.DEFINE_integer
   return _once("batch_size", lambda: define(
       "batch_size", None, "global batch in sequences (default: one per batch shard of the mesh)"
@@ -137,7 +138,6 @@ def batch_size(multiple: bool = False) -> flags.FlagHolder:
 
 
 def seq_len(multiple: bool = False) -> flags.FlagHolder:
-  _alias("seq_lens", "seq_len", _ints)
   define = flags.DEFINE_multi_integer if multiple else flags.DEFINE_integer
   return _once("seq_len", lambda: define(
       "seq_len", None, "sequence length in tokens (default: the run's, else the model's "
@@ -152,20 +152,16 @@ def dtype() -> flags.FlagHolder:
 
 
 def max_new_tokens() -> flags.FlagHolder:
-  _alias("new_tokens", "max_new_tokens", int)
-  _alias("sample_tokens", "max_new_tokens", int)
   return _once("max_new_tokens", lambda: flags.DEFINE_integer(
       "max_new_tokens", 64, "new tokens per prompt (fewer after EOS; 0: none)", lower_bound=0))
 
 
 def n_routed_experts() -> flags.FlagHolder:
-  _alias("experts", "n_routed_experts", int)
   return _once("n_routed_experts", lambda: flags.DEFINE_integer(
       "n_routed_experts", None, "routed experts (default: the model's)", lower_bound=1))
 
 
 def n_shared_experts() -> flags.FlagHolder:
-  _alias("shared", "n_shared_experts", int)
   return _once("n_shared_experts", lambda: flags.DEFINE_integer(
       "n_shared_experts", None, "shared experts (default: the model's)", lower_bound=0))
 
@@ -184,7 +180,6 @@ def json_out() -> flags.FlagHolder:
 
 def out_dir() -> flags.FlagHolder:
   """Not absl-required (its old name --out would fail the check): scripts that need it say so."""
-  _alias("out", "out_dir")
   return _once("out_dir", lambda: flags.DEFINE_string(
       "out_dir", None, "output directory (export: new or empty, required; analyze: default "
       "FIRST_WORKDIR/analysis)"))
