@@ -27,8 +27,8 @@ import math
 import re
 from typing import Callable
 
-from moe.parallel.hlo_text import (Instruction, dims, group_size, operands, parse, shape_bytes,
-                                   walk)
+from moe.parallel.hlo_text import (Instruction, dims, group_size, operands, parse, partitions,
+                                   shape_bytes, walk)
 
 # Peak dense bf16 FLOP/s per chip (Google Cloud TPU documentation pages for each
 # generation; sources in docs/plan.md).
@@ -121,8 +121,7 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
   component (`component_of(op_name)`). `loop_trips` gives a data-dependent loop's trip
   count (default 1)."""
   computations, entry = parse(text)
-  m = re.search(r"num_partitions=(\d+)", text)
-  n_devices = int(m.group(1)) if m else 1
+  n_devices = partitions(text)
   clock, peak, hbm = CLOCK_HZ[generation], PEAK_FLOPS[generation], HBM_BYTES_PER_S[generation]
   ici = ICI_BYTES_PER_S[generation]
   cost = Cost(collections.defaultdict(float), collections.defaultdict(float), collections.Counter())
@@ -137,16 +136,22 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
       return max(int(m.group(1)) / peak, int(m.group(2)) / hbm)
     return None
 
-  def between(name: str, start: Instruction, done: Instruction) -> float:
-    order = [i.name for i in computations[name]]
-    lo, hi = order.index(start.name), order.index(done.name)
-    return sum(compute_seconds(i) or 0.0 for i in computations[name][lo + 1:hi])
-
-  starts: dict[str, tuple[str, Instruction]] = {}
-  for name in computations:
-    for ins in computations[name]:
-      if ins.collective and (ins.opcode.endswith("-start") or ins.name.startswith("async-collective-start")):
-        starts[ins.name] = (name, ins)
+  # Each asynchronous collective's start -> the estimated compute scheduled before its done
+  # (None: its done is in a later loop iteration), found in one pass per computation.
+  hidden_behind: dict[str, float | None] = {}
+  for body in computations.values():
+    open_starts: dict[str, float] = {}  # start name -> compute seen since it
+    for ins in body:
+      if ins.is_async_done:  # the first done naming a start closes it
+        args = ins.text.split("=", 1)[1]
+        for name in [n for n in open_starts if re.search(rf"%{re.escape(n)}\b", args)]:
+          hidden_behind[name] = open_starts.pop(name)
+      seconds = compute_seconds(ins) or 0.0
+      for name in open_starts:
+        open_starts[name] += seconds
+      if ins.is_async_start and ins.collective:
+        open_starts[ins.name] = 0.0
+    hidden_behind.update(dict.fromkeys(open_starts))
 
   for ins, times in walk(computations, entry, 1, loop_trips):
     kind = ins.collective
@@ -155,9 +160,9 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
       sent = wire_bytes(ins, kind, n_devices)
       cost.collective_bytes[kind] += sent * times
       seconds = sent / (ici / 2) if ici else 0.0
-      if ins.name in starts:  # asynchronous: hidden behind what runs until its done
-        done = _done_of(computations, starts[ins.name][0], ins)
-        hidden = min(seconds, between(starts[ins.name][0], ins, done)) if done else seconds
+      if ins.name in hidden_behind:  # asynchronous: hidden behind what runs until its done
+        window = hidden_behind[ins.name]
+        hidden = seconds if window is None else min(seconds, window)
         cost.collectives[(kind, "async")] += times
         cost.overlapped_seconds += hidden * times
         seconds -= hidden
@@ -180,18 +185,6 @@ def estimate(text: str, generation: str, component_of: Callable[[str], str],
   cost.seconds = dict(cost.seconds)
   cost.collective_bytes = dict(cost.collective_bytes)
   return cost
-
-
-def _done_of(computations, name: str, start: Instruction) -> Instruction | None:
-  """The done that consumes `start` later in the same computation (None: loop-carried)."""
-  seen = False
-  for ins in computations[name]:
-    if ins is start:
-      seen = True
-    elif seen and (ins.opcode.endswith("-done") or ins.name.startswith("async-collective-done")) \
-        and re.search(rf"%{re.escape(start.name)}\b", ins.text.split("=", 1)[1]):
-      return ins
-  return None
 
 
 def scope_component(components: tuple[str, ...]) -> Callable[[str], str]:

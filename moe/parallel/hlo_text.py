@@ -11,10 +11,11 @@ import math
 import re
 from typing import Callable, Iterator
 
+import numpy as np
+
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
              "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\(")
 _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
 
@@ -39,6 +40,14 @@ class Instruction:
   def attribute(self, key: str) -> str | None:  # calls=, body=, condition=, to_apply=
     m = re.search(rf"\b{key}=%([\w.\-]+)", self.text)
     return m.group(1) if m else None
+
+  @property
+  def is_async_start(self) -> bool:
+    return self.opcode.endswith("-start") or self.name.startswith("async-collective-start")
+
+  @property
+  def is_async_done(self) -> bool:
+    return self.opcode.endswith("-done") or self.name.startswith("async-collective-done")
 
   @property
   def collective(self) -> str | None:
@@ -82,19 +91,49 @@ def shape_bytes(shape: str) -> int:
              for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape))
 
 
+def partitions(text: str) -> int:
+  """The devices a module is SPMD over (`num_partitions`; one slice's chips)."""
+  m = re.search(r"num_partitions=(\d+)", text)
+  return int(m.group(1)) if m else 1
+
+
+def replica_groups(ins: Instruction, n_devices: int) -> list[list[int]] | None:
+  """A collective's device groups, from any spelling the module uses; None for a spelling
+  not read here."""
+  text = ins.text
+  m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", text)
+  if m:
+    groups = [[int(d) for d in g.split(",") if d] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    return groups or [list(range(n_devices))]  # {}: one group of every device
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+  if m:  # iota: reshape(arange, dims).transpose(perm).reshape(groups, size)
+    shape = [int(d) for d in m.group(3).split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    if m.group(4):
+      ids = ids.transpose([int(p) for p in m.group(4).split(",")])
+    return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? "
+                r"\{([^}]*)\}", text)
+  if m:  # named axes, mesh['axis_0'=32,'axis_1'=8] {'axis_0'}: one group per other index
+    sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+    over = re.findall(r"'(\w+)'", m.group(4))
+    if set(over) <= set(sizes):
+      ids = np.arange(math.prod(sizes.values()))
+      if m.group(2):  # device_ids=([32,8]T(1,0)): the mesh's devices, an iota permuted
+        ids = ids.reshape([int(d) for d in m.group(2).split(",")])
+        ids = ids.transpose([int(p) for p in m.group(3).split(",")]) if m.group(3) else ids
+      ids = ids.reshape(list(sizes.values()))
+      names = list(sizes)
+      ids = np.moveaxis(ids, [names.index(a) for a in over], range(-len(over), 0))
+      return ids.reshape(-1, math.prod(sizes[a] for a in over)).tolist()
+  return None
+
+
 def group_size(ins: Instruction, n_devices: int) -> int:
-  """Devices in each of the collective's groups, from any of the module's three spellings."""
-  m = re.search(r"replica_groups=\{\{([\d,]+)\}", ins.text)
-  if m:
-    return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", ins.text)  # iota: [groups,size]<=[n]
-  if m:
-    return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", ins.text)  # named mesh axes
-  if m:
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", m.group(2)))
-  return n_devices  # replica_groups={}: every device
+  """Devices in each of the collective's groups (every device where the spelling is not
+  read)."""
+  groups = replica_groups(ins, n_devices)
+  return len(groups[0]) if groups else n_devices
 
 
 def dims(shape: str) -> list[int]:

@@ -19,9 +19,8 @@ import collections
 import dataclasses
 import re
 
-import numpy as np
-
-from moe.parallel.hlo_text import COLLECTIVES, Instruction, parse, shape_bytes, walk
+from moe.parallel.hlo_text import (COLLECTIVES, Instruction, parse, partitions, replica_groups,
+                                   shape_bytes, walk)
 
 _TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _REDUCE = re.compile(r'_xla_megascale_reduce_operation="(\w+)"')
@@ -80,36 +79,10 @@ def cross_slice(text: str) -> CrossSlice:
 
 
 def _groups(ins: Instruction, n_devices: int) -> list[list[int]] | None:
-  text = ins.text
-  m = re.search(r"source_target_pairs=\{([\d,{}]*)\}", text)
+  m = re.search(r"source_target_pairs=\{([\d,{}]*)\}", ins.text)
   if m:
     return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
-  m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", text)
-  if m:
-    groups = [[int(d) for d in g.split(",") if d] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
-    return groups or [list(range(n_devices))]  # {}: one group of every device
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
-  if m:  # iota: reshape(arange, dims).transpose(perm).reshape(groups, size)
-    dims = [int(d) for d in m.group(3).split(",")]
-    ids = np.arange(int(np.prod(dims))).reshape(dims)
-    if m.group(4):
-      ids = ids.transpose([int(p) for p in m.group(4).split(",")])
-    return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? "
-                r"\{([^}]*)\}", text)
-  if m:  # named axes, mesh['axis_0'=32,'axis_1'=8] {'axis_0'}: one group per other index
-    sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
-    over = re.findall(r"'(\w+)'", m.group(4))
-    if set(over) <= set(sizes):
-      ids = np.arange(int(np.prod(list(sizes.values()))))
-      if m.group(2):  # device_ids=([32,8]T(1,0)): the mesh's devices, an iota permuted
-        ids = ids.reshape([int(d) for d in m.group(2).split(",")])
-        ids = ids.transpose([int(p) for p in m.group(3).split(",")]) if m.group(3) else ids
-      ids = ids.reshape(list(sizes.values()))
-      names = list(sizes)
-      ids = np.moveaxis(ids, [names.index(a) for a in over], range(-len(over), 0))
-      return ids.reshape(-1, int(np.prod([sizes[a] for a in over]))).tolist()
-  return None  # a spelling not read here
+  return replica_groups(ins, n_devices)
 
 
 def collective_groups(text: str) -> list[tuple[str, str, list[list[int]] | None]]:
@@ -117,8 +90,7 @@ def collective_groups(text: str) -> list[tuple[str, str, list[list[int]] | None]
   compiled module `text` (collective-permute: its source-target pairs; None: groups in a
   spelling not read here). Device ids are the module's partitions, 0 .. num_partitions-1."""
   computations, _ = parse(text)
-  m = re.search(r"num_partitions=(\d+)", text)
-  n_devices = int(m.group(1)) if m else 1
+  n_devices = partitions(text)
   out = []
   for instructions in computations.values():
     for ins in instructions:

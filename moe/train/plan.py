@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from moe.model.config import ModelConfig
 from moe.model.counts import count_params
 from moe.parallel import compiled_cost, expert_parallel, rounds, rules, slices
-from moe.parallel.mesh import BATCH_AXES
+from moe.parallel.mesh import BATCH_AXES, slice_of
 from moe.train.config import TrainConfig
 from moe.train.state import abstract_state
 from moe.train.steps import make_steps
@@ -148,7 +148,8 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int, seq_l
   compiled, abstract, state_shardings, seconds = compile_step(cfg, train_cfg, mesh, batch, seq_len,
                                                               compiler_options)
   mem = compiled.memory_analysis()
-  text = compiled.as_text()
+  multi_slice = len({slice_of(d) for d in mesh.devices.flat}) > 1
+  text = compiled.as_text() if generation or multi_slice else ""  # MBs at 145B: only if read
   model_state, opt_state = abstract[0], abstract[1]  # nnx.State keyed 0 (model), 1 (optimizer)
   model_sh, opt_sh = state_shardings[0], state_shardings[1]
   tokens = batch * seq_len // math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -164,4 +165,4 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int, seq_l
                          if cfg.expert_capacity_factor <= 0 else 0),
       compile_seconds=seconds, tokens_per_device=tokens,
       speed=speed(text, generation, cfg, mesh, batch, seq_len) if generation else None,
-      cross_slice_bytes=slices.cross_slice(text).sent_bytes)
+      cross_slice_bytes=slices.cross_slice(text).sent_bytes if multi_slice else 0)
