@@ -44,6 +44,8 @@ _PATHS = flags.DEFINE_list("paths", list(PATHS), f"layer paths to time, from {PA
                            "(pallas only on TPU; floor: the routed FLOPs as one dense matmul "
                            "chain, the same one expert at a time, and the shared experts alone)")
 _MODEL = flags.DEFINE_bool("model", False, "time training steps of tiny models instead")
+_ROUTERS = flags.DEFINE_bool("routers", False, "time each router (routing alone, and the whole "
+                             "layer on the default backend) against DeepSeekMoE's topk instead")
 _JSON = common_flags.json_out()
 
 
@@ -175,6 +177,49 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
   return rows
 
 
+def router_variants(e: int) -> dict[str, dict]:
+  """name -> ModelConfig fields; 8 groups with 3 kept, as DeepSeek-V2 (V3 keeps 4 of 8)."""
+  return {
+      "topk (DeepSeekMoE)": dict(router="topk"),
+      "group_limited (V2), 8 groups, 3 kept": dict(router="group_limited", n_group=8, topk_group=3),
+      "sigmoid_bias (V3), 8 groups, 3 kept": dict(router="sigmoid_bias", n_group=8, topk_group=3,
+                                                  norm_topk_prob=True, routed_scaling_factor=2.5),
+      f"topk + {e // 4} zero-compute experts": dict(router="topk", n_null_experts=e // 4),
+  }
+
+
+def router_rows(t, d, e, f, k, s, reps) -> list[Row]:
+  """Each router against topk: its routing alone (router matmul, scores, choice) and the
+  whole layer (routing + dropless dispatch on the default backend + shared experts)."""
+  ks = jax.random.split(jax.random.key(0), 8)
+  x = jax.random.normal(ks[0], (t, d))
+  routed = tuple(0.02 * jax.random.normal(kk, shape) for kk, shape in
+                 zip(ks[2:5], [(e, d, f), (e, d, f), (e, f, d)]))
+  shared = tuple(0.02 * jax.random.normal(kk, shape) for kk, shape in
+                 zip(ks[5:8], [(d, s * f), (d, s * f), (s * f, d)]))
+  backend = registry.resolve("auto")
+  routing_paths, layer_paths = [], []
+  for name, fields in router_variants(e).items():
+    cfg = ModelConfig(d_model=d, n_heads=1, n_routed_experts=e, n_shared_experts=s,
+                      n_activated_experts=k, expert_width=f, **fields)
+    w_router = 0.02 * jax.random.normal(ks[1], (d, cfg.n_route_targets))
+    bias = jnp.zeros((cfg.n_route_targets,))
+
+    def route(x, w_router, cfg=cfg, bias=bias):
+      args = routers.RouteArgs(cfg, routers.router_logits(x, w_router), None, None, bias, cfg.n_group)
+      return moe_layer.without_null_experts(cfg, routers.ROUTERS[cfg.router].fn(args))
+
+    def layer(x, w_router, routed, shared, route=route):
+      y, _ = moe_layer.dropless_moe(x, route(x, w_router), routed, backend)
+      return y + swiglu(x, *shared)
+
+    routing_paths.append(Path(f"routing only: {name}", lambda x, w, route=route: route(x, w).gates,
+                              (x, w_router)))
+    layer_paths.append(Path(f"layer: {name}", layer, (x, w_router, routed, shared)))
+  return (measure(routing_paths[0], routing_paths[1:], reps)
+          + measure(layer_paths[0], layer_paths[1:], reps))
+
+
 def model_rows(reps: int) -> list[Row]:
   """Train-step time of tiny DeepSeekMoE and of a dense model of equal activated width."""
   from moe.train.config import TrainConfig
@@ -223,15 +268,20 @@ def write_json(rows: list[Row], path: str) -> None:
 
 def main(argv):
   del argv
+  e = 64 if _E.value is None else _E.value
+  s = 2 if _S.value is None else _S.value
   if _MODEL.value:
     rows = model_rows(_REPS.value)
     header = "training step, tiny models, batch 16 x 128 (fwd+bwd ms = one optimizer step)"
+  elif _ROUTERS.value:
+    rows = router_rows(_T.value, _D.value, e, _F.value, _K.value, s, _REPS.value)
+    header = (f"routers: T={_T.value} d_model={_D.value} {s} shared + {e} routed experts of width "
+              f"{_F.value}, {_K.value} active; ratio_to_dense = over the first row of its half "
+              f"(topk); default backend {registry.default_name()}")
   else:
     unknown = set(_PATHS.value) - set(PATHS)
     if unknown:
       raise app.UsageError(f"--paths: unknown {sorted(unknown)}; choose from {PATHS}")
-    e = 64 if _E.value is None else _E.value
-    s = 2 if _S.value is None else _S.value
     rows = layer_rows(_T.value, _D.value, e, _F.value, _K.value, s, _REPS.value,
                       _INTERPRET.value, tuple(_PATHS.value))
     header = (f"MoE layer: T={_T.value} d_model={_D.value} {s} shared + {e} routed "

@@ -13,6 +13,11 @@ The others cost no matmul and no copy in: their index maps name the blocks of th
 real visit, which Pallas does not fetch again. gmm spends them zeroing the row tiles past
 the last group; tgmm visits an empty group once, to write its zeros.
 
+Rows past sum(group_sizes) (the "no expert" pairs of moe.dispatch.sorting) are multiplied
+only as the tail of the last group's last row tile, and selected away there (tgmm masks
+them out of lhs): whatever they hold (ops.permute leaves them unwritten) never reaches a
+result, and gmm writes them as 0.
+
 Blocks need not divide the arrays: a ragged last block's rows past m and columns past n
 are dropped on write-back, and a ragged contraction block is masked on both operands.
 Nothing is padded or transposed outside the kernels.

@@ -15,6 +15,10 @@ adjacent columns packed into one uint32: `_to_words`; an odd width gains a zero 
 Permuting tokens into expert order is gather_rows with src = sorted pair // K; combining
 expert outputs back is combine_rows with the inverse permutation and the gates. Both
 directions are gathers, so each is the other's VJP (ops.py): no scatter-add anywhere.
+
+"No expert" pairs sort after every group (moe.dispatch.sorting), and no DMA moves them:
+gather_rows(n_rows) copies only the first n_rows output rows (the pairs with an expert),
+combine_rows(n_src) reads only source rows below n_src (a pair sorted past them adds 0).
 """
 
 from __future__ import annotations
@@ -64,29 +68,33 @@ def _bf16_word(lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 
 def _copy(src, dst, sem, count):
-  """count row DMAs src(i) -> dst(i), all in flight, then all waited."""
+  """count (static or traced) row DMAs src(i) -> dst(i), all in flight, then all waited."""
   jax.lax.fori_loop(0, count, lambda i, _: pltpu.make_async_copy(src(i), dst(i), sem).start(), None)
   jax.lax.fori_loop(0, count, lambda i, _: pltpu.make_async_copy(src(0), dst(i), sem).wait(), None)
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
-def gather_rows(x: jax.Array, src: jax.Array, block_rows: int = 8, interpret: bool = False) -> jax.Array:
-  """x: [T, d], src: [R] int in [0, T) -> [R, d] with out[r] = x[src[r]]."""
+def gather_rows(x: jax.Array, src: jax.Array, n_rows: jax.Array | None = None, block_rows: int = 8,
+                interpret: bool = False) -> jax.Array:
+  """x: [T, d], src: [R] int in [0, T) -> [R, d] with out[r] = x[src[r]] for r < n_rows
+  (default R); rows from n_rows on are not written: undefined (NaN in interpret mode)."""
   words = _to_words(x)
   n_out = src.shape[0]
   pad = (-n_out) % block_rows
-  src_p = jnp.pad(src.astype(jnp.int32), (0, pad))  # padded rows copy row 0, then are cut
+  src_p = jnp.pad(src.astype(jnp.int32), (0, pad))  # padded rows are never copied
+  limit = jnp.minimum(jnp.asarray(n_out if n_rows is None else n_rows, jnp.int32), n_out).reshape(1)
 
-  def kernel(src_ref, x_hbm, out_hbm, sem):
+  def kernel(src_ref, limit_ref, x_hbm, out_hbm, sem):
     base = pl.program_id(0) * block_rows
+    count = jnp.clip(limit_ref[0] - base, 0, block_rows)  # this block's rows below the limit
     _copy(lambda i: x_hbm.at[pl.ds(src_ref[base + i], 1)], lambda i: out_hbm.at[pl.ds(base + i, 1)],
-          sem, block_rows)
+          sem, count)
 
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((n_out + pad, words.shape[1]), words.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
+          num_scalar_prefetch=2,
           grid=((n_out + pad) // block_rows,),
           in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
           out_specs=pl.BlockSpec(memory_space=pl.ANY),
@@ -94,27 +102,47 @@ def gather_rows(x: jax.Array, src: jax.Array, block_rows: int = 8, interpret: bo
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
-  )(src_p, words)
+  )(src_p, limit, words)
   return _from_words(out[:n_out], x.dtype, x.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
-def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: int = 8,
-                 interpret: bool = False) -> jax.Array:
-  """y: [R, d], src: [T*J] int in [0, R), weights: [T, J] -> [T, d] (f32 accumulation)."""
+def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, n_src: jax.Array | None = None,
+                 block_rows: int = 8, interpret: bool = False) -> jax.Array:
+  """y: [R, d], src: [T*J] int in [0, R), weights: [T, J] -> [T, d] (f32 accumulation).
+  Only rows y[:n_src] (default all R) are read: an entry with src >= n_src adds 0."""
   if y.dtype == jnp.float16:  # Mosaic cannot unpack f16 pairs in the kernel: sum in f32
-    return combine_rows(y.astype(jnp.float32), src, weights, block_rows, interpret).astype(y.dtype)
+    return combine_rows(y.astype(jnp.float32), src, weights, n_src, block_rows, interpret).astype(y.dtype)
   words = _to_words(y)
   n_tok, j = weights.shape
   pad = (-n_tok) % block_rows
   src_p = jnp.pad(src.astype(jnp.int32), (0, pad * j))
   w_p = jnp.pad(weights.astype(jnp.float32), ((0, pad), (0, 0)))
+  limit = jnp.asarray(y.shape[0] if n_src is None else n_src, jnp.int32).reshape(1)
   packed = y.dtype.itemsize == 2
   n, width = block_rows * j, words.shape[1]
 
-  def kernel(src_ref, w_ref, y_hbm, out_ref, buf, sem):
+  def kernel(src_ref, limit_ref, w_ref, y_hbm, out_ref, buf, sem):
     base = pl.program_id(0) * n
-    _copy(lambda i: y_hbm.at[pl.ds(src_ref[base + i], 1)], lambda i: buf.at[i], sem, n)
+    live = lambda i: src_ref[base + i] < limit_ref[0]
+
+    def start(i, _):
+      @pl.when(live(i))
+      def _():
+        pltpu.make_async_copy(y_hbm.at[pl.ds(src_ref[base + i], 1)], buf.at[i], sem).start()
+
+      # A row not read is a zero row: the scratch holds stale (or never written) data.
+      @pl.when(jnp.logical_not(live(i)))
+      def _():
+        buf[i] = jnp.zeros((1, width), words.dtype)
+
+    def wait(i, _):
+      @pl.when(live(i))
+      def _():
+        pltpu.make_async_copy(y_hbm.at[pl.ds(0, 1)], buf.at[i], sem).wait()
+
+    jax.lax.fori_loop(0, n, start, None)
+    jax.lax.fori_loop(0, n, wait, None)
     w = w_ref[...]
     out = []
     for b in range(block_rows):  # static: rows of the block, each a sum of its J rows
@@ -131,14 +159,14 @@ def combine_rows(y: jax.Array, src: jax.Array, weights: jax.Array, block_rows: i
       kernel,
       out_shape=jax.ShapeDtypeStruct((n_tok + pad, width), words.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
+          num_scalar_prefetch=2,
           grid=((n_tok + pad) // block_rows,),
-          in_specs=[pl.BlockSpec((block_rows, j), lambda i, src: (i, 0)),
+          in_specs=[pl.BlockSpec((block_rows, j), lambda i, *_: (i, 0)),
                     pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=pl.BlockSpec((block_rows, width), lambda i, src: (i, 0)),
+          out_specs=pl.BlockSpec((block_rows, width), lambda i, *_: (i, 0)),
           scratch_shapes=[pltpu.VMEM((n, 1, width), words.dtype), pltpu.SemaphoreType.DMA],
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
-  )(src_p, w_p, words)
+  )(src_p, limit, w_p, words)
   return _from_words(out[:n_tok], y.dtype, y.shape[1])

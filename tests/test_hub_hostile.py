@@ -285,7 +285,7 @@ CONFIG_EDITS = {
     "negative alpha": (dict(aux_loss_alpha=-0.1), r"aux_loss_alpha=-0.1: must be a finite number >= 0"),
     "string bool": (dict(norm_topk_prob="false"), r"norm_topk_prob='false': must be true or false"),
     "rope_parameters a list": (dict(rope_parameters=[1]), r"rope_parameters=\[1\]: must be an object"),
-    "bool for n_group": (dict(n_group=True), r"n_group=True: group-limited routing"),
+    "bool for n_group": (dict(topk_method="group_limited_greedy", n_group=True), r"n_group=True: must be an integer"),
     "name not a string": (dict(_name_or_path=3), r"_name_or_path=3: must be a string"),
     "string kv heads": (dict(num_key_value_heads="4"), r"num_key_value_heads='4': must be an integer"),
 }
@@ -366,11 +366,11 @@ def _breakages(d, tmp, tensors):
       "far too many layers": (lambda: write(hf=dict(hf, num_hidden_layers=4000)),
                               r"config.json implies at least \d+ tensors \(4000 layers, 8 routed experts\); "
                               r"the checkpoint holds 114"),
-      "MLA": (lambda: write(hf=dict(hf, kv_lora_rank=512)), "kv_lora_rank=512: multi-head latent attention"),
+      "MLA": (lambda: write(hf=dict(hf, kv_lora_rank=512)), r"kv_lora_rank=512\): multi-head latent attention"),
       "tied embeddings": (lambda: write(hf=dict(hf, tie_word_embeddings=True)), "tie_word_embeddings=True"),
       "sigmoid scores": (lambda: write(hf=dict(hf, scoring_func="sigmoid")), "scoring_func='sigmoid'"),
-      "group-limited routing": (lambda: write(hf=dict(hf, topk_method="group_limited_greedy", n_group=8)),
-                                "topk_method='group_limited_greedy': device- or group-limited routing"),
+      "selection bias": (lambda: write(hf=dict(hf, topk_method="noaux_tc", scoring_func="sigmoid")),
+                         "topk_method='noaux_tc': the DeepSeek-MoE format holds no selection bias"),
       "V2 architecture": (lambda: write(hf=dict(hf, model_type="deepseek_v2")), "model_type='deepseek_v2'"),
       "grouped-query attention": (lambda: write(hf=dict(hf, num_key_value_heads=2)), "num_key_value_heads=2"),
       "no config": (copy_then(lambda: os.remove(os.path.join(tmp, CONFIG))), "no config.json"),
@@ -499,3 +499,21 @@ def test_random_corruptions_are_refused_or_read_bit_exactly(ckpt, data):
   assert got.keys() == ckpt[1].keys()
   for name, t in got.items():  # config fields that leave the tensors alone (rope_theta, ...)
     assert t.dtype == ckpt[1][name].dtype and np.array_equal(t, ckpt[1][name]), name
+
+
+def test_v2_v3_configs_name_their_attention_and_carry_their_routing():
+  """A DeepSeek-V3 config.json is refused for its MLA attention, and the message gives the
+  routing as ModelConfig fields; a group-limited DeepSeek-MoE-format config imports it."""
+  from moe.hub.hf_config import CheckpointFormatError, config_from_hf
+
+  v3 = dict(fx.HF, model_type="deepseek_v3", kv_lora_rank=512, q_lora_rank=1536,
+            topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2,
+            routed_scaling_factor=2.5)
+  with pytest.raises(CheckpointFormatError, match=r"model_type='deepseek_v3' \(kv_lora_rank=512, "
+                     r"q_lora_rank=1536\): multi-head latent attention .* ModelConfig\(router='sigmoid_bias', "
+                     r"routed_scaling_factor=2.5, n_group=4, topk_group=2\)"):
+    config_from_hf(v3)
+  cfg = config_from_hf(dict(fx.HF, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                            routed_scaling_factor=1.5))
+  assert (cfg.router, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor) == ("group_limited", 4, 2, 1.5)
+  assert config_from_hf(dict(fx.HF, topk_method="greedy", n_group=8)).router == "topk"

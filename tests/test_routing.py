@@ -122,3 +122,53 @@ def test_gshard_keeps_the_second_expert_with_probability_min_1_2g2():
     assert abs(kept[sel].mean() - p) < 4 * sd + 1e-3, (lo, hi, kept[sel].mean(), p)
   # Without a key (evaluation) both choices are always kept.
   assert np.all(np.asarray(route_gshard(args._replace(key=None)).keep))
+
+
+def test_sequence_wise_balance_loss_by_hand():
+  """DeepSeek-V3's complementary loss: sum_i f_i P_i per sequence over scores normalised to
+  sum 1, averaged over sequences. Two sequences of two tokens, four experts, top-2."""
+  raw = jnp.array([[2., 1., 1., 0.], [0., 1., 2., 1.],    # sequence A -> s' rows /4
+                   [1., 1., 1., 1.], [3., 1., 0., 0.]])   # sequence B
+  idx = jnp.array([[0, 1], [2, 3], [0, 1], [0, 1]])
+  # A: f = 4/(2*2) * [1, 1, 1, 1], P = [.25, .25, .375, .125] -> 1.0
+  # B: f = 4/(2*2) * [2, 2, 0, 0], P = [.5, .25, .125, .125] -> 1.5
+  np.testing.assert_allclose(balance.seq_balance_loss(raw, idx, 2), (1.0 + 1.5) / 2, rtol=1e-6)
+  # Over the batch as one sequence the value differs (1.125): the unit matters.
+  np.testing.assert_allclose(balance.seq_balance_loss(raw, idx, 1), 1.125, rtol=1e-6)
+  # B's second token masked out: B is one token of uniform scores, f = [2, 2, 0, 0] -> 1.0.
+  mask = jnp.array([True, True, True, False])
+  np.testing.assert_allclose(balance.seq_balance_loss(raw, idx, 2, mask), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(router="group_limited", n_group=3), "n_group=3: does not divide"),
+    (dict(router="group_limited", n_group=4, topk_group=5), "topk_group=5"),
+    (dict(router="sigmoid_bias", n_group=4, topk_group=1, n_activated_experts=3), "n_activated_experts=3"),
+    (dict(router="topk", n_group=4), "does not limit groups"),
+    (dict(router="group_limited", n_null_experts=2), "zero-compute"),
+    (dict(router="hash", n_activated_experts=1, routed_scaling_factor=2.0), "fixed gates"),
+])
+def test_router_fields_are_checked(fields, message):
+  from moe.model.config import ModelConfig
+
+  base = dict(n_routed_experts=8, n_activated_experts=2, expert_width=16)
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**{**base, **fields})
+
+
+def test_groups_per_shard_must_fit_the_mesh():
+  """n_group 0 (one group per expert shard) on a mesh whose expert axis is smaller than
+  topk_group is a config error naming both, not a silent fallback."""
+  from flax import nnx
+
+  from moe.model.config import ModelConfig
+  from moe.model.moe_layer import MoE
+  from moe.parallel.mesh import MeshConfig, make_mesh, use_mesh
+
+  cfg = ModelConfig(d_model=32, n_heads=4, router="group_limited", n_routed_experts=8,
+                    n_activated_experts=2, expert_width=16, n_group=0, topk_group=4)
+  layer = MoE(cfg, nnx.Rngs(0))
+  x = jnp.ones((16, 32))
+  with use_mesh(make_mesh(MeshConfig("fsdp:4,expert:2"))):
+    with pytest.raises(ValueError, match="n_group=0 .* 2 shard"):
+      layer(x, jnp.zeros((16,), jnp.int32))

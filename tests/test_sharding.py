@@ -139,27 +139,44 @@ def test_sharded_step_matches_single_device(layout, single_device):
   assert tuple(state[1]["step"].get_value().sharding.spec) == ()
 
 
-def _three_steps(mesh):
+def _three_steps(mesh, cfg=CFG):
   """(losses, final parameters, per-layer metrics of the last step) of 3 train steps
   (forward, backward, AdamW update) from the same initial state."""
-  graphdef, state = init_state(CFG, TrainConfig(), mesh)
+  graphdef, state = init_state(cfg, TrainConfig(), mesh)
   steps = make_steps(graphdef, state, mesh)
   losses = []
   for i in range(3):
-    batch = put_batch(random_batch(8, 16, CFG.vocab_size, seed=i), mesh)
+    batch = put_batch(random_batch(8, 16, cfg.vocab_size, seed=i), mesh)
     state, metrics = steps.train(state, batch, jax.random.key(i))
     losses.append(float(metrics["loss"]))
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(state[0]))
   return losses, params, jax.tree.map(np.asarray, metrics["layers"])
 
 
-@pytest.mark.parametrize("layout", ["data:2,expert:4", "fsdp:2,expert:2,tensor:2"])
-def test_train_steps_with_the_rounds_equal_one_device(layout):
+# The DeepSeek-V2/V3 routers and zero-compute experts (their groups = the 4 expert shards).
+ROUTER_CFGS = {
+    "v1": CFG,
+    "v2_group_limited": CFG.replace(router="group_limited", n_group=4, topk_group=2,
+                                    routed_scaling_factor=1.5),
+    "v3_sigmoid_bias": CFG.replace(router="sigmoid_bias", n_group=4, topk_group=1,
+                                   norm_topk_prob=True, routed_scaling_factor=2.0,
+                                   seq_balance_alpha=0.01),
+    "null_experts": CFG.replace(router="topk_bias", n_null_experts=2),
+}
+
+
+@pytest.mark.parametrize("layout, router", [("data:2,expert:4", "v1"), ("fsdp:2,expert:2,tensor:2", "v1"),
+                                            ("data:2,expert:4", "v2_group_limited"),
+                                            ("data:2,expert:4", "v3_sigmoid_bias"),
+                                            ("data:2,expert:4", "null_experts")])
+def test_train_steps_with_the_rounds_equal_one_device(layout, router):
   """The default dropless exchange (rounds of all_to_alls in a while loop, inside the layer
   scan, beside the gradient reductions) runs inside the whole jitted train step on the CPU
-  mesh (moe/cpu_threads.py keeps its collectives from starving XLA:CPU's thread pool)."""
-  losses0, params0, _ = _three_steps(None)
-  losses, params, layers = _three_steps(mesh_of(layout))
+  mesh (moe/cpu_threads.py keeps its collectives from starving XLA:CPU's thread pool), for
+  every router family (selection biases move between steps)."""
+  cfg = ROUTER_CFGS[router]
+  losses0, params0, _ = _three_steps(None, cfg)
+  losses, params, layers = _three_steps(mesh_of(layout), cfg)
   assert losses == pytest.approx(losses0, rel=1e-5)
   flat0 = jax.tree_util.tree_leaves_with_path(params0)
   flat = jax.tree_util.tree_leaves_with_path(params)
@@ -291,3 +308,62 @@ def test_simulated_devices_get_threads_for_their_collectives():
   kept = {"XLA_FLAGS": env["XLA_FLAGS"], "NPROC": "12"}
   assert cpu_threads.reserve_collective_threads(environ=kept) is None and kept["NPROC"] == "12"
   assert cpu_threads.reserve_collective_threads(environ={}) is None  # one device: XLA's default
+
+
+# ---------------------------------------------------------------------------------------
+# Group-limited routing meets the exchange.
+
+def _router_layer(**fields):
+  from moe.model.moe_layer import MoE
+
+  cfg = ModelConfig(d_model=16, n_heads=4, router="sigmoid_bias", n_routed_experts=16,
+                    n_activated_experts=4, expert_width=8, n_group=4, norm_topk_prob=True,
+                    **fields)
+  return MoE(cfg, nnx.Rngs(0))
+
+
+def _layer_run(layer, mesh, x):
+  """(y, aux, d y.sum / d x) of the MoE layer, on `mesh` (None: one device)."""
+  graphdef, state = nnx.split(layer)
+
+  def f(state, x):
+    with use_mesh(mesh):
+      y, aux = nnx.merge(graphdef, state)(x, jnp.zeros((x.shape[0],), jnp.int32))
+    return jnp.sum(y * jnp.cos(x)), (y, aux)
+
+  (_, (y, aux)), dx = jax.jit(jax.value_and_grad(f, argnums=1, has_aux=True))(state, x)
+  return np.asarray(y), jax.tree.map(np.asarray, aux), np.asarray(dx)
+
+
+def test_group_limits_cut_the_rows_sent():
+  """Groups = the 4 expert shards: a token's rows reach at most topk_group shards, so the
+  rows sent per (token, choice) pair fall with topk_group (K' = 4), and every limit equals
+  one device."""
+  x = jax.random.normal(jax.random.key(0), (256, 16))
+  mesh = mesh_of("data:2,expert:4")
+  rows = []
+  for keep in (4, 2, 1):
+    layer = _router_layer(topk_group=keep)
+    y, aux, dx = _layer_run(layer, mesh, x)
+    y0, _, dx0 = _layer_run(layer, None, x)
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)
+    # A token's pairs to one shard share a row, except where a block boundary splits them
+    # between two pair rounds: at most one token per shard per extra round, per device.
+    extra = 4 * (float(aux["ep_rounds"]) - 1) / (x.shape[0] // 8 * 4)
+    assert float(aux["ep_rows_per_pair"]) <= keep / 4 + extra + 1e-6, (keep, aux["ep_rounds"])
+    rows.append(float(aux["ep_rows_per_pair"]))
+  assert rows[0] > rows[1] > rows[2] >= 0.25
+
+
+def test_skewed_group_limited_routing_runs_more_rounds_and_equals_one_device():
+  """A selection bias that sends most tokens to the first shard's experts overflows the
+  blocks: the rounds run more than once and still equal one device."""
+  layer = _router_layer(topk_group=2)
+  layer.score_bias[...] = jnp.zeros((16,)).at[:4].set(3.0)
+  x = jax.random.normal(jax.random.key(1), (64, 16))
+  y, aux, dx = _layer_run(layer, mesh_of("data:2,expert:4"), x)
+  y0, _, dx0 = _layer_run(layer, None, x)
+  assert float(aux["ep_rounds"]) > 1
+  np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)

@@ -83,8 +83,9 @@ def test_permute_and_combine_forward_and_backward_compile(chip, shape, dtype):
   x, y, order, gates = on_chip(chip, ((t, d), dt), ((t * k, d), dt), ((t * k,), jnp.int32), ((t, k), dt))
   loss = lambda x, y, g, o: sq(ops.combine(ops.permute(x, o, k) * y, o, g))
   names = compiled_kernels(loss, (x, y, gates, order), 3)
-  # permute and combine; the VJPs: combine's two gathers, permute's combine
-  assert count(names, "gather_rows") == 3 and count(names, "combine_rows") == 2, names
+  # permute and combine; the VJPs: combine's gather (of d_out, for d y and d gates),
+  # permute's combine
+  assert count(names, "gather_rows") == 2 and count(names, "combine_rows") == 2, names
 
 
 def test_dropless_layer_on_one_chip_runs_the_kernels():
@@ -98,7 +99,7 @@ def test_dropless_layer_on_one_chip_runs_the_kernels():
   loss = lambda x, g, wg, wu, wd, i: sq(backend.routed(x, i, g, (wg, wu, wd)))
   names = compiled_kernels(loss, (x, gates, wg, wu, wd, idx), 5)
   assert count(names, "gmm") >= 6 and count(names, "tgmm") == 3, names
-  assert count(names, "gather_rows") >= 3 and count(names, "combine_rows") >= 2, names
+  assert count(names, "gather_rows") >= 2 and count(names, "combine_rows") >= 2, names
 
 
 # (slice, mesh, expert capacity factor): dropless on four chips of FSDP; dropless expert

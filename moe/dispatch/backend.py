@@ -4,6 +4,19 @@ multiplied by their expert's weights, and combined back with the gates.
 Every backend computes the same function (tests/test_dispatch.py checks each against a
 loop reference); moe.dispatch.registry names them and picks one per platform. A new
 backend is a Backend (or subclass) built in the registry.
+
+"No expert" pairs (expert index N', zero-compute experts) sort after every group
+(moe.dispatch.sorting); what each backend's grouped matmul spends on those rows:
+    tiled, fused            nothing: loops over groups, bounded by their sizes (beyond the
+                            padding of the last group's last tile or chunk)
+    cpu_ffi                 nothing: the C++ kernel takes rows by group sizes
+    pallas(_interpret)      nothing: visits only the groups' row tiles; the permute and
+                            combine kernels copy no row of a "no expert" pair
+    ragged_dot              on CPU (and GPU, JAX 0.11) XLA's dense expansion multiplies
+                            every row, theirs too, by every expert and masks afterwards
+    tokamax                 whatever its kernel does; moe.dispatch.gpu sets those rows to 0
+    few_tokens              see moe.dispatch.few_tokens
+Every one gives those rows 0, so they add nothing, whatever their gates.
 """
 
 from __future__ import annotations
@@ -48,7 +61,8 @@ class FusedLoopBackend(Backend):
 
 def ragged_dot_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
   """XLA's ragged dot: a native grouped matmul on TPU; on CPU, and on GPU with JAX 0.11
-  (measured on an H200, bf16 and f32), a dense product per group masked afterwards."""
+  (measured on an H200, bf16 and f32), a dense product per group masked afterwards, so
+  there rows past sum(group_sizes) are multiplied too (and then set to 0)."""
   return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
                             preferred_element_type=jnp.float32).astype(lhs.dtype)
 

@@ -26,9 +26,11 @@ class CapacityRouting(NamedTuple):
 def assign_slots(expert_idx: jax.Array, n_experts: int, cap: int,
                  keep: jax.Array | None = None,
                  token_mask: jax.Array | None = None) -> CapacityRouting:
-  """expert_idx: [T, K']; keep: optional [T, K'] bool of pairs to route at all;
-  token_mask: optional [T] bool of the tokens whose dropped pairs n_dropped counts (the
-  real tokens of a batch with padding; the slots are filled as without it).
+  """expert_idx: [T, K'] in [0, N'], N' = n_experts meaning "no expert"; keep: optional
+  [T, K'] bool of pairs to route at all; token_mask: optional [T] bool of the tokens whose
+  dropped pairs n_dropped counts (the real tokens of a batch with padding; the slots are
+  filled as without it). A "no expert" pair is routed nowhere, like one not kept: it takes
+  no slot and is not counted as dropped.
 
   Slots are filled in GShard's priority order: every token's first choice before any
   second choice, tokens in sequence order within a choice. Only index arrays are built
@@ -38,7 +40,7 @@ def assign_slots(expert_idx: jax.Array, n_experts: int, cap: int,
   if keep is None:
     keep = jnp.ones_like(expert_idx, dtype=bool)
   experts = jnp.swapaxes(expert_idx, 0, 1).reshape(-1)                     # [K'T], choice-major
-  wanted = jnp.swapaxes(keep, 0, 1).reshape(-1)
+  wanted = jnp.swapaxes(keep, 0, 1).reshape(-1) & (experts < n_experts)
   onehot = jax.nn.one_hot(experts, n_experts, dtype=jnp.int32) * wanted[:, None]
   position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)   # rank within expert
   fits = wanted & (position < cap)

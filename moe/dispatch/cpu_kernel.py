@@ -5,6 +5,10 @@ every small per-expert matmul over all cores and scales poorly at DeepSeekMoE's 
 (docs/bench_moe.md). The kernel is compiled on first use with the system C++ compiler
 against jaxlib's FFI headers and the OpenBLAS that numpy ships, and cached; `status()` says
 why it is unavailable where it cannot be built. f32 only.
+
+The kernel never reads expert indices: it takes rows by group_sizes, and the rows past
+sum(group_sizes) ("no expert" pairs, moe.dispatch.sorting) are padding it neither gathers
+nor multiplies (their saved rows and gate gradients are written as exact zeros).
 """
 
 from __future__ import annotations

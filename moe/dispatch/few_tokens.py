@@ -13,6 +13,11 @@ they save (tiny_deepseekmoe on 2 cores: 60 us all experts vs 160 us gathered at 
 The all-experts path does N'/K' times the routed FLOPs, which at a handful of tokens cost
 less than reading the weights; for many tokens the sorted grouped-matmul backends are the
 ones to use.
+
+"No expert" pairs (index N'): the gather takes zero matrices for them (no expert's weights
+are read, and none gets a gradient from them) but, shapes being static, still runs their
+per-pair matmuls on those zeros; the all-experts path gives them weight 0, costing nothing
+it would not spend anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ def gathered_swiglu(x: jax.Array, expert_idx: jax.Array, gates: jax.Array, w_gat
   """Per-choice weight gathers. x: [T, d], expert_idx, gates: [T, K'], w_gate, w_up:
   [E, d, f], w_down: [E, f, d] -> sum_k gates[t, k] * expert_{idx[t, k]}(x[t]), [T, d]."""
   t, k = expert_idx.shape
-  wg, wu, wd = (jnp.take(w, expert_idx.reshape(-1), axis=0) for w in (w_gate, w_up, w_down))
+  # "No expert" (index N', one past the last) gathers zeros: its output and every gradient
+  # through it are exactly 0, whatever its gate.
+  wg, wu, wd = (jnp.take(w, expert_idx.reshape(-1), axis=0, mode="fill", fill_value=0)
+                for w in (w_gate, w_up, w_down))
   # One row-vector matmul per (token, choice) pair n: [n, 1, d] x [n, d, f], the batch
   # dimension first (XLA:CPU ran 'td,tkdf->tkf' 3x slower).
   xn = jnp.repeat(x, k, axis=0)[:, None, :]                                      # [T*K', 1, d]
@@ -45,8 +53,9 @@ def all_experts_swiglu(x: jax.Array, expert_idx: jax.Array, gates: jax.Array, w_
   """Every expert on every token, weighted by the token's summed gates for it: the same
   result as `gathered_swiglu`, shapes as there."""
   e, t = w_gate.shape[0], x.shape[0]
-  weight = jnp.zeros((e, t), jnp.float32).at[expert_idx, jnp.arange(t)[:, None]].add(
-      gates.astype(jnp.float32))                                                  # [E, T]
+  # Row E collects the "no expert" pairs' gates and is cut off.
+  weight = jnp.zeros((e + 1, t), jnp.float32).at[expert_idx, jnp.arange(t)[:, None]].add(
+      gates.astype(jnp.float32))[:e]                                              # [E, T]
   xe = jnp.broadcast_to(x, (e, *x.shape))  # experts as the leading batch dimension: [E, T, d]
   h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, w_gate)) * jnp.einsum("etd,edf->etf", xe, w_up)
   h = h * weight[..., None].astype(h.dtype)
@@ -69,10 +78,13 @@ def few_tokens_swiglu(x, expert_idx, gates, w_gate, w_up, w_down) -> jax.Array:
 
 
 def expert_of_pairs(routing: SortedRouting, shape: tuple[int, int]) -> jax.Array:
-  """The [T, K'] expert index that a sorted routing was built from (its inverse)."""
+  """The [T, K'] expert index that a sorted routing was built from (its inverse), N' for
+  the "no expert" rows past the groups."""
   n_pairs = routing.order.shape[0]
-  row_expert = jnp.repeat(jnp.arange(routing.group_sizes.shape[0], dtype=jnp.int32),
-                          routing.group_sizes, total_repeat_length=n_pairs)
+  n_experts = routing.group_sizes.shape[0]
+  sizes = jnp.append(routing.group_sizes, n_pairs - jnp.sum(routing.group_sizes))
+  row_expert = jnp.repeat(jnp.arange(n_experts + 1, dtype=jnp.int32), sizes,
+                          total_repeat_length=n_pairs)
   return jnp.zeros((n_pairs,), jnp.int32).at[routing.order].set(row_expert).reshape(shape)
 
 

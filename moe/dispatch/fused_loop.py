@@ -14,6 +14,11 @@ is rounded up to a multiple of `quantum` rows and run by the branch of that stat
 (lax.switch), so at most quantum - 1 rows per group are wasted. Forward saves only
 [a | b] ([T*K', 2f]); the backward pass re-gathers x and d_out rows per chunk and
 accumulates weight gradients per group in f32. Empty experts get exactly zero gradient.
+
+The loops run over the N' groups only, so the "no expert" rows sorted after them
+(moe.dispatch.sorting) are never gathered, multiplied or scattered, except within the
+masked tail (at most `quantum` rows) of the last group, whose output rows are dropped and
+whose saved pre-activations are never read; their gates get exactly zero gradient.
 """
 
 from __future__ import annotations

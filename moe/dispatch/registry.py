@@ -38,10 +38,11 @@ _XLA_MOVES = dict(permute=sorting.permute, combine=sorting.unpermute)
 def _pallas(interpret: bool) -> Backend:
   from pallas_kernels import ops
 
+  # The rows past sorting.n_routed are "no expert" pairs: the kernels copy none of them.
   return Backend(
       gmm=lambda lhs, rhs, gs: ops.gmm(lhs, rhs, gs, None, interpret),
-      permute=lambda x, r, k: ops.permute(x, r.order, k, interpret),
-      combine=lambda y, r, gates: ops.combine(y, r.order, gates, interpret),
+      permute=lambda x, r, k: ops.permute(x, r.order, k, interpret, sorting.n_routed(r)),
+      combine=lambda y, r, gates: ops.combine(y, r.order, gates, interpret, sorting.n_routed(r)),
   )
 
 

@@ -6,6 +6,10 @@ group_sizes) -> [G, k, n]` is the transposed form for weight gradients. The loop
 ceil(size_g / tm) tile matmuls per group, about m / tm + G in all, where XLA's ragged_dot
 on CPU does G full [m, k] x [k, n] products. Gradients are wired with custom_vjp, as
 loops with data-dependent trip counts are not differentiable.
+
+Rows past sum(group_sizes) ("no expert" pairs, moe.dispatch.sorting) are in no group's
+tiles: no pass multiplies them, except as the padding (under tm rows) of the last group's
+last tile; gmm sets them to 0 and tgmm masks them out.
 """
 
 from __future__ import annotations

@@ -72,20 +72,48 @@ def _same(value: Any, allowed: Any) -> bool:
 
 # config.json fields of other DeepSeek architectures (V2/V3) and their supported values.
 _MUST_BE = {
-    "model_type": ((None, MODEL_TYPE), "another architecture (DeepSeek-V2/V3 are 'deepseek_v2'/'deepseek_v3')"),
-    "kv_lora_rank": ((None,), "multi-head latent attention (MLA, DeepSeek-V2/V3); this model has plain MHA"),
-    "q_lora_rank": ((None,), "multi-head latent attention (MLA, DeepSeek-V2/V3); this model has plain MHA"),
-    "scoring_func": ((None, "softmax"), "only softmax router scores are supported"),
-    "topk_method": ((None, "greedy"), "device- or group-limited routing; only plain top-k ('greedy') is supported"),
-    "n_group": ((None, 1), "group-limited routing is not supported"),
-    "topk_group": ((None, 1), "group-limited routing is not supported"),
-    "routed_scaling_factor": ((None, 1.0), "scaled routed-expert gates are not supported"),
     "hidden_act": ((None, "silu"), "the FFNs are SwiGLU (silu)"),
     "attention_bias": ((None, False), "the attention projections have no bias"),
     "mlp_bias": ((None, False), "the FFN projections have no bias"),
     "rope_scaling": ((None,), "rotary embeddings are unscaled"),
     "tie_word_embeddings": ((None, False), "this model has an untied lm_head"),
 }
+_MLA = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+# (topk_method, scoring_func) -> router: the DeepSeek family's routers this code has.
+_ROUTERS = {("greedy", "softmax"): "topk", ("group_limited_greedy", "softmax"): "group_limited",
+            ("noaux_tc", "sigmoid"): "sigmoid_bias"}
+
+
+def routing_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """The ModelConfig routing fields of a DeepSeek (v1, V2 or V3) `config.json`: router,
+  groups and the gates' scaling factor; a routing this code lacks is refused by name."""
+  method, scoring = hf.get("topk_method") or "greedy", hf.get("scoring_func") or "softmax"
+  router = _ROUTERS.get((method, scoring)) if isinstance(method, str) and isinstance(scoring, str) else None
+  if router is None:
+    _refuse("topk_method", method, f"with scoring_func={short_repr(scoring, 40)}: the routers here "
+            f"are {', '.join(f'{m}+{s}' for m, s in _ROUTERS)}")
+  out = {"router": router, "routed_scaling_factor": _float(hf, "routed_scaling_factor", 1.0)}
+  if router != "topk":  # V2's plain greedy ignores the group fields
+    out.update(n_group=_int(hf, "n_group", 1, high=MAX_EXPERTS),
+               topk_group=_int(hf, "topk_group", 1, high=MAX_EXPERTS))
+  return out
+
+
+def _refuse_mla(hf: Mapping[str, Any]) -> None:
+  """DeepSeek-V2/V3 files: name what is missing (their attention) and what would carry over."""
+  mla = [f"{f}={short_repr(hf[f], 20)}" for f in _MLA if hf.get(f) is not None]
+  if not mla and hf.get("model_type") in (None, MODEL_TYPE):
+    return
+  try:
+    routing = ", ".join(f"{k}={v!r}" for k, v in routing_fields(hf).items())
+  except CheckpointFormatError as e:
+    routing = f"not representable either ({e})"
+  raise CheckpointFormatError(
+      f"config.json: model_type={short_repr(hf.get('model_type'), 40)}"
+      f"{' (' + ', '.join(mla) + ')' if mla else ''}: multi-head latent attention (MLA, "
+      f"DeepSeek-V2/V3) is not implemented here (this model has plain multi-head attention), so "
+      f"its weights cannot be imported. Its routing is representable as ModelConfig({routing}), "
+      f"to train on this code's attention.")
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
@@ -94,6 +122,11 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   first, so a hand-edited or corrupt file is refused by field name, never half-read."""
   if not isinstance(hf, Mapping):
     raise CheckpointFormatError(f"config.json: holds a JSON {type(hf).__name__}, not an object")
+  _refuse_mla(hf)
+  routing = routing_fields(hf)
+  if routing["router"] == "sigmoid_bias":
+    _refuse("topk_method", hf.get("topk_method"), "the DeepSeek-MoE format holds no selection bias "
+            "(e_score_correction_bias) to import; train router 'sigmoid_bias' from scratch")
   for field, (allowed, why) in _MUST_BE.items():
     if not any(_same(hf.get(field), a) for a in allowed):
       _refuse(field, hf[field], why)
@@ -135,11 +168,11 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
       name=name or "hf_checkpoint", vocab_size=vocab, d_model=d_model, n_layers=n_layers,
       n_heads=n_heads, max_seq_len=_int(hf, "max_position_embeddings", 4096),
       rope_theta=_float(hf, "rope_theta", theta), norm_eps=_float(hf, "rms_norm_eps", 1e-6),
-      dense_ffn_width=ffn, router="topk", n_routed_experts=experts, n_shared_experts=shared,
+      dense_ffn_width=ffn, n_routed_experts=experts, n_shared_experts=shared,
       n_activated_experts=top_k, expert_width=width,
       first_k_dense_replace=_int(hf, "first_k_dense_replace", 0, low=0, high=n_layers),
       moe_layer_freq=_int(hf, "moe_layer_freq", 1, high=MAX_LAYERS), norm_topk_prob=bool(norm_topk),
-      expert_balance_alpha=_float(hf, "aux_loss_alpha", 0.001, positive=False),
+      expert_balance_alpha=_float(hf, "aux_loss_alpha", 0.001, positive=False), **routing,
   )
   if not experts:  # a dense model: whatever the expert fields say, there are none
     fields.update(n_shared_experts=0, n_activated_experts=0, expert_width=0)
@@ -159,6 +192,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int | None, eos_id: int |
         f"ModelConfig.router={cfg.router!r}: the DeepSeek-MoE format has only softmax top-k "
         f"dropless routing ('topk'); {cfg.router!r} routes by token id (hash) or with "
         f"capacity and token dropping (switch, gshard), which transformers' model would not do")
+  for field, plain in (("routed_scaling_factor", 1.0), ("n_null_experts", 0)):
+    if getattr(cfg, field) != plain:
+      raise CheckpointFormatError(f"ModelConfig.{field}={getattr(cfg, field)!r}: the DeepSeek-MoE "
+                                  f"format has no such field (only {plain!r})")
   moe = cfg.is_moe_model
   return {
       "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,

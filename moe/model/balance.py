@@ -40,7 +40,8 @@ def expert_counts(expert_idx: jax.Array, n_experts: int, mask: jax.Array | None 
   real tokens only with a mask [T]."""
   ones = 1.0 if mask is None else jnp.broadcast_to(
       _per_token(mask, expert_idx), expert_idx.shape).astype(jnp.float32).reshape(-1)
-  return jnp.zeros((n_experts,), jnp.float32).at[expert_idx.reshape(-1)].add(ones)
+  # mode="drop": indices past n_experts (zero-compute experts, "no expert") are not counted.
+  return jnp.zeros((n_experts,), jnp.float32).at[expert_idx.reshape(-1)].add(ones, mode="drop")
 
 
 def balance_terms(scores: jax.Array, expert_idx: jax.Array,
@@ -64,6 +65,25 @@ def expert_balance_loss(scores: jax.Array, expert_idx: jax.Array,
   f, p = balance_terms(scores, expert_idx, mask)
   # f counts discrete choices: no gradient flows through it, only through P.
   return jnp.sum(jax.lax.stop_gradient(f) * p)
+
+
+def seq_balance_loss(scores: jax.Array, expert_idx: jax.Array, n_seqs: int,
+                     mask: jax.Array | None = None) -> jax.Array:
+  """DeepSeek-V3's complementary sequence-wise balance loss (unweighted): the expert-level
+  sum_i f_i P_i of each of the n_seqs sequences (T = n_seqs x S tokens in order), with
+  scores normalised to sum 1 per token (s'), averaged over the sequences. Softmax scores
+  are already normalised, so any router with scores can use it."""
+  t, n = scores.shape
+  s = scores.astype(jnp.float32)
+  s = s / jnp.sum(s, axis=-1, keepdims=True)
+  per_seq = lambda sc, ix, m: expert_balance_loss(sc, ix, m)
+  sc, ix = s.reshape(n_seqs, t // n_seqs, n), expert_idx.reshape(n_seqs, t // n_seqs, -1)
+  if mask is None:
+    return jnp.mean(jax.vmap(lambda a, b: per_seq(a, b, None))(sc, ix))
+  m = mask.reshape(n_seqs, t // n_seqs)
+  losses = jax.vmap(per_seq)(sc, ix, m)
+  has_real = jnp.any(m, axis=-1)  # a sequence of padding only does not count
+  return jnp.sum(jnp.where(has_real, losses, 0.0)) / jnp.maximum(jnp.sum(has_real), 1)
 
 
 def device_balance_loss(scores: jax.Array, expert_idx: jax.Array, n_groups: int,
@@ -96,10 +116,16 @@ def routing_stats(expert_idx: jax.Array, n_experts: int, n_dropped: jax.Array,
   if scores is not None:
     p = scores.astype(jnp.float32)
     entropy = -token_mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1), mask)
-  pairs = expert_idx.size if mask is None else expert_idx.shape[-1] * real_count(mask)
   return {
       "load": load,
       "max_over_mean_load": jnp.max(load) * n_experts,
       "router_entropy": entropy,
-      "dropped_fraction": jnp.asarray(n_dropped, jnp.float32) / pairs,
+      "dropped_fraction": dropped_fraction(n_dropped, expert_idx, mask),
   }
+
+
+def dropped_fraction(n_dropped: jax.Array, expert_idx: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
+  """Dropped (token, choice) pairs over all pairs of expert_idx [T, K'] (the real tokens')."""
+  pairs = expert_idx.size if mask is None else expert_idx.shape[-1] * real_count(mask)
+  return jnp.asarray(n_dropped, jnp.float32) / pairs

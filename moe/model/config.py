@@ -39,6 +39,17 @@ class ModelConfig:
   first_k_dense_replace: int = 0
   moe_layer_freq: int = 1
   norm_topk_prob: bool = False
+  # Multiplies the routed gates (DeepSeek-V2/V3's routed_scaling_factor); top-k routers only.
+  routed_scaling_factor: float = 1.0
+  # Group-limited routing (routers group_limited, sigmoid_bias): the routed experts form
+  # n_group groups of consecutive experts and a token chooses only inside its topk_group best
+  # groups. n_group 0: one group per expert-parallel shard of the active mesh (1 without a
+  # mesh), so a token's choices reach at most topk_group shards.
+  n_group: int = 1
+  topk_group: int = 1
+  # Zero-compute experts: routing targets past the N' real experts whose output is zero
+  # (topk, topk_bias); a pair routed to one is neither moved nor multiplied.
+  n_null_experts: int = 0
   capacity_factor: float = 1.0  # switch / gshard only; 0: no dropping (dropless path, same gates)
   dispatch_backend: str = "auto"  # how dropless routers' rows reach experts: moe.dispatch.registry
   attention_backend: str = "auto"  # moe.model.attention_backends: splash on TPU, cudnn on GPU
@@ -60,6 +71,9 @@ class ModelConfig:
   device_balance_alpha: float = 0.0
   n_device_groups: int = 0  # D in the device-level balance loss; 0: the mesh's expert shards
   router_z_loss_alpha: float = 0.0
+  # DeepSeek-V3's complementary sequence-wise balance loss (the expert-level loss per
+  # sequence of the batch, over scores normalised to sum 1, averaged over sequences).
+  seq_balance_alpha: float = 0.0
   # router "topk_bias": each step moves every expert's selection bias by this much, up
   # for experts below the mean load and down for those above (DeepSeek-V3's u).
   bias_update_rate: float = 0.001
@@ -77,6 +91,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  @property
+  def n_route_targets(self) -> int:
+    """N' real routed experts plus the zero-compute ones: the router's output width."""
+    return self.n_routed_experts + self.n_null_experts
 
   @property
   def is_moe_model(self) -> bool:
@@ -125,7 +144,7 @@ def _validate(c: ModelConfig) -> None:
   for field in ("n_routed_experts", "n_shared_experts", "n_activated_experts", "expert_width",
                 "first_k_dense_replace", "expert_balance_alpha", "device_balance_alpha",
                 "router_z_loss_alpha", "n_device_groups", "expert_capacity_factor", "capacity_factor",
-                "bias_update_rate"):
+                "bias_update_rate", "seq_balance_alpha", "n_group", "topk_group", "n_null_experts"):
     if getattr(c, field) < 0:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
@@ -183,6 +202,29 @@ def _validate(c: ModelConfig) -> None:
     _fail("n_device_groups", c.n_device_groups,
           f"does not divide n_routed_experts={c.n_routed_experts}",
           "pick a divisor of the routed expert count")
+  if c.routed_scaling_factor <= 0:
+    _fail("routed_scaling_factor", c.routed_scaling_factor, "must be positive",
+          "use 1.0 (DeepSeekMoE), or e.g. 2.5 as DeepSeek-V3")
+  if c.routed_scaling_factor != 1.0 and not spec.scaled:
+    _fail("routed_scaling_factor", c.routed_scaling_factor,
+          f"router {c.router!r} has fixed gates", "keep 1.0, or use a top-k router")
+  if spec.grouped:
+    if c.n_group and c.n_routed_experts % c.n_group:
+      _fail("n_group", c.n_group, f"does not divide n_routed_experts={c.n_routed_experts}",
+            "pick a divisor of the routed expert count (0: one group per expert shard)")
+    if c.topk_group < 1 or (c.n_group and c.topk_group > c.n_group):
+      _fail("topk_group", c.topk_group, f"must be between 1 and n_group={c.n_group}",
+            "keep at most as many groups as there are")
+    if c.n_group and c.n_activated_experts > c.topk_group * (c.n_routed_experts // c.n_group):
+      _fail("n_activated_experts", c.n_activated_experts,
+            f"exceeds the {c.topk_group} kept group(s) of {c.n_routed_experts // c.n_group} experts",
+            "raise topk_group or lower n_activated_experts")
+  elif (c.n_group, c.topk_group) != (1, 1):
+    _fail("n_group", c.n_group, f"router {c.router!r} does not limit groups",
+          "use router 'group_limited' or 'sigmoid_bias', or keep n_group = topk_group = 1")
+  if c.n_null_experts and not spec.null_experts:
+    _fail("n_null_experts", c.n_null_experts, f"router {c.router!r} cannot route to zero-compute experts",
+          "use router 'topk' or 'topk_bias', or set n_null_experts = 0")
   if c.n_moe_layers == 0:
     _fail("first_k_dense_replace", c.first_k_dense_replace, "leaves no MoE layer in a MoE model",
           "lower first_k_dense_replace or moe_layer_freq")

@@ -50,7 +50,7 @@ class Block(nnx.Module):
         return constrain(x + self.ffn(h), ACTIVATIONS), {}
     b, s, d = h.shape
     mask = None if token_mask is None else token_mask.reshape(b * s)
-    y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key, mask)
+    y, aux = self.ffn(h.reshape(b * s, d), token_ids.reshape(b * s), key, mask, n_seqs=b)
     return constrain(x + y.reshape(b, s, d), ACTIVATIONS), aux
 
 

@@ -18,6 +18,7 @@ AUX_LOSS_WEIGHTS = {
     "expert_balance_loss": "expert_balance_alpha",
     "device_balance_loss": "device_balance_alpha",
     "z_loss": "router_z_loss_alpha",
+    "seq_balance_loss": "seq_balance_alpha",
 }
 
 

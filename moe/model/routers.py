@@ -14,6 +14,17 @@ routed experts, K' routed experts per token, s_{i,t} the softmax score of expert
     gshard: top-2, gates renormalised over the pair, the second expert kept in training with
             probability min(1, 2 g_2); capacity and token dropping (or none, as switch).
     hash:   a fixed hash of the token id picks one expert, gate 1; dropless.
+    group_limited: DeepSeek-V2's device-limited routing. Softmax scores; the N' experts form
+            G groups; a token keeps the topk_group groups with the highest maximum score and
+            takes its top-K' inside them; raw gates x routed_scaling_factor; dropless.
+    sigmoid_bias: DeepSeek-V3 (noaux_tc). Sigmoid scores; the topk_bias selection bias is added
+            for choosing only; groups ranked by the sum of their two best biased scores,
+            topk_group kept, top-K' inside; gates are the unbiased scores of the choices
+            (normalised to sum 1 with norm_topk_prob) x routed_scaling_factor; dropless.
+
+The top-k family (topk, topk_bias, group_limited, sigmoid_bias) multiplies its gates by
+routed_scaling_factor; topk and topk_bias also route to zero-compute experts (indices N' and
+up, when n_null_experts > 0: the layer sends those pairs nowhere).
 """
 
 from __future__ import annotations
@@ -62,14 +73,15 @@ class RouteArgs(NamedTuple):
   logits: jax.Array | None  # [T, N'] fp32, None for routers without weights
   token_ids: jax.Array      # [T]
   key: jax.Array | None     # randomness for stochastic routers; None = deterministic
-  score_bias: jax.Array | None = None  # [N'] selection-only bias (topk_bias)
+  score_bias: jax.Array | None = None  # [N'] selection-only bias (topk_bias, sigmoid_bias)
+  n_group: int = 1          # expert groups of group-limited routers, resolved by the layer
 
 
 def route_topk(a: RouteArgs) -> Route:
   """DeepSeekMoE: softmax over routed experts, top-K', raw probabilities as gates."""
   scores = jax.nn.softmax(a.logits, axis=-1)
   gates, idx = top_k(scores, a.cfg.n_activated_experts, normalize=a.cfg.norm_topk_prob)
-  return Route(gates, idx, scores, a.logits)
+  return Route(gates * a.cfg.routed_scaling_factor, idx, scores, a.logits)
 
 
 def route_topk_bias(a: RouteArgs) -> Route:
@@ -80,7 +92,7 @@ def route_topk_bias(a: RouteArgs) -> Route:
   gates = jnp.take_along_axis(scores, idx, axis=-1)
   if a.cfg.norm_topk_prob:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-  return Route(gates, idx.astype(jnp.int32), scores, a.logits)
+  return Route(gates * a.cfg.routed_scaling_factor, idx.astype(jnp.int32), scores, a.logits)
 
 
 def route_switch(a: RouteArgs) -> Route:
@@ -108,18 +120,65 @@ def route_hash(a: RouteArgs) -> Route:
   return Route(jnp.ones(idx.shape, jnp.float32), idx, None, None)
 
 
+def group_mask(choice: jax.Array, n_group: int, topk_group: int, group_score) -> jax.Array:
+  """choice: [T, N'] -> bool [T, N']: the experts of each token's topk_group best groups
+  (G = n_group groups of consecutive experts), groups scored by group_score([T, G, N'/G]
+  -> [T, G])."""
+  t, n = choice.shape
+  per_group = group_score(choice.reshape(t, n_group, n // n_group))          # [T, G]
+  _, best = jax.lax.top_k(per_group, topk_group)                              # [T, topk_group]
+  kept = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], best].set(True)
+  return jnp.repeat(kept, n // n_group, axis=1)
+
+
+def route_group_limited(a: RouteArgs) -> Route:
+  """DeepSeek-V2: top-K' inside the topk_group groups of highest maximum score."""
+  scores = jax.nn.softmax(a.logits, axis=-1)
+  keep = group_mask(scores, a.n_group, a.cfg.topk_group, lambda g: jnp.max(g, axis=-1))
+  # Softmax scores are positive, so 0 outside the kept groups never wins a place.
+  gates, idx = top_k(jnp.where(keep, scores, 0.0), a.cfg.n_activated_experts,
+                     normalize=a.cfg.norm_topk_prob)
+  return Route(gates * a.cfg.routed_scaling_factor, idx, scores, a.logits)
+
+
+def route_sigmoid_bias(a: RouteArgs) -> Route:
+  """DeepSeek-V3 (noaux_tc): sigmoid scores, choice by scores + bias inside the topk_group
+  groups of highest top-2 sum, gates = the chosen unbiased scores.
+
+  Route.scores are the sigmoid scores normalised to sum 1 per token (V3's s'), so the
+  balance losses and router entropy read them as a distribution."""
+  sig = jax.nn.sigmoid(a.logits)
+  choice = sig + a.score_bias.astype(sig.dtype)
+  keep = group_mask(choice, a.n_group, a.cfg.topk_group,
+                    lambda g: jnp.sum(jax.lax.top_k(g, min(2, g.shape[-1]))[0], axis=-1))
+  _, idx = jax.lax.top_k(jnp.where(keep, choice, -jnp.inf), a.cfg.n_activated_experts)
+  gates = jnp.take_along_axis(sig, idx, axis=-1)
+  if a.cfg.norm_topk_prob:
+    gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+  scores = sig / jnp.sum(sig, axis=-1, keepdims=True)
+  return Route(gates * a.cfg.routed_scaling_factor, idx.astype(jnp.int32), scores, a.logits)
+
+
 class RouterSpec(NamedTuple):
   fn: Callable[[RouteArgs], Route]
   has_weights: bool        # a [d_model, N'] router matrix
   dropless: bool           # False: capacity buffers, pairs past capacity dropped
   fixed_k: int | None      # the only K' the router supports (None: the config's)
   score_bias: bool = False  # a per-expert selection bias, updated outside the gradient
+  scaled: bool = False      # gates x routed_scaling_factor
+  grouped: bool = False     # group-limited: n_group, topk_group
+  null_experts: bool = False  # may route to zero-compute experts (n_null_experts)
 
 
 ROUTERS: dict[str, RouterSpec] = {
-    "topk": RouterSpec(route_topk, has_weights=True, dropless=True, fixed_k=None),
+    "topk": RouterSpec(route_topk, has_weights=True, dropless=True, fixed_k=None, scaled=True,
+                       null_experts=True),
     "topk_bias": RouterSpec(route_topk_bias, has_weights=True, dropless=True, fixed_k=None,
-                            score_bias=True),
+                            score_bias=True, scaled=True, null_experts=True),
+    "group_limited": RouterSpec(route_group_limited, has_weights=True, dropless=True,
+                                fixed_k=None, scaled=True, grouped=True),
+    "sigmoid_bias": RouterSpec(route_sigmoid_bias, has_weights=True, dropless=True, fixed_k=None,
+                               score_bias=True, scaled=True, grouped=True),
     "switch": RouterSpec(route_switch, has_weights=True, dropless=False, fixed_k=1),
     "gshard": RouterSpec(route_gshard, has_weights=True, dropless=False, fixed_k=2),
     "hash": RouterSpec(route_hash, has_weights=False, dropless=True, fixed_k=1),

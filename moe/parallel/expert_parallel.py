@@ -13,7 +13,8 @@ split over `tensor`. Two ways to move the tokens:
       full are dropped and counted.
 Either way the rows on arrival go through the same sort + grouped matmul as on one device
 (the backend's `gmm`: Pallas on TPU). (`lax.ragged_all_to_all` would send only the filled
-rows but does not run on CPU.)
+rows but does not run on CPU.) A "no expert" pair (expert index E) is sent nowhere: it
+takes no slot in either exchange and is neither dropped nor unserved.
 """
 
 from __future__ import annotations
@@ -78,19 +79,21 @@ def _capacity_experts(x, gates, expert_idx, w_gate, w_up, w_down, *, backend: Ba
   the tokens of token_mask [T_loc] with one)."""
   e_local = w_gate.shape[0]
   d = x.shape[-1]
+  # A "no expert" pair (index E = n_shards * e_local) names shard n_shards: none. It takes
+  # no slot and is not dropped (capacity.assign_slots), so no row is sent for it.
   slots = capacity.assign_slots(expert_idx // e_local, n_shards, cap, token_mask=token_mask)
   send = capacity.to_slots(x, slots, n_shards)                                   # [P, B, d]
-  # Each slot's expert on the destination shard; e_local marks an empty slot.
+  # Each slot's expert on the destination shard; e_local ("no expert") marks an empty slot.
+  # Pairs without a slot (dropped, "no expert") write into the spare last entry.
   slot_expert = (jnp.full((n_shards * cap + 1,), e_local, jnp.int32)
                  .at[slots.pair_slot.reshape(-1)].set((expert_idx % e_local).reshape(-1))[:-1])
   recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True).reshape(-1, d)
   recv_expert = jax.lax.all_to_all(slot_expert.reshape(n_shards, cap), "expert", 0, 0, tiled=True)
 
-  # Empty slots sort last (group e_local) and are left out of the grouped matmul.
-  routing = sorting.sort_by_expert(recv_expert.reshape(-1, 1), e_local + 1)
+  # Empty slots sort last, as "no expert" rows, and are left out of the grouped matmul.
+  routing = sorting.sort_by_expert(recv_expert.reshape(-1, 1), e_local)
   rows = backend.permute(recv, routing, 1)
-  out = grouped_swiglu(rows, routing.group_sizes[:e_local], w_gate, w_up, w_down,
-                       gmm=backend.gmm)
+  out = grouped_swiglu(rows, routing.group_sizes, w_gate, w_up, w_down, gmm=backend.gmm)
   out = backend.combine(out, routing, jnp.ones((recv.shape[0], 1), out.dtype))
   back = jax.lax.all_to_all(out.reshape(n_shards, cap, d), "expert", 0, 0, tiled=True)
   y = capacity.from_slots(back, slots, gates)
@@ -112,14 +115,17 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
                         backend: Backend, mesh: Mesh, capacity_factor: float = 0.0,
                         block_factor: float = rounds.BLOCK_FACTOR,
                         exchange: str = "all_to_all",
-                        token_mask: jax.Array | None = None) -> EPResult:
-  """x: [T, d] (T split over the batch axes), gates, expert_idx: [T, K'], weights: routed
+                        token_mask: jax.Array | None = None,
+                        reach: int | None = None) -> EPResult:
+  """x: [T, d] (T split over the batch axes), gates, expert_idx: [T, K'] (in [0, E], E
+  meaning "no expert"), weights: routed
   experts ([E, d, f], [E, d, f], [E, f, d]) -> sum_k g_k expert_k(x) [T, d] and statistics.
   capacity_factor > 0: one capacity exchange (drops); else dropless rounds of blocks of
   block_factor x the balanced share, exchanged by `exchange` (moe.parallel.rounds.EXCHANGES).
   token_mask: optional [T] bool, the real tokens of a batch with padding: the capacity
   exchange's n_dropped counts only theirs (every token is still sent, and the rounds'
-  statistics are of the exchange's work, padding included)."""
+  statistics are of the exchange's work, padding included). reach: the most expert shards
+  one token's choices can span (a group-limited router), which sizes the dropless row blocks."""
   n_experts = weights[0].shape[0]
   n_shards = mesh.shape["expert"]
   if n_experts % n_shards:
@@ -143,7 +149,7 @@ def expert_parallel_moe(x: jax.Array, gates: jax.Array, expert_idx: jax.Array, w
       inputs, specs = inputs + (token_mask.astype(bool),), specs + (P(BATCH_AXES),)
     second = P(BATCH_AXES)
   else:
-    blocks = rounds.block_sizes(t_local, k, n_experts, n_shards, block_factor)
+    blocks = rounds.block_sizes(t_local, k, n_experts, n_shards, block_factor, reach)
     local = lambda *a: _round_experts(*a, backend=backend, n_shards=n_shards, blocks=blocks,
                                       exchange=exchange)
     second = P(BATCH_AXES, None)  # each device's statistics, reduced below

@@ -23,6 +23,10 @@ through the grouped matmul (empty slots sort last and are left out of it), each 
 its gated pairs, and the rows go back. Nothing is dropped: overflow waits for a later
 round. The backward pass runs the same rounds (custom_vjp), recomputing each round's
 forward for its VJP, so memory holds one round at a time.
+
+A "no expert" pair (expert index E, a zero-compute expert) goes to no shard: it takes no
+pair slot, sends no row, counts towards no round and is never unserved; its output and
+its gate's gradient are 0.
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ BLOCK_FACTOR = 1.25
 EXCHANGES = ("all_to_all", "ragged")  # ModelConfig.expert_exchange
 
 
-def balanced_rows_per_pair(n_experts: int, n_shards: int, k: int) -> float:
+def balanced_rows_per_pair(n_experts: int, n_shards: int, k: int, reach: int | None = None) -> float:
   """Distinct (token, shard) rows per (token, choice) pair when K' distinct experts are
-  drawn uniformly: each shard is hit with prob 1 - C(E - E_l, K') / C(E, K')."""
+  drawn uniformly: each shard is hit with prob 1 - C(E - E_l, K') / C(E, K'). A group-
+  limited router (`reach`: the most shards one token's choices can span) caps a token's
+  rows at reach."""
   e_local = n_experts // n_shards
   miss = math.comb(n_experts - e_local, k) / math.comb(n_experts, k) if k <= n_experts - e_local else 0.0
-  return n_shards * (1.0 - miss) / k
+  rows = n_shards * (1.0 - miss)
+  return (rows if reach is None else min(rows, reach)) / k
 
 
 class Blocks(NamedTuple):
@@ -57,13 +64,13 @@ class Blocks(NamedTuple):
 
 
 def block_sizes(t_local: int, k: int, n_experts: int, n_shards: int,
-                factor: float = BLOCK_FACTOR) -> Blocks:
-  """Static block sizes for T = t_local tokens per device."""
+                factor: float = BLOCK_FACTOR, reach: int | None = None) -> Blocks:
+  """Static block sizes for T = t_local tokens per device (`reach`: as balanced_rows_per_pair)."""
   e_local = n_experts // n_shards
   most_pairs = t_local * min(k, e_local)  # pairs one device can send to one shard
   bp = min(most_pairs, max(1, math.ceil(factor * t_local * k / n_shards)))
   br = min(bp, t_local, max(1, math.ceil(factor * t_local * k / n_shards
-                                         * balanced_rows_per_pair(n_experts, n_shards, k))))
+                                         * balanced_rows_per_pair(n_experts, n_shards, k, reach))))
   return Blocks(bp, br, -(-most_pairs // bp))
 
 
@@ -81,7 +88,9 @@ def round_backward_bytes(blocks: Blocks, n_shards: int, d_model: int, itemsize: 
 
 
 class Schedule(NamedTuple):
-  """Where each pair [T*K'] goes, and the rounds (all int32)."""
+  """Where each pair [T*K'] goes, and the rounds (all int32 but the bools). A "no expert"
+  pair (not `real`) has shard P, expert E_l, the dump slots P * Bp and P * Br, round q_max
+  (never run) and sub-round 0: it is never sent."""
   shard: jax.Array        # destination shard
   expert: jax.Array       # expert on that shard
   pair_slot: jax.Array    # s * Bp + slot
@@ -91,49 +100,58 @@ class Schedule(NamedTuple):
   sub: jax.Array          # sub-round within q
   subs: jax.Array         # [q_max] sub-rounds of each pair round, agreed over the mesh
   n_rounds: jax.Array     # [] sum(subs)
+  real: jax.Array         # bool: the pair has an expert
 
 
 class Stats(NamedTuple):
   rounds: jax.Array          # [] rounds run (1 = everything fit the first blocks)
   max_block_load: jax.Array  # [] most pairs one device sends one shard, over Bp
-  rows_per_pair: jax.Array   # [] rows sent per pair (< 1: tokens sent once per shard)
+  rows_per_pair: jax.Array   # [] rows sent per pair (< 1: tokens sent once per shard; a
+                             #    "no expert" pair counts here and sends none)
   unserved: jax.Array        # [] pairs whose round is past the agreed count (0: all delivered)
 
 
 def schedule(expert_idx: jax.Array, e_local: int, n_shards: int, blocks: Blocks,
              axis: str = "expert") -> tuple[Schedule, Stats]:
-  """expert_idx: [T, K'] -> the rounds, agreed by a pmax over `axis` (the all_to_all's:
-  only the devices that exchange must agree), and this device's statistics."""
+  """expert_idx: [T, K'] in [0, E], E = P * E_l meaning "no expert" -> the rounds, agreed by
+  a pmax over `axis` (the all_to_all's: only the devices that exchange must agree), and
+  this device's statistics. "No expert" pairs take no slot, row or round."""
   t, k = expert_idx.shape
   flat = expert_idx.reshape(-1)
-  shard = flat // e_local
+  real = flat < n_shards * e_local
+  shard = jnp.where(real, flat // e_local, n_shards)                             # P: none
   onehot = (shard[:, None] == jnp.arange(n_shards)).astype(jnp.int32)          # [T*K', P]
-  rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), shard[:, None], 1)[:, 0] - 1
-  q = rank // blocks.pairs
-  # A token's pairs to one shard are adjacent in rank, so those in the same block share a row.
-  sq = (shard * blocks.q_max + q).reshape(t, k)
+  # The column each pair reads its counts from; "no expert" pairs read shard 0's and are
+  # masked below (they add nothing to any column, so no real pair's rank moves).
+  col = jnp.minimum(shard, n_shards - 1)[:, None]
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), col, 1)[:, 0] - 1
+  q = jnp.where(real, rank // blocks.pairs, blocks.q_max)
+  n_blocks = n_shards * blocks.q_max
+  # A token's pairs to one shard are adjacent in rank, so those in the same block share a
+  # row. "No expert" pairs get block n_blocks, which no real pair shares.
+  key = jnp.where(real, shard * blocks.q_max + q, n_blocks)
+  sq = key.reshape(t, k)
   earlier = jnp.tril(jnp.ones((k, k), bool), -1)                               # [k, k'<k]
   same = (sq[:, :, None] == sq[:, None, :]) & earlier                           # [T, K', K']
   first = ~jnp.any(same, axis=-1)                                               # [T, K']
   owner = jnp.where(jnp.any(same, -1), jnp.argmax(same, -1), jnp.arange(k))     # [T, K']
-  first = first.reshape(-1)
-  n_blocks = n_shards * blocks.q_max
-  key = sq.reshape(-1)
-  rows_in_block = jnp.zeros((n_blocks,), jnp.int32).at[key].add(first.astype(jnp.int32))
+  first = first.reshape(-1) & real
+  rows_in_block = (jnp.zeros((n_blocks + 1,), jnp.int32).at[key].add(first.astype(jnp.int32))
+                   [:n_blocks])
   rows_before = jnp.cumsum(rows_in_block) - rows_in_block   # keys of one shard are contiguous
-  row_rank = jnp.take_along_axis(jnp.cumsum(onehot * first[:, None], axis=0), shard[:, None], 1)[:, 0] - 1
-  row_rank = row_rank - (rows_before[key] - rows_before[shard * blocks.q_max])
+  row_rank = jnp.take_along_axis(jnp.cumsum(onehot * first[:, None], axis=0), col, 1)[:, 0] - 1
+  row_rank = row_rank - (rows_before[jnp.minimum(key, n_blocks - 1)] - rows_before[col[:, 0] * blocks.q_max])
   # Non-first pairs take their row's rank from the token's first pair in the block.
-  row_rank = jnp.take_along_axis(row_rank.reshape(t, k), owner, 1).reshape(-1)
+  row_rank = jnp.where(real, jnp.take_along_axis(row_rank.reshape(t, k), owner, 1).reshape(-1), 0)
   sub = row_rank // blocks.rows
   subs = -(-rows_in_block.reshape(n_shards, blocks.q_max) // blocks.rows)
   subs = jax.lax.pmax(jnp.max(subs, axis=0), axis)                              # [q_max]
   pairs_to = jnp.sum(onehot, axis=0)
-  sched = Schedule(shard.astype(jnp.int32), (flat % e_local).astype(jnp.int32),
-                   (shard * blocks.pairs + rank % blocks.pairs).astype(jnp.int32),
-                   (shard * blocks.rows + row_rank % blocks.rows).astype(jnp.int32),
+  slot = lambda a, size: jnp.where(real, shard * size + a % size, n_shards * size).astype(jnp.int32)
+  sched = Schedule(shard.astype(jnp.int32), jnp.where(real, flat % e_local, e_local).astype(jnp.int32),
+                   slot(rank, blocks.pairs), slot(row_rank, blocks.rows),
                    first, q.astype(jnp.int32), sub.astype(jnp.int32), subs.astype(jnp.int32),
-                   jnp.sum(subs).astype(jnp.int32))
+                   jnp.sum(subs).astype(jnp.int32), real)
   stats = Stats(rounds=jnp.sum(subs),
                 max_block_load=jnp.max(pairs_to).astype(jnp.float32) / blocks.pairs,
                 rows_per_pair=jnp.mean(first.astype(jnp.float32)),
@@ -143,9 +161,11 @@ def schedule(expert_idx: jax.Array, e_local: int, n_shards: int, blocks: Blocks,
 
 def unserved(sched: Schedule) -> jax.Array:
   """[] pairs whose round lies past the sched.n_rounds the loop runs (0 when every pair is
-  delivered): pair round q's sub-round `sub` is round sum(subs[:q]) + sub of the order."""
+  delivered; "no expert" pairs are never due): pair round q's sub-round `sub` is round
+  sum(subs[:q]) + sub of the order."""
   start = jnp.cumsum(sched.subs) - sched.subs
-  return jnp.sum(start[sched.q] + sched.sub >= sched.n_rounds).astype(jnp.int32)
+  q = jnp.minimum(sched.q, sched.subs.shape[0] - 1)  # q_max ("no expert") is masked
+  return jnp.sum(sched.real & (start[q] + sched.sub >= sched.n_rounds)).astype(jnp.int32)
 
 
 def _round_of(sched: Schedule, j: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -172,18 +192,31 @@ def _ragged_swap(rows: jax.Array, sizes: jax.Array) -> tuple[jax.Array, jax.Arra
   return out.reshape(n, br, d), recv_sizes
 
 
+class RoundSends(NamedTuple):
+  """What one device sends in one round."""
+  active: jax.Array     # [T*K'] bool: the pairs of this round
+  row_token: jax.Array  # [P * Br] token filling each row slot, T for an empty slot
+  pair_at: jax.Array    # [T*K'] pair slot of each pair of the round, P * Bp (dump) for the rest
+
+
+def round_sends(sched: Schedule, j, n_tokens: int, n_shards: int, blocks: Blocks) -> RoundSends:
+  """Round j's rows and pair slots, from the schedule alone; "no expert" pairs are never
+  active, so they fill no row slot and no pair slot."""
+  q, sub = _round_of(sched, j)
+  active = sched.real & (sched.q == q) & (sched.sub == sub)
+  token = jnp.arange(sched.q.shape[0], dtype=jnp.int32) // (sched.q.shape[0] // n_tokens)
+  # Which token fills each row slot, and each pair slot (dump slot last).
+  row_at = jnp.where(active & sched.first, sched.row_slot, n_shards * blocks.rows)
+  row_token = jnp.full((n_shards * blocks.rows + 1,), n_tokens, jnp.int32).at[row_at].set(token)[:-1]
+  return RoundSends(active, row_token, jnp.where(active, sched.pair_slot, n_shards * blocks.pairs))
+
+
 def _one_round(x, gates, w_gate, w_up, w_down, sched: Schedule, j, *, backend: Backend,
                e_local: int, n_shards: int, blocks: Blocks, exchange: str):
   """Round j's contribution to y: [T, d]."""
   t, d = x.shape
   bp, br = blocks.pairs, blocks.rows
-  q, sub = _round_of(sched, j)
-  active = (sched.q == q) & (sched.sub == sub)
-  token = jnp.arange(sched.q.shape[0], dtype=jnp.int32) // gates.shape[1]
-  # Source: which token fills each row slot, and each pair slot's tags (dump slot last).
-  row_at = jnp.where(active & sched.first, sched.row_slot, n_shards * br)
-  row_token = jnp.full((n_shards * br + 1,), t, jnp.int32).at[row_at].set(token)[:-1]
-  pair_at = jnp.where(active, sched.pair_slot, n_shards * bp)
+  active, row_token, pair_at = round_sends(sched, j, t, n_shards, blocks)
   tag = lambda fill, value, dtype: (jnp.full((n_shards * bp + 1,), fill, dtype)
                                     .at[pair_at].set(value.astype(dtype))[:-1].reshape(n_shards, bp))
   pair_row = tag(br, sched.row_slot % br, jnp.int32)       # br: the empty slot's zero row
@@ -194,7 +227,9 @@ def _one_round(x, gates, w_gate, w_up, w_down, sched: Schedule, j, *, backend: B
 
   pair_row, pair_expert, pair_gate = _swap(pair_row), _swap(pair_expert), _swap(pair_gate)
   if exchange == "ragged":
-    sizes = jnp.zeros((n_shards,), jnp.int32).at[sched.shard].add((active & sched.first).astype(jnp.int32))
+    # Entry P takes the "no expert" pairs (never active) and is cut off.
+    sizes = (jnp.zeros((n_shards + 1,), jnp.int32)
+             .at[sched.shard].add((active & sched.first).astype(jnp.int32))[:n_shards])
     recv, recv_sizes = _ragged_swap(send, sizes)
   else:
     recv = _swap(send)
@@ -203,9 +238,10 @@ def _one_round(x, gates, w_gate, w_up, w_down, sched: Schedule, j, *, backend: B
   source = jnp.arange(n_shards, dtype=jnp.int32)[:, None]
   pair_row = jnp.where(pair_row < br, source * br + pair_row, n_shards * br).reshape(-1)
   rows_pad = jnp.concatenate([recv.reshape(-1, d), jnp.zeros((1, d), recv.dtype)])
-  routing = sorting.sort_by_expert(pair_expert.reshape(-1, 1), e_local + 1)
+  # Empty pair slots are tagged e_local, "no expert": sorted last, out of every group.
+  routing = sorting.sort_by_expert(pair_expert.reshape(-1, 1), e_local)
   src_row = jnp.take(pair_row, routing.order)
-  out = grouped_swiglu(jnp.take(rows_pad, src_row, axis=0), routing.group_sizes[:e_local],
+  out = grouped_swiglu(jnp.take(rows_pad, src_row, axis=0), routing.group_sizes,
                        w_gate, w_up, w_down, gmm=backend.gmm)
   gate = jnp.take(pair_gate.reshape(-1), routing.order)[:, None]
   out_rows = (jnp.zeros((n_shards * br + 1, d), jnp.float32)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from moe.model.config import ModelConfig
 from moe.model.counts import count_params
+from moe.model.moe_layer import shard_reach
 from moe.parallel import compiled_cost, expert_parallel, rounds, rules, slices
 from moe.parallel.mesh import BATCH_AXES, slice_of
 from moe.train.config import TrainConfig
@@ -109,7 +110,7 @@ def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
   capacity = expert_parallel.layer_capacity_factor(cfg.expert_capacity_factor, mesh)
   if capacity <= 0:
     blocks = rounds.block_sizes(tokens_per_device, k, cfg.n_routed_experts, n_shards,
-                                cfg.expert_block_factor)
+                                cfg.expert_block_factor, shard_reach(cfg, mesh))
     fwd = rounds.round_bytes(blocks, n_shards, cfg.d_model, itemsize)
     bwd = rounds.round_backward_bytes(blocks, n_shards, cfg.d_model, itemsize)
     return cfg.n_moe_layers * n_rounds * (fwd * (2 if cfg.remat else 1) + bwd)
