@@ -220,6 +220,46 @@ def router_rows(t, d, e, f, k, s, reps) -> list[Row]:
           + measure(layer_paths[0], layer_paths[1:], reps))
 
 
+def null_share_table(t, d, e, f, k, s, reps) -> str:
+  """Zero-compute experts: as their number grows, the real experts per token, the rows the
+  grouped matmuls multiply (routed FLOPs = rows x 6 d f forward), the layer's forward+backward
+  time on the default backend, and, on a mesh of every local device as expert shards
+  (several devices, e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8 on CPU), the
+  rows the exchange sends per (token, choice) pair."""
+  from flax import nnx
+
+  from moe.dispatch import sorting
+  from moe.parallel.mesh import MeshConfig, make_mesh, use_mesh
+
+  n_dev = jax.device_count()
+  mesh = make_mesh(MeshConfig(f"expert:{n_dev}")) if n_dev > 1 and e % n_dev == 0 else None
+  x = jax.random.normal(jax.random.key(0), (t, d))
+  lines = ["| zero-compute experts | real experts / token | rows multiplied | routed GFLOP fwd | "
+           f"fwd+bwd ms | rows sent / pair ({n_dev} shards) |", "|---:|---:|---:|---:|---:|---:|"]
+  for z in (0, e // 4, e // 2, e):
+    # init_std 0.1: scores far enough from uniform that the null share is the router's choice
+    cfg = ModelConfig(d_model=d, n_heads=1, n_routed_experts=e, n_shared_experts=s,
+                      n_activated_experts=k, expert_width=f, n_null_experts=z, init_std=0.1)
+    graphdef, state = nnx.split(moe_layer.MoE(cfg, nnx.Rngs(0)))
+    call = lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x, jnp.zeros((t,), jnp.int32))
+    y, aux = jax.jit(call)(state, x)
+    real = float(aux["real_experts_per_token"])
+    route = routers.route_topk(routers.RouteArgs(cfg, routers.router_logits(
+        x, nnx.merge(graphdef, state).router[...]), None, None))
+    rows = int(sorting.n_routed(sorting.sort_by_expert(
+        moe_layer.without_null_experts(cfg, route).expert_idx, e)))
+    grad = jax.jit(jax.grad(lambda state, x: jnp.sum(call(state, x)[0])))
+    ms = statistics.median(time_ms(grad, (state, x), 1) for _ in range(reps))
+    sent = "-"
+    if mesh is not None:
+      def on_mesh(state, x, graphdef=graphdef):
+        with use_mesh(mesh):
+          return nnx.merge(graphdef, state)(x, jnp.zeros((t,), jnp.int32))[1]["ep_rows_per_pair"]
+      sent = f"{float(jax.jit(on_mesh)(state, x)):.3f}"
+    lines.append(f"| {z} | {real:.2f} | {rows:,} | {rows * 6 * d * f / 1e9:.2f} | {ms:.1f} | {sent} |")
+  return "\n".join(lines)
+
+
 def model_rows(reps: int) -> list[Row]:
   """Train-step time of tiny DeepSeekMoE and of a dense model of equal activated width."""
   from moe.train.config import TrainConfig
@@ -288,6 +328,9 @@ def main(argv):
               f"experts of width {_F.value}, {_K.value} active")
   print(f"{header}; backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
   print(format_table(rows))
+  if _ROUTERS.value:
+    print(f"\nzero-compute experts beside the {e} routed ones (topk, {_K.value} choices per token):")
+    print(null_share_table(_T.value, _D.value, e, _F.value, _K.value, s, _REPS.value))
   if _JSON.value:
     write_json(rows, _JSON.value)
 

@@ -252,9 +252,19 @@ def test_bias_updates_balance_load_without_gradients():
     bias = bias + cfg.bias_update_rate * jnp.sign(jnp.mean(load) - load)
   assert loads[0] > 1.9 and max(loads[-20:]) < 1.1, (loads[0], loads[-20:])
 
+
+@pytest.mark.parametrize("fields", [dict(router="topk_bias"),
+                                    dict(router="sigmoid_bias", n_group=3, topk_group=2),
+                                    dict(router="topk_bias", n_null_experts=3)],
+                         ids=["topk_bias", "sigmoid_bias", "topk_bias_null"])
+def test_a_train_step_moves_the_selection_bias_outside_the_gradient(fields):
+  """One implementation of the selection bias serves topk_bias and V3's sigmoid_bias (and
+  zero-compute targets): a train step moves it by exactly +-u from the load error, and it is
+  not a parameter (no gradient, no optimizer state)."""
   from moe.train.config import TrainConfig
   from moe.train.state import create_state
   from moe.train.steps import train_step
+  cfg = small(bias_update_rate=0.01, **fields)
   graphdef, state = create_state(cfg, TrainConfig(steps=2, warmup_steps=1))
   tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, V)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((2, 16)),
@@ -263,10 +273,10 @@ def test_bias_updates_balance_load_without_gradients():
   state, metrics = train_step(graphdef, state, batch, jax.random.key(3))
   model, _ = nnx.merge(graphdef, state)
   biases = [s.blocks.ffn.score_bias[...] for s in model.stacks if s.blocks.ffn.score_bias is not None]
-  got = jnp.concatenate(biases)                                   # [n_moe_layers, N']
+  got = jnp.concatenate(biases)                                   # [n_moe_layers, N' + null]
   load = metrics["layers"]["load"]
   want = cfg.bias_update_rate * jnp.sign(jnp.mean(load, -1, keepdims=True) - load)
   np.testing.assert_allclose(got, want, atol=1e-7)
-  assert metrics["layers"]["score_bias"].shape == (cfg.n_moe_layers, n)
+  assert metrics["layers"]["score_bias"].shape == (cfg.n_moe_layers, cfg.n_route_targets)
   assert not any("score_bias" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
       nnx.state(model, nnx.Param)))
