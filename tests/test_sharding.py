@@ -277,6 +277,32 @@ def test_training_resumes_sharded_checkpoints_on_another_mesh(tmp_path, small_co
   assert second.eval["eval_loss"] == pytest.approx(single.eval["eval_loss"], rel=1e-4)
 
 
+def test_metrics_show_group_limits_cutting_the_rows_sent(tmp_path, small_corpus):
+  """Training on data:2,expert:4 with one expert group per shard: ep_rows_per_pair in
+  metrics.jsonl falls as topk_group falls, and the new metrics are written."""
+  import json
+
+  from tests.data_fixtures import small_data_config, small_model
+  from tests.test_train import train_cfg
+
+  data = small_data_config(small_corpus)
+  rows = {}
+  for keep in (4, 1):
+    model = small_model(n_routed_experts=16, n_activated_experts=4, expert_width=16,
+                        router="sigmoid_bias", n_group=0, topk_group=keep, norm_topk_prob=True,
+                        seq_balance_alpha=1e-3)
+    workdir = tmp_path / f"keep{keep}"
+    train_and_evaluate(str(workdir), model, data, train_cfg(steps=2, eval_every=2, log_every=1),
+                       mesh_cfg=MeshConfig("data:2,expert:4"))
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = [r for r in logged if "loss" in r and "ep_rows_per_pair" in r.get("layers", {})]
+    assert train, logged[0].keys()
+    rows[keep] = max(max(r["layers"]["ep_rows_per_pair"]) for r in train)
+    assert all(r["layers"]["seq_balance_loss"][0] > 0 for r in train)
+  assert rows[1] < rows[4]
+  assert rows[1] <= 0.25 + 0.1  # one row per token, but for rows split between two rounds
+
+
 def test_plan_counts_each_devices_shards():
   """The AOT plan compiles the sharded step from abstract shapes; its per-device parameter
   and optimizer bytes are the rules' shards: routed experts and router columns (axis
