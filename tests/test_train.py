@@ -421,3 +421,22 @@ def test_profile_steps_write_a_trace(tmp_path, small_corpus):
   assert result.status == "finished"
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces) and any(f.endswith(".trace.json.gz") for f in traces)
+
+
+def test_the_selection_bias_is_saved_and_restored(tmp_path, small_corpus):
+  """V3's sigmoid_bias router: its selection bias (not a parameter) is checkpointed, so a run
+  stopped and resumed has the straight run's bias and loss."""
+  from moe.train.loop import train_and_evaluate
+
+  model = small_model(router="sigmoid_bias", n_routed_experts=16, n_activated_experts=4,
+                      expert_width=16, n_group=4, topk_group=2, norm_topk_prob=True,
+                      bias_update_rate=0.05, expert_balance_alpha=0.0)
+  data = small_data_config(small_corpus)
+  cfg = train_cfg(steps=4, eval_every=4, checkpoint_every=2, log_every=1)
+  straight = train_and_evaluate(str(tmp_path / "a"), model, data, cfg)
+  train_and_evaluate(str(tmp_path / "b"), model, data, cfg, stop_after_steps=2)
+  resumed = train_and_evaluate(str(tmp_path / "b"), model, data, cfg)
+  bias = lambda d: [r["layers"]["score_bias"] for r in metrics(str(tmp_path / d)) if "loss" in r][-1]
+  assert np.max(np.abs(bias("a"))) >= 0.05  # the bias moved
+  np.testing.assert_array_equal(bias("a"), bias("b"))
+  assert resumed.train_loss == straight.train_loss
