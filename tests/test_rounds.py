@@ -160,3 +160,19 @@ def test_ragged_exchange_compiles_for_tpu():
   # Rows there and back in the forward, the same in the recomputed forward of the backward,
   # and the two transposes.
   assert hlo.count("ragged-all-to-all(") >= 4
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_a_train_steps_all_to_all_bytes_match_the_compiled_program(remat):
+  """The plan's per-step formula against the compiled train step: the layers are scanned,
+  so the module text holds one MoE layer's exchange (forward, and backward: the round sent
+  again for its VJP without its return trip, then the transposes), with remat or without."""
+  from moe.train.config import TrainConfig
+  from moe.train.plan import compile_step, step_all_to_all_bytes
+  from tests.test_sharding import CFG
+
+  mesh = make_mesh(MeshConfig("data:2,expert:4"))
+  cfg = CFG.replace(remat=remat, n_layers=3)
+  compiled = compile_step(cfg, TrainConfig(), mesh, 8, 16)[0]
+  per_layer = step_all_to_all_bytes(cfg, mesh, tokens_per_device=16) // cfg.n_moe_layers
+  assert all_to_all_bytes_sent(compiled.as_text(), 4) == per_layer

@@ -81,9 +81,10 @@ def round_bytes(blocks: Blocks, n_shards: int, d_model: int, itemsize: int) -> i
 
 
 def round_backward_bytes(blocks: Blocks, n_shards: int, d_model: int, itemsize: int) -> int:
-  """Bytes one device sends in one round of the backward pass: the round's forward again
-  (recomputed for its VJP), then the transposed row and gate all_to_alls."""
-  return round_bytes(blocks, n_shards, d_model, itemsize) + \
+  """Bytes one device sends in one round of the backward pass: the round's rows and tags go
+  out again (its forward recomputed for the VJP; the rows' return trip is dead there and
+  the compiler drops it), then the transposed row all_to_alls (both ways) and the gates'."""
+  return (n_shards - 1) * (blocks.rows * d_model * itemsize + 12 * blocks.pairs) + \
       (n_shards - 1) * (2 * blocks.rows * d_model * itemsize + 4 * blocks.pairs)
 
 

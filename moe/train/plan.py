@@ -99,9 +99,12 @@ def _per_device_bytes(abstract, shardings) -> int:
 
 def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
                           n_rounds: int = 1) -> int:
-  """Bytes one device sends by all_to_all in a train step: every MoE layer forward, its
-  backward and, with remat, the recomputed forward. Dropless: `n_rounds` rounds per layer
-  (1 = balanced routing; moe.parallel.rounds). Capacity exchange: one, whatever the routing."""
+  """Bytes one device sends by all_to_all in a train step: every MoE layer forward and its
+  backward. Dropless: `n_rounds` rounds per layer (1 = balanced routing; moe.parallel.rounds);
+  remat adds nothing, as the rounds' custom VJP recomputes each round itself and the
+  rematerialised forward's output is unused (the compiled step sends the same bytes with
+  and without remat: tests/test_rounds.py). Capacity exchange: one, whatever the routing,
+  run again by remat."""
   if not cfg.is_moe_model:
     return 0
   n_shards = mesh.shape["expert"]
@@ -113,7 +116,7 @@ def step_all_to_all_bytes(cfg: ModelConfig, mesh: Mesh, tokens_per_device: int,
                                 cfg.expert_block_factor, shard_reach(cfg, mesh))
     fwd = rounds.round_bytes(blocks, n_shards, cfg.d_model, itemsize)
     bwd = rounds.round_backward_bytes(blocks, n_shards, cfg.d_model, itemsize)
-    return cfg.n_moe_layers * n_rounds * (fwd * (2 if cfg.remat else 1) + bwd)
+    return cfg.n_moe_layers * n_rounds * (fwd + bwd)
   fwd = expert_parallel.all_to_all_bytes(tokens_per_device, k, cfg.d_model, n_shards, capacity,
                                          itemsize)
   rows = expert_parallel.block_rows(tokens_per_device, k, n_shards, capacity)
