@@ -14,13 +14,13 @@ import dataclasses
 import os
 import time
 
-from absl import flags, logging
+from absl import logging
 
 from data.config import DataConfig
 from data.input_pipeline import batches, tokenizer_for
-from experiments import errors, gin_flags
+from experiments import common_flags, errors, gin_flags
 
-_STEPS = flags.DEFINE_integer("steps", 10_000, "batches read before the state is saved")
+_STEPS = common_flags.steps()  # default 10_000: batches read before the state is saved
 
 
 def measure(cfg: DataConfig, steps: int) -> dict[str, float]:
@@ -55,14 +55,15 @@ def main(argv):
   gin_flags.parse(argv)
   logging.set_verbosity(logging.WARNING)
   cfg = DataConfig()
+  steps = _STEPS.value or 10_000
   tfrecord = dataclasses.replace(cfg, file_format="tfrecord", data_dir=os.path.join(cfg.root, "tfrecord"),
                                  tokenizer_path=tokenizer_for(cfg).path)
   print(f"{cfg.dataset}, batch {cfg.batch_size} x {cfg.seq_len}, read_threads {cfg.read_threads}, "
-        f"{os.cpu_count()} CPUs; resume at step {_STEPS.value}")
+        f"{os.cpu_count()} CPUs; resume at step {steps}")
   print("| prepared as | batches/s | tokens/s | first batch at step 0 (s) | first batch resumed at step N (s) |")
   print("|---|---:|---:|---:|---:|")
   for name, c in (("ArrayRecord (random access)", cfg), ("TFRecord (stream)", tfrecord)):
-    r = measure(c, _STEPS.value)
+    r = measure(c, steps)
     print(f"| {name} | {r['batches_per_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['start_s']:.2f} "
           f"| {r['resume_s']:.2f} |", flush=True)
 

@@ -166,7 +166,33 @@ def n_shared_experts() -> flags.FlagHolder:
       "n_shared_experts", None, "shared experts (default: the model's)", lower_bound=0))
 
 
+def layer_shape_flags() -> None:
+  """The MoE layer benchmarks' shape (bench_moe, bench_routers): --tokens, --d_model,
+  --expert_width, --n_activated_experts, with --n_routed_experts, --n_shared_experts, --reps."""
+  _once("tokens", lambda: flags.DEFINE_integer("tokens", 4096, "tokens per batch (T)"))
+  _once("d_model", lambda: flags.DEFINE_integer("d_model", 512, "model width"))
+  _once("expert_width", lambda: flags.DEFINE_integer("expert_width", 128, "expert FFN width"))
+  _once("n_activated_experts", lambda: flags.DEFINE_integer(
+      "n_activated_experts", 6, "routed experts per token (top-k)"))
+  n_routed_experts(), n_shared_experts(), reps()
+
+
+def layer_shape() -> tuple[int, int, int, int, int, int, int]:
+  """(T, d_model, routed experts (default 64), expert width, K', shared experts (default 2),
+  reps) from layer_shape_flags."""
+  f = flags.FLAGS
+  e = 64 if f.n_routed_experts is None else f.n_routed_experts
+  s = 2 if f.n_shared_experts is None else f.n_shared_experts
+  return f.tokens, f.d_model, e, f.expert_width, f.n_activated_experts, s, f.reps
+
+
 # --- timing and output ----------------------------------------------------------------------
+
+def steps() -> flags.FlagHolder:
+  return _once("steps", lambda: flags.DEFINE_integer(
+      "steps", None, "steps to run (bench_data: batches read before the state is saved, default "
+      "10000; bench_train: timed training steps per run, default 12)", lower_bound=1))
+
 
 def reps() -> flags.FlagHolder:
   return _once("reps", lambda: flags.DEFINE_integer(

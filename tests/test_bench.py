@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from experiments import bench_moe, probe_ragged_dot
+from experiments import bench_moe, bench_routers, probe_ragged_dot
 from moe.dispatch import cpu_kernel
 
 
@@ -43,14 +43,14 @@ def test_ragged_dot_probe_reports_the_dense_expansion():
 
 
 def test_router_benchmark_rows_and_the_null_share_table():
-  """--routers: a routing-only and a whole-layer row per router, each half against topk; the
+  """bench_routers: a routing-only and a whole-layer row per router, each half against topk; the
   zero-compute table's real experts per token and rows multiplied fall with their number."""
-  rows = bench_moe.router_rows(t=32, d=16, e=8, f=8, k=2, s=1, reps=1)
+  rows = bench_routers.router_rows(t=32, d=16, e=8, f=8, k=2, s=1, reps=1)
   names = [r.path for r in rows]
   assert len(rows) == 8 and names[0].startswith("routing only: topk") and names[4].startswith("layer: topk")
   assert rows[0].ratio_to_dense == rows[4].ratio_to_dense == 1.0
   assert all(r.fwd_bwd_ms > 0 for r in rows)
-  table = bench_moe.null_share_table(t=64, d=16, e=8, f=8, k=4, s=1, reps=1).splitlines()[2:]
+  table = bench_routers.null_share_table(t=64, d=16, e=8, f=8, k=4, s=1, reps=1).splitlines()[2:]
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
   assert [int(c[0]) for c in cells] == [0, 2, 4, 8]
   real = [float(c[1]) for c in cells]

@@ -421,6 +421,19 @@ def test_profile_steps_write_a_trace(tmp_path, small_corpus):
   assert result.status == "finished"
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces) and any(f.endswith(".trace.json.gz") for f in traces)
+  # Where the two steps' time went, by the model's scopes.
+  from experiments.profile_table import format_table
+  from moe.parallel.compiled_cost import scope_component
+  from moe.train.plan import COMPONENTS
+  from moe.train.profile import breakdown
+  b = breakdown(str(tmp_path / "profile"), scope_component(COMPONENTS))
+  assert b.steps == 2 and b.wall_s > 0 and b.between_kernels_s >= 0
+  assert set(b.components) <= set(COMPONENTS) | {"other"}
+  assert {"attention", "routed_experts", "optimizer", "lm_head_loss"} <= set(b.components)
+  assert all(v > 0 for v in b.components.values())
+  # Kernels at once are each counted, but not by more than the two cores' worth.
+  assert sum(b.components.values()) + b.between_kernels_s <= 2 * b.wall_s
+  assert "| attention |" in format_table(b)
 
 
 def test_the_selection_bias_is_saved_and_restored(tmp_path, small_corpus):

@@ -197,4 +197,5 @@ class CpuKernelBackend(Backend):
   def experts(self, x, routing, gates, weights):
     if x.dtype != jnp.float32 or any(w.dtype != jnp.float32 for w in weights):
       return fused_loop.fused_swiglu_experts(x, routing, gates, *weights)
-    return ffi_swiglu_experts(x, routing, gates, *weights)
+    with jax.named_scope("routed_experts"):  # gathers and scatters included: one kernel
+      return ffi_swiglu_experts(x, routing, gates, *weights)

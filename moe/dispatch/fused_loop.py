@@ -257,4 +257,5 @@ def fused_swiglu_experts(x: jax.Array, routing: SortedRouting, gates: jax.Array,
   """
   chunking = chunking or Chunking.fit(routing.order.shape[0], w_gate.shape[0])
   tok, gate_rows = row_tokens_and_gates(routing, gates)
-  return _fused(x, tok, gate_rows, w_gate, w_up, w_down, routing.group_sizes, chunking)
+  with jax.named_scope("routed_experts"):  # the loop gathers and scatters as it multiplies
+    return _fused(x, tok, gate_rows, w_gate, w_up, w_down, routing.group_sizes, chunking)

@@ -246,8 +246,9 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
       status = "preempted"
     while step < train_cfg.steps and status == "finished":
       batch = next(data.train)
-      profiler.before(step + 1)
-      state, metrics = steps.train(state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
+      step_args = (state, put_batch(batch, mesh), jax.random.fold_in(base_key, step))
+      profiler.before(step + 1, steps.train, step_args)
+      state, metrics = steps.train(*step_args)
       step += 1
       profiler.after(step, metrics)
       pending.add(step, metrics)
