@@ -431,8 +431,8 @@ def test_profile_steps_write_a_trace(tmp_path, small_corpus):
   assert set(b.components) <= set(COMPONENTS) | {"other"}
   assert {"attention", "routed_experts", "optimizer", "lm_head_loss"} <= set(b.components)
   assert all(v > 0 for v in b.components.values())
-  # Kernels at once are each counted, but not by more than the two cores' worth.
-  assert sum(b.components.values()) + b.between_kernels_s <= 2 * b.wall_s
+  # The step is kernels (each counted, so concurrent ones overlap) plus the gaps between.
+  assert sum(b.components.values()) >= b.wall_s - b.between_kernels_s - 1e-9
   assert "| attention |" in format_table(b)
 
 
