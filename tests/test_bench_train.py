@@ -132,7 +132,7 @@ def test_peer_step_matches_ours(stepped):
   np.testing.assert_allclose(losses, [float(m["lm_loss"]) for m in metrics], rtol=1e-5)
   assert set(theirs) == set(ours)
   bad, total = mismatches(ours, theirs)
-  assert bad <= 1e-4 * total, (bad, total)
+  assert bad <= 1e-3 * total, (bad, total)  # 1-3 seen here; a real difference moves 68-99%
   assert max(float(np.max(np.abs(ours[n] - theirs[n]))) for n in ours) < 2 * STEPS * TRAIN.learning_rate
   moved = sum(int(np.sum(~np.isclose(initial[n], ours[n], rtol=1e-4, atol=1e-6))) for n in ours)
   assert moved > 0.5 * total  # the steps moved most parameters beyond the tolerance
