@@ -12,7 +12,6 @@ with topk's (experiments.timing.measure), median of --reps.
 
 from __future__ import annotations
 
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +98,7 @@ def null_share_table(t, d, e, f, k, s, reps) -> str:
     rows = int(sorting.n_routed(sorting.sort_by_expert(
         moe_layer.without_null_experts(cfg, route).expert_idx, e)))
     grad = jax.jit(jax.grad(lambda state, x: jnp.sum(call(state, x)[0])))
-    ms = statistics.median(time_ms(grad, (state, x), 1) for _ in range(reps))
+    ms = time_ms(grad, (state, x), reps)  # one warm-up, then the median of reps
     sent = "-"
     if mesh is not None:
       def on_mesh(state, x, graphdef=graphdef):

@@ -76,12 +76,11 @@ def seq_balance_loss(scores: jax.Array, expert_idx: jax.Array, n_seqs: int,
   t, n = scores.shape
   s = scores.astype(jnp.float32)
   s = s / jnp.sum(s, axis=-1, keepdims=True)
-  per_seq = lambda sc, ix, m: expert_balance_loss(sc, ix, m)
   sc, ix = s.reshape(n_seqs, t // n_seqs, n), expert_idx.reshape(n_seqs, t // n_seqs, -1)
   if mask is None:
-    return jnp.mean(jax.vmap(lambda a, b: per_seq(a, b, None))(sc, ix))
+    return jnp.mean(jax.vmap(expert_balance_loss)(sc, ix))
   m = mask.reshape(n_seqs, t // n_seqs)
-  losses = jax.vmap(per_seq)(sc, ix, m)
+  losses = jax.vmap(expert_balance_loss)(sc, ix, m)
   has_real = jnp.any(m, axis=-1)  # a sequence of padding only does not count
   return jnp.sum(jnp.where(has_real, losses, 0.0)) / jnp.maximum(jnp.sum(has_real), 1)
 
