@@ -51,7 +51,8 @@ def test_splash_in_interpret_mode_equals_the_reference():
 
 def test_auto_picks_by_platform():
   assert ab.resolve("auto", "tpu") is ab.splash and ab.resolve("auto", "gpu") is ab.cudnn
-  assert ab.resolve("auto", "cpu") is ab.reference
+  from moe.model import cpu_attention
+  assert ab.resolve("auto", "cpu") is (ab.cpu_ffi if cpu_attention.available() else ab.reference)
   with pytest.raises(ValueError, match="unknown attention backend"):
     ab.resolve("flash", "cpu")
 

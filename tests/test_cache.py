@@ -17,12 +17,13 @@ def test_one_variable_moves_every_cache(monkeypatch, tmp_path):
 
 
 def test_kernel_is_built_under_the_cache_root_per_cpu_and_compiler(monkeypatch, tmp_path):
+  from moe import cpu_build
   from moe.dispatch import cpu_kernel
-  compiler = cpu_kernel._compiler()
+  compiler = cpu_build.compiler()
   if compiler is None:
     return  # no compiler: status() says so (tests/test_cpu_ffi.py)
   monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
-  path = cpu_kernel._library_path("/any/libblas.so", compiler)
+  path = cpu_build.library_path(cpu_kernel._SOURCE, "/any/libblas.so", compiler)
   assert os.path.dirname(path) == str(tmp_path / "kernels")
-  monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: "flags : sse2")  # another CPU
-  assert cpu_kernel._library_path("/any/libblas.so", compiler) != path
+  monkeypatch.setattr(cpu_build, "cpu_flags", lambda: "flags : sse2")  # another CPU
+  assert cpu_build.library_path(cpu_kernel._SOURCE, "/any/libblas.so", compiler) != path

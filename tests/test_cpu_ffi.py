@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from moe import cpu_build
 from moe.dispatch import cpu_kernel, registry
 from moe.dispatch.sorting import SortedRouting, row_tokens_and_gates, sort_by_expert
 from tests.capabilities import skip_or_fail
@@ -228,33 +229,39 @@ CPU part\t: {part}
 
 
 def test_cpu_key_is_the_instruction_set_on_every_architecture():
-  assert "avx512f" in cpu_kernel._cpu_key(X86)
-  assert cpu_kernel._cpu_key(X86) != cpu_kernel._cpu_key(X86.replace(" avx512f", ""))
+  assert "avx512f" in cpu_build.cpu_key(X86)
+  assert cpu_build.cpu_key(X86) != cpu_build.cpu_key(X86.replace(" avx512f", ""))
   sve, no_sve = ARM.format(extra="sve sve2"), ARM.format(extra="")
-  assert "asimd" in cpu_kernel._cpu_key(sve)
+  assert "asimd" in cpu_build.cpu_key(sve)
   # Two ARM CPUs told apart by their Features line alone (same implementer and part).
-  assert cpu_kernel._cpu_key(sve) != cpu_kernel._cpu_key(no_sve)
-  assert cpu_kernel._cpu_key(sve) == cpu_kernel._cpu_key(ARM.format(extra="sve  sve2"))
+  assert cpu_build.cpu_key(sve) != cpu_build.cpu_key(no_sve)
+  assert cpu_build.cpu_key(sve) == cpu_build.cpu_key(ARM.format(extra="sve  sve2"))
   # No feature line: the model lines.
-  a53, a72 = (cpu_kernel._cpu_key(OLD_ARM.format(part=p)) for p in ("0xd03", "0xd08"))
+  a53, a72 = (cpu_build.cpu_key(OLD_ARM.format(part=p)) for p in ("0xd03", "0xd08"))
   assert a53 != a72 and "CPU part: 0xd03" in a53
-  assert cpu_kernel._cpu_key("") == ""
+  assert cpu_build.cpu_key("") == ""
 
 
 def test_kernel_build_key_follows_arm_features_and_source(monkeypatch, tmp_path):
-  compiler = cpu_kernel._compiler()
+  compiler = cpu_build.compiler()
   if compiler is None:
     skip_or_fail("cpu_kernel", "no C++ compiler")
   monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path))
-  lib = lambda: cpu_kernel._library_path("/any/libblas.so", compiler)
+  source = cpu_kernel._SOURCE
+  lib = lambda: cpu_build.library_path(source, "/any/libblas.so", compiler)
   for extra, other in [("sve", "sve2"), ("", "sve")]:
-    monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: cpu_kernel._cpu_key(ARM.format(extra=extra)))
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: cpu_build.cpu_key(ARM.format(extra=extra)))
     path = lib()
-    monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: cpu_kernel._cpu_key(ARM.format(extra=other)))
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: cpu_build.cpu_key(ARM.format(extra=other)))
     assert lib() != path
-  # An edited kernel source is a new build.
+  # An edited kernel source, or shared header, is a new build.
   path = lib()
-  source = tmp_path / "expert_swiglu.cc"
-  source.write_text(open(cpu_kernel._SOURCE).read() + "// edited\n")
-  monkeypatch.setattr(cpu_kernel, "_SOURCE", str(source))
+  edited = tmp_path / "expert_swiglu.cc"
+  edited.write_text(open(cpu_kernel._SOURCE).read() + "// edited\n")
+  source = str(edited)
+  assert lib() != path
+  path = lib()
+  header = tmp_path / "cpu_kernels.h"
+  header.write_text(open(cpu_build.HEADER).read() + "// edited\n")
+  monkeypatch.setattr(cpu_build, "HEADER", str(header))
   assert lib() != path

@@ -6,39 +6,26 @@
 // f32 only. Rows are in expert-sorted order: tok[r] is the token of row r, gate[r] its gate,
 // group_sizes[e] the rows of expert e; rows past sum(group_sizes) are routed nowhere (padding):
 // they add nothing to the output and their per-row outputs (saved pre-activations, d_gate) are
-// exactly zero. Built by moe/dispatch/cpu_kernel.py against the OpenBLAS that
-// numpy ships (its 64-bit-index cblas).
+// exactly zero. Built by moe/cpu_build.py.
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using F32 = ffi::Buffer<ffi::F32>;
 using I32 = ffi::Buffer<ffi::S32>;
 
-extern "C" void scipy_cblas_sgemm64_(int, int, int, int64_t, int64_t, int64_t, float, const float*,
-                                     int64_t, const float*, int64_t, float, float*, int64_t);
-extern "C" int openblas_set_num_threads_local(int);
-
 namespace {
 
-constexpr int kRowMajor = 101, kN = 111, kT = 112;
-
-// C[M, N] = beta * C + op(A) @ op(B), row major.
-void Gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc) {
-  scipy_cblas_sgemm64_(kRowMajor, ta, tb, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
-}
-
-float Sigmoid(float a) { return 1.f / (1.f + std::exp(-a)); }
+using moe_cpu::Gemm;
+using moe_cpu::kN;
+using moe_cpu::kT;
+using moe_cpu::Pool;
 
 // rows[i] = src[tok[i]], rows of width d.
 void GatherRows(const float* src, const int32_t* tok, int64_t n, int64_t d, float* rows) {
@@ -54,74 +41,12 @@ void ScatterAddRows(const float* rows, const int32_t* tok, int64_t n, int64_t d,
   }
 }
 
-// Threads one call may ask for: at least the caller, and a bound on the workers (kept for
-// the process) that a bad attribute could start.
-constexpr int64_t kMaxThreads = 4096;
-
-// Worker threads started once (on first use, grown on demand) and kept for the process:
-// Run(n, fn) calls fn(0) on the caller and fn(1..n-1) on workers, and returns when all are
-// done. One Run at a time. Never destroyed, so process exit does not wait on idle workers.
-class Pool {
- public:
-  static Pool& Get() {
-    static Pool* pool = new Pool;
-    return *pool;
-  }
-
-  void Run(int n, const std::function<void(int)>& fn) {
-    std::lock_guard<std::mutex> one_call(call_mu_);
-    while (static_cast<int>(workers_.size()) < n - 1) {
-      const int id = static_cast<int>(workers_.size()) + 1;
-      workers_.emplace_back([this, id] { Work(id); });
-      workers_.back().detach();
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      n_ = n;
-      pending_ = n - 1;
-      ++generation_;
-    }
-    start_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-  }
-
- private:
-  void Work(int id) {
-    openblas_set_num_threads_local(1);
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* fn;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        start_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (id >= n_) continue;  // not needed for this call
-        fn = fn_;
-      }
-      (*fn)(id);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex call_mu_, mu_;
-  std::condition_variable start_, done_;
-  std::vector<std::thread> workers_;
-  const std::function<void(int)>* fn_ = nullptr;
-  int n_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-};
-
 // Runs per_expert(e, out) for every expert, expert e on thread e % threads; each
 // thread adds into its own [size] buffer (thread 0 into `out`), summed into `out` at the end.
 template <typename PerExpert>
 void ForExperts(int64_t n_experts, int threads, float* out, int64_t size, PerExpert per_expert) {
   std::vector<std::vector<float>> private_out(threads);
   Pool::Get().Run(threads, [&](int tid) {
-    if (tid == 0) openblas_set_num_threads_local(1);  // the caller: XLA's thread
     float* o = out;
     if (tid > 0) {
       private_out[tid].assign(size, 0.f);
@@ -169,8 +94,7 @@ bool HasShape(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want
 // range. Returns "" when valid.
 std::string Invalid(const F32& x, const I32& tok, const F32& gate, const F32& w_gate, const F32& w_up,
                     const F32& w_down, const I32& group_sizes, int64_t threads) {
-  if (threads < 1 || threads > kMaxThreads)  // 0 would wait forever on a worker that never runs
-    return "threads = " + std::to_string(threads) + " is outside [1, " + std::to_string(kMaxThreads) + "]";
+  if (std::string why = moe_cpu::ThreadsInvalid(threads); !why.empty()) return why;
   const auto xd = x.dimensions(), wg = w_gate.dimensions();
   if (xd.size() != 2 || wg.size() != 3) return "x must be [T, d] and w_gate [E, d, f]";
   const int64_t n_tokens = xd[0], d = xd[1], e = wg[0], f = wg[2];
@@ -197,15 +121,6 @@ std::string Invalid(const F32& x, const I32& tok, const F32& gate, const F32& w_
   return "";
 }
 
-// h[i, j] = g[i] * silu(a[i, j]) * b[i, j] from the saved [n, 2f] rows [a | b].
-void GatedHidden(const float* ab, const float* g, int64_t n, int64_t f, float* h) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < f; ++j) {
-      const float a = ab[i * 2 * f + j], b = ab[i * 2 * f + f + j];
-      h[i * f + j] = g[i] * a * Sigmoid(a) * b;
-    }
-}
-
 ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I32 group_sizes,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> ab, int64_t threads) {
   if (std::string why = Invalid(x, tok, gate, w_gate, w_up, w_down, group_sizes, threads); !why.empty())
@@ -224,7 +139,7 @@ ffi::Error Forward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, I
     float* ab_e = ab->typed_data() + s * 2 * f;  // [n, 2f]: gate and up pre-activations, saved
     Gemm(kN, kN, n, f, d, xe.data(), d, w_gate.typed_data() + e * d * f, f, 0.f, ab_e, 2 * f);
     Gemm(kN, kN, n, f, d, xe.data(), d, w_up.typed_data() + e * d * f, f, 0.f, ab_e + f, 2 * f);
-    GatedHidden(ab_e, g, n, f, h.data());  // gate folded in before W_down
+    moe_cpu::SwigluHidden(ab_e, g, n, f, h.data());  // gate folded in before W_down
     Gemm(kN, kN, n, d, f, h.data(), f, w_down.typed_data() + e * f * d, d, 0.f, y.data(), d);
     ScatterAddRows(y.data(), t, n, d, o);
   });
@@ -262,19 +177,7 @@ ffi::Error Backward(F32 x, I32 tok, F32 gate, F32 w_gate, F32 w_up, F32 w_down, 
     GatherRows(x.typed_data(), t, n, d, xe.data());
     GatherRows(d_out.typed_data(), t, n, d, dy.data());
     Gemm(kN, kT, n, f, d, dy.data(), d, w_down.typed_data() + e * f * d, d, 0.f, dhs.data(), f);  // d(g h)
-    float* dg = d_gate->typed_data() + s;
-    for (int64_t i = 0; i < n; ++i) {  // one sigmoid per element for g h, d_gate and [da | db]
-      float acc = 0.f;
-      for (int64_t j = 0; j < f; ++j) {
-        const float a = ab_e[i * 2 * f + j], b = ab_e[i * 2 * f + f + j], sig = Sigmoid(a);
-        const float h = a * sig * b, ds = dhs[i * f + j], dh = g[i] * ds;
-        gh[i * f + j] = g[i] * h;
-        acc += ds * h;
-        dab[i * 2 * f + j] = dh * b * sig * (1.f + a * (1.f - sig));
-        dab[i * 2 * f + f + j] = dh * a * sig;
-      }
-      dg[i] = acc;
-    }
+    moe_cpu::SwigluHiddenBackward(ab_e, g, dhs.data(), n, f, gh.data(), dab.data(), d_gate->typed_data() + s);
     Gemm(kT, kN, f, d, n, gh.data(), f, dy.data(), d, 0.f, dwd, d);                           // (g h)^T dy
     Gemm(kT, kN, d, f, n, xe.data(), d, dab.data(), 2 * f, 0.f, dwg, f);
     Gemm(kT, kN, d, f, n, xe.data(), d, dab.data() + f, 2 * f, 0.f, dwu, f);

@@ -1,7 +1,9 @@
 """Causal self-attention over packed rows, one function per backend, chosen by
 ModelConfig.attention_backend:
 
-    reference  scores [B, H, S, S] in f32, masked, softmax (any platform; CPU's default)
+    reference  scores [B, H, S, S] in f32, masked, softmax (any platform)
+    cpu_ffi    a C++ FFI kernel per (example, head), no [B, H, S, S] array in the program
+               (moe.model.cpu_attention; CPU's default where it builds, f32)
     xla        jax.nn.dot_product_attention, XLA's implementation (builds the scores)
     cudnn      jax.nn.dot_product_attention on cuDNN's fused kernel, the document mask as a
                [B, 1, S, S] bias (GPU's default; bf16/fp16, f32 falls back to `xla`)
@@ -23,8 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from moe.parallel import mesh as meshes
 
-BACKENDS = ("auto", "reference", "xla", "cudnn", "splash")
-AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "reference"}
+BACKENDS = ("auto", "reference", "cpu_ffi", "xla", "cudnn", "splash")
+AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "cpu_ffi"}
 SPLASH_BLOCK = 128  # splash's query and key blocks; rows not a multiple of it use `xla`
 
 
@@ -107,11 +109,22 @@ def splash(q, k, v, segment_ids, interpret: bool = False):
                        out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
 
 
-FUNCTIONS = {"reference": reference, "xla": xla, "cudnn": cudnn, "splash": splash}
+def cpu_ffi(q, k, v, segment_ids):
+  """The C++ kernel (moe.model.cpu_attention); other dtypes take the reference."""
+  from moe.model import cpu_attention  # builds the kernel on first use only
+  return cpu_attention.cpu_ffi(q, k, v, segment_ids, fallback=reference)
+
+
+FUNCTIONS = {"reference": reference, "cpu_ffi": cpu_ffi, "xla": xla, "cudnn": cudnn, "splash": splash}
 
 
 def resolve(name: str, platform: str):
   """The attention function `name` stands for ("auto": by the platform traced for)."""
   if name not in BACKENDS:
     raise ValueError(f"unknown attention backend {name!r}; use one of {BACKENDS}")
-  return FUNCTIONS[AUTO.get(platform, "reference") if name == "auto" else name]
+  if name == "auto":
+    name = AUTO.get(platform, "reference")
+    if name == "cpu_ffi":
+      from moe.model import cpu_attention
+      name = "cpu_ffi" if cpu_attention.available() else "reference"  # no C++ compiler here
+  return FUNCTIONS[name]

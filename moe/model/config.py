@@ -52,7 +52,8 @@ class ModelConfig:
   n_null_experts: int = 0
   capacity_factor: float = 1.0  # switch / gshard only; 0: no dropping (dropless path, same gates)
   dispatch_backend: str = "auto"  # how dropless routers' rows reach experts: moe.dispatch.registry
-  attention_backend: str = "auto"  # moe.model.attention_backends: splash on TPU, cudnn on GPU
+  attention_backend: str = "auto"  # moe.model.attention_backends: splash on TPU, cudnn on GPU, cpu_ffi on CPU
+  ffn_backend: str = "auto"  # dense SwiGLU (and shared experts), moe.model.layers: cpu_ffi on CPU, else xla
   # Training loss over chunks of this many tokens (LM head + cross-entropy per chunk,
   # recomputed in the backward pass): no [B, S, vocab] f32 logits. 0: unchunked.
   loss_chunk_tokens: int = 0
@@ -149,9 +150,11 @@ def _validate(c: ModelConfig) -> None:
       _fail(field, getattr(c, field), "must not be negative", "set it to 0 or more")
   if c.init_std <= 0:
     _fail("init_std", c.init_std, "must be positive", "use e.g. 0.006 as in the paper")
-  if c.attention_backend not in ("auto", "reference", "xla", "cudnn", "splash"):
+  if c.ffn_backend not in ("auto", "xla", "cpu_ffi"):
+    _fail("ffn_backend", c.ffn_backend, "unknown FFN backend", "use 'auto', 'xla' or 'cpu_ffi' (moe.model.layers)")
+  if c.attention_backend not in ("auto", "reference", "cpu_ffi", "xla", "cudnn", "splash"):
     _fail("attention_backend", c.attention_backend, "unknown attention backend",
-          "use 'auto', 'reference', 'xla', 'cudnn' or 'splash' (moe.model.attention_backends)")
+          "use 'auto', 'reference', 'cpu_ffi', 'xla', 'cudnn' or 'splash' (moe.model.attention_backends)")
   if c.loss_chunk_tokens < 0:
     _fail("loss_chunk_tokens", c.loss_chunk_tokens, "must not be negative", "0 (unchunked) or e.g. 1024")
   if c.expert_exchange not in ("all_to_all", "ragged"):
