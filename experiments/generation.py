@@ -6,50 +6,17 @@ text and timing out. No flags here, so training can import it.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
 
-from data.text_tokenizer import TextTokenizer, with_bos
-from moe.decode.generate import Decoder, graphdef_for
+from data.text_tokenizer import with_bos
+from moe.decode.generate import Decoder
 from moe.decode.sampling import Sampling
-from moe.model.config import ModelConfig
 from moe.parallel.mesh import BATCH_AXES
-
-
-class Loaded(NamedTuple):
-  cfg: ModelConfig
-  graphdef: Any
-  params: Any      # nnx.State of the model's Params
-  tokenizer: TextTokenizer
-  mesh: Mesh | None
-  data_cfg: Any = None  # a training run's DataConfig (None for a checkpoint directory)
-
-
-def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-             dtype: str | None = None) -> Loaded:
-  """A training run's parameters (its latest checkpoint, or `step`) and SentencePiece
-  tokenizer; `dtype` overrides the compute dtype (the parameters keep theirs)."""
-  from data.input_pipeline import tokenizer_for
-  from moe.train.restore import restore_run
-
-  run = restore_run(workdir, step, mesh)
-  cfg, graphdef = run.model_cfg, run.graphdef
-  if dtype and dtype != cfg.dtype:
-    cfg = cfg.replace(dtype=dtype)
-    graphdef = graphdef_for(cfg)
-  return Loaded(cfg, graphdef, run.params, tokenizer_for(run.data_cfg), mesh, run.data_cfg)
-
-
-def load_hf_checkpoint(directory: str, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Loaded:
-  """A released-format checkpoint directory (config.json, *.safetensors, tokenizer.json),
-  parameters read straight into their shards on `mesh` in `dtype` (moe.hub's importer)."""
-  from data.text_tokenizer import load_tokenizer
-  from moe.hub.safetensors_import import import_checkpoint
-
-  ckpt = import_checkpoint(directory, mesh, dtype)
-  return Loaded(ckpt.model_cfg, ckpt.graphdef, ckpt.params, load_tokenizer(directory), mesh)
+# Loading lives with the restore (lm-eval's adapter, moe.train.harness, loads the same way).
+from moe.train.restore import Loaded, load_hf_checkpoint, load_run  # noqa: F401
 
 
 def decode_batch(n_prompts: int, mesh: Mesh | None) -> int:

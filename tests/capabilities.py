@@ -1,6 +1,6 @@
 """Skips that CI turns into failures. A test that needs something optional (the TPU
-compiler, torch, the C++ kernel's compiler, a notebook kernel) skips where it is missing, so
-the suite runs on a bare checkout; `MOE_REQUIRE` (a comma-separated list of CAPABILITIES,
+compiler, torch, the C++ kernel's compiler, a notebook kernel, lm-eval) skips where it is
+missing, so the suite runs on a bare checkout; `MOE_REQUIRE` (a comma-separated list of CAPABILITIES,
 or "all"; `.ci/run` sets it) makes that a failure instead, so a broken install cannot turn
 dozens of tests into skips while CI stays green."""
 
@@ -12,7 +12,7 @@ import os
 import pytest
 
 ENV_VAR = "MOE_REQUIRE"
-CAPABILITIES = ("tpu_compiler", "torch", "cpu_kernel", "notebook")
+CAPABILITIES = ("tpu_compiler", "torch", "cpu_kernel", "notebook", "lm_eval")
 
 
 def required() -> set[str]:

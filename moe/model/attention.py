@@ -14,16 +14,39 @@ from moe.model.layers import param
 from moe.parallel import mesh as meshes
 
 
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """positions: [B, S] -> cos, sin: [B, S, 1, Dh/2] of rotate-half RoPE. Materialised once
+  (optimization_barrier): left to fusion, XLA:CPU recomputes the sin and cos inside every
+  fusion that rotates, per element of q and k."""
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, S, Dh/2]
+  return jax.lax.optimization_barrier((jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]))
+
+
+@jax.custom_vjp
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _rotate_fwd(x, cos, sin):
+  return _rotate(x, cos, sin), (cos, sin)
+
+
+def _rotate_bwd(res, dy):
+  # The transpose of a rotation is the rotation by minus the angle: one more concatenation,
+  # where autodiff's transpose of the concatenation is pads and adds.
+  cos, sin = res
+  return _rotate(dy, cos, -sin), None, None
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
+
+
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotate-half RoPE. x: [B, S, H, Dh], positions: [B, S] -> [B, S, H, Dh]."""
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, S, Dh/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return _rotate(x, *rope_angles(positions, x.shape[-1], theta))
 
 
 class Attention(nnx.Module):
@@ -43,7 +66,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dtype))
     v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dtype))
-    return rotary(q, positions, self.cfg.rope_theta), rotary(k, positions, self.cfg.rope_theta), v
+    cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q: [B, Sq, H, Dh], k, v: [B, H, Sk, Dh], mask: [B, 1, Sq, Sk] -> [B, Sq, d_model]:

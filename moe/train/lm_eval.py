@@ -39,7 +39,7 @@ class LM(NamedTuple):
 
 def _score(graphdef, mesh, params, batch):
   """-> (sum of weighted target log-probs [B], sum of weights [B], per-layer stats of the
-  real tokens, number of real tokens)."""
+  real tokens, number of real tokens, whether every weighted target is the argmax [B])."""
   with use_mesh(mesh):
     model = nnx.merge(graphdef, params)
     real = real_tokens(batch["segment_ids"], batch["weights"])
@@ -47,7 +47,8 @@ def _score(graphdef, mesh, params, batch):
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     w = batch["weights"].astype(jnp.float32)
-    return jnp.sum(lp * w, axis=-1), jnp.sum(w, axis=-1), aux["layers"], jnp.sum(real)
+    greedy = jnp.all((jnp.argmax(logp, axis=-1) == batch["targets"]) | (w == 0), axis=-1)
+    return jnp.sum(lp * w, axis=-1), jnp.sum(w, axis=-1), aux["layers"], jnp.sum(real), greedy
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,15 +63,17 @@ def batch_rows(mesh: Mesh | None) -> int:
 
 
 def score_rows(lm: LM, rows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
-               batch_size: int | None = None):
+               batch_size: int | None = None, with_greedy: bool = False):
   """rows: (ids [n + 1], weights [n]) with n <= seq_len: weights[i] counts the prediction
   of ids[i + 1] from ids[:i + 1]. -> (log-prob sums [R], weight sums [R], routing stats of
-  the rows' tokens). Rows are padded to seq_len and batches to batch_size rows; the padding
-  is in segment 0, outside the routing statistics. One process: every row is this host's."""
+  the rows' tokens), and with_greedy: whether each row's weighted targets are all the
+  model's argmax [R] (lm-eval's is_greedy). Rows are padded to seq_len and batches to
+  batch_size rows; the padding is in segment 0, outside the routing statistics. One
+  process: every row is this host's."""
   batch_size = batch_size or batch_rows(lm.mesh)
   rules.check_batch(lm.mesh, batch_size, "batch_size")
   fn = _scorer(lm.graphdef, lm.mesh)
-  sums, counts, stats, tokens = [], [], [], []
+  sums, counts, stats, tokens, greedy = [], [], [], [], []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     b = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids")}
@@ -81,12 +84,14 @@ def score_rows(lm: LM, rows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: i
       assert 0 < n <= seq_len and len(weights) == n, (len(ids), len(weights), seq_len)
       b["inputs"][r, :n], b["targets"][r, :n] = ids[:-1], ids[1:]
       b["weights"][r, :n], b["segment_ids"][r, :n] = weights, 1  # padding: its own segment 0
-    lp, w, layer_stats, real = jax.device_get(fn(lm.params, put_batch(b, lm.mesh)))
+    lp, w, layer_stats, real, top = jax.device_get(fn(lm.params, put_batch(b, lm.mesh)))
     sums.append(lp[:len(chunk)])
     counts.append(w[:len(chunk)])
+    greedy.append(top[:len(chunk)])
     stats.append(layer_stats)
     tokens.append(float(real))
-  return np.concatenate(sums), np.concatenate(counts), token_weighted_mean(stats, tokens)
+  out = np.concatenate(sums), np.concatenate(counts), token_weighted_mean(stats, tokens)
+  return out + (np.concatenate(greedy),) if with_greedy else out
 
 
 def text_rows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:

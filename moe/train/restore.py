@@ -1,6 +1,7 @@
 """A training run's parameters restored with the run's own configs (evaluation, analyses):
 from abstract shapes straight into their shards on a mesh (or onto one device), without the
-optimizer state."""
+optimizer state. `load_run` / `load_hf_checkpoint`: a model with its tokenizer, from a run or
+a released-format checkpoint directory (generation, lm-eval)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,37 @@ def restore_run(workdir: str, step: int | None = None, mesh: Mesh | None = None)
   finally:
     ckpt.close()
   return RestoredRun(configs.model, configs.data, graphdef, params, step, mesh)
+
+
+class Loaded(NamedTuple):
+  cfg: ModelConfig
+  graphdef: Any
+  params: Any      # nnx.State of the model's Params
+  tokenizer: Any   # data.text_tokenizer.TextTokenizer
+  mesh: Mesh | None
+  data_cfg: Any = None  # a training run's DataConfig (None for a checkpoint directory)
+
+
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+             dtype: str | None = None) -> Loaded:
+  """A training run's parameters (its latest checkpoint, or `step`) and SentencePiece
+  tokenizer; `dtype` overrides the compute dtype (the parameters keep theirs)."""
+  from data.input_pipeline import tokenizer_for
+  from moe.decode.generate import graphdef_for
+
+  run = restore_run(workdir, step, mesh)
+  cfg, graphdef = run.model_cfg, run.graphdef
+  if dtype and dtype != cfg.dtype:
+    cfg = cfg.replace(dtype=dtype)
+    graphdef = graphdef_for(cfg)
+  return Loaded(cfg, graphdef, run.params, tokenizer_for(run.data_cfg), mesh, run.data_cfg)
+
+
+def load_hf_checkpoint(directory: str, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Loaded:
+  """A released-format checkpoint directory (config.json, *.safetensors, tokenizer.json),
+  parameters read straight into their shards on `mesh` in `dtype` (moe.hub's importer)."""
+  from data.text_tokenizer import load_tokenizer
+  from moe.hub.safetensors_import import import_checkpoint
+
+  ckpt = import_checkpoint(directory, mesh, dtype)
+  return Loaded(ckpt.model_cfg, ckpt.graphdef, ckpt.params, load_tokenizer(directory), mesh)
