@@ -33,11 +33,8 @@ def weighted_aux_losses(cfg: ModelConfig, stats: dict[str, jax.Array]) -> dict[s
 
 def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """Mean next-token cross-entropy. logits: [B, S, V], targets, weights: [B, S]."""
-  logits = logits.astype(jnp.float32)
-  # The target's logit by a select against the vocabulary iota, not take_along_axis, whose
-  # gradient is a scatter into a zeroed [B, S, V] array (XLA:CPU writes that out).
-  is_target = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   if weights is None:
     return jnp.mean(nll)
   weights = weights.astype(jnp.float32)
