@@ -6,7 +6,9 @@
 
 The dense limit is a dense SwiGLU whose width is the layer's activated width (shared +
 K' routed experts): a MoE layer cannot do its activated FLOPs faster than one dense
-matmul does. ratio_to_dense is forward+backward time over the dense limit's.
+matmul does. ratio_to_dense is forward+backward time over the dense limit's. The limit, the
+shared experts and the floors run the dense SwiGLU the model runs on this platform
+(ModelConfig.ffn_backend "auto": on CPU the C++ kernel, moe.model.cpu_swiglu).
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from data.input_pipeline import random_batch
 from experiments import common_flags, errors
 from experiments.timing import Path, Row, format_table, measure, time_ms, write_json
 from moe.dispatch import cpu_kernel, registry
-from moe.dispatch.experts import swiglu
-from moe.model import moe_layer, routers
+from moe.model import layers, moe_layer, routers
 from moe.model.config import ModelConfig
 from moe.model.presets import get_preset
 
@@ -46,6 +47,7 @@ def layer_rows(t, d, e, f, k, s, reps, interpret, only=PATHS) -> list[Row]:
                  zip(ks[5:8], [(d, s * f), (d, s * f), (s * f, d)]))
   cfg = ModelConfig(d_model=d, n_heads=1, router="topk", n_routed_experts=e, n_shared_experts=s,
                     n_activated_experts=k, expert_width=f)
+  swiglu = layers.ffn_function(cfg.ffn_backend, jax.default_backend())
 
   def route(x, w_router):
     logits = routers.router_logits(x, w_router)

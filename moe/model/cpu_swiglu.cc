@@ -38,6 +38,17 @@ std::string Invalid(const F32& x, const F32& wg, const F32& wu, const F32& wd, i
   return "";
 }
 
+// [w_gate | w_up]: [d, 2f], so that one sgemm makes both pre-activations (and one their
+// input gradient): fewer, wider products run closer to the machine's peak.
+std::vector<float> Packed(const F32& wg, const F32& wu, int64_t d, int64_t f) {
+  std::vector<float> w(d * 2 * f);
+  for (int64_t i = 0; i < d; ++i) {
+    std::memcpy(w.data() + i * 2 * f, wg.typed_data() + i * f, sizeof(float) * f);
+    std::memcpy(w.data() + i * 2 * f + f, wu.typed_data() + i * f, sizeof(float) * f);
+  }
+  return w;
+}
+
 // Rows [begin, end) of T for thread tid of n.
 void Rows(int64_t t, int tid, int n, int64_t* begin, int64_t* end) {
   *begin = t * tid / n;
@@ -50,6 +61,7 @@ ffi::Error Forward(F32 x, F32 wg, F32 wu, F32 wd, ffi::ResultBuffer<ffi::F32> ou
     return ffi::Error::InvalidArgument("DenseSwigluForward: " + why);
   const int64_t t = x.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[1];
   const int n_threads = static_cast<int>(threads);
+  const std::vector<float> w_in = Packed(wg, wu, d, f);
   moe_cpu::Pool::Get().Run(n_threads, [&](int tid) {
     int64_t r0, r1;
     Rows(t, tid, n_threads, &r0, &r1);
@@ -58,8 +70,7 @@ ffi::Error Forward(F32 x, F32 wg, F32 wu, F32 wd, ffi::ResultBuffer<ffi::F32> ou
     const float* xr = x.typed_data() + r0 * d;
     float* abr = ab->typed_data() + r0 * 2 * f;  // [n, 2f]: gate and up pre-activations, saved
     std::vector<float> h(n * f);
-    Gemm(kN, kN, n, f, d, xr, d, wg.typed_data(), f, 0.f, abr, 2 * f);
-    Gemm(kN, kN, n, f, d, xr, d, wu.typed_data(), f, 0.f, abr + f, 2 * f);
+    Gemm(kN, kN, n, 2 * f, d, xr, d, w_in.data(), 2 * f, 0.f, abr, 2 * f);
     moe_cpu::SwigluHidden(abr, nullptr, n, f, h.data());
     Gemm(kN, kN, n, d, f, h.data(), f, wd.typed_data(), d, 0.f, out->typed_data() + r0 * d, d);
   });
@@ -76,40 +87,35 @@ ffi::Error Backward(F32 x, F32 wg, F32 wu, F32 wd, F32 ab, F32 d_out, ffi::Resul
     return ffi::Error::InvalidArgument("DenseSwigluBackward: saved [T, 2f] or d_out [T, d] has the wrong shape");
   const int n_threads = static_cast<int>(threads);
   const int64_t w = d * f;  // elements of each weight
-  // Thread 0 writes the weight gradients in place, the others into private buffers.
-  std::vector<std::vector<float>> private_dw(n_threads);
+  const std::vector<float> w_in = Packed(wg, wu, d, f);
+  // Per thread: its rows' [d, 2f] gradient of [w_gate | w_up] and [f, d] of w_down, summed
+  // over the threads at the end.
+  std::vector<std::vector<float>> dw(n_threads, std::vector<float>(3 * w, 0.f));
   moe_cpu::Pool::Get().Run(n_threads, [&](int tid) {
-    float *dwg = d_wg->typed_data(), *dwu = d_wu->typed_data(), *dwd = d_wd->typed_data();
-    if (tid > 0) {
-      private_dw[tid].assign(3 * w, 0.f);
-      dwg = private_dw[tid].data(), dwu = dwg + w, dwd = dwu + w;
-    }
     int64_t r0, r1;
     Rows(t, tid, n_threads, &r0, &r1);
     const int64_t n = r1 - r0;
-    if (n == 0) {
-      if (tid == 0) std::memset(dwg, 0, sizeof(float) * w), std::memset(dwu, 0, sizeof(float) * w),
-                    std::memset(dwd, 0, sizeof(float) * w);
-      return;
-    }
+    if (n == 0) return;
     const float *xr = x.typed_data() + r0 * d, *dy = d_out.typed_data() + r0 * d;
     const float* abr = ab.typed_data() + r0 * 2 * f;
     std::vector<float> ds(n * f), h(n * f), dab(n * 2 * f);
     Gemm(kN, kT, n, f, d, dy, d, wd.typed_data(), d, 0.f, ds.data(), f);  // d(h) = dy W_down^T
     moe_cpu::SwigluHiddenBackward(abr, nullptr, ds.data(), n, f, h.data(), dab.data(), nullptr);
-    Gemm(kT, kN, f, d, n, h.data(), f, dy, d, 0.f, dwd, d);               // h^T dy
-    Gemm(kT, kN, d, f, n, xr, d, dab.data(), 2 * f, 0.f, dwg, f);         // x^T da
-    Gemm(kT, kN, d, f, n, xr, d, dab.data() + f, 2 * f, 0.f, dwu, f);     // x^T db
-    float* dxr = dx->typed_data() + r0 * d;
-    Gemm(kN, kT, n, d, f, dab.data(), 2 * f, wg.typed_data(), f, 0.f, dxr, d);
-    Gemm(kN, kT, n, d, f, dab.data() + f, 2 * f, wu.typed_data(), f, 1.f, dxr, d);
+    Gemm(kT, kN, f, d, n, h.data(), f, dy, d, 0.f, dw[tid].data() + 2 * w, d);     // h^T dy
+    Gemm(kT, kN, d, 2 * f, n, xr, d, dab.data(), 2 * f, 0.f, dw[tid].data(), 2 * f);  // x^T [da | db]
+    Gemm(kN, kT, n, d, 2 * f, dab.data(), 2 * f, w_in.data(), 2 * f, 0.f, dx->typed_data() + r0 * d, d);
   });
-  for (int tid = 1; tid < n_threads; ++tid) {
-    const float* p = private_dw[tid].data();
-    if (private_dw[tid].empty()) continue;
-    float* outs[3] = {d_wg->typed_data(), d_wu->typed_data(), d_wd->typed_data()};
-    for (int k = 0; k < 3; ++k)
-      for (int64_t i = 0; i < w; ++i) outs[k][i] += p[k * w + i];
+  float *dwg = d_wg->typed_data(), *dwu = d_wu->typed_data(), *dwd = d_wd->typed_data();
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < f; ++j) {
+      float g = 0.f, u = 0.f;
+      for (int tid = 0; tid < n_threads; ++tid) g += dw[tid][i * 2 * f + j], u += dw[tid][i * 2 * f + f + j];
+      dwg[i * f + j] = g, dwu[i * f + j] = u;
+    }
+  for (int64_t i = 0; i < w; ++i) {
+    float acc = 0.f;
+    for (int tid = 0; tid < n_threads; ++tid) acc += dw[tid][2 * w + i];
+    dwd[i] = acc;
   }
   return ffi::Error::Success();
 }
