@@ -120,6 +120,20 @@ def load(source: str, targets: tuple[str, ...]) -> str | None:
   return None
 
 
+class Kernel:
+  """One kernel source and its FFI targets: `status()` builds and registers them on first
+  call (None once done, else why not)."""
+
+  def __init__(self, source: str, targets: tuple[str, ...]):
+    self.source, self.targets = source, targets
+
+  def status(self) -> str | None:
+    return load(self.source, self.targets)
+
+  def available(self) -> bool:
+    return self.status() is None
+
+
 def threads(work_items: int) -> int:
   """Threads for a call with `work_items` independent parts: one per core, at most one per
   item and at most 8 (each thread may hold a private output buffer)."""

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -20,6 +21,27 @@ extern "C" int openblas_set_num_threads_local(int);
 namespace moe_cpu {
 
 constexpr int kRowMajor = 101, kN = 111, kT = 112;
+
+// "[2, 3]": a shape (any span of int64) for error messages.
+template <typename Dims>
+std::string Shape(const Dims& d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+template <typename A, typename B>
+bool SameShape(const A& a, const B& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+template <typename Dims>
+bool HasShape(const Dims& d, std::initializer_list<int64_t> want) {
+  return SameShape(d, std::vector<int64_t>(want));
+}
 
 // C[M, N] = beta * C + alpha * op(A) @ op(B), row major.
 inline void Gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,

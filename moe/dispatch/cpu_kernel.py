@@ -24,16 +24,8 @@ from moe.dispatch.backend import Backend
 from moe.dispatch.sorting import SortedRouting, row_tokens_and_gates
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "expert_swiglu.cc")
-_TARGETS = ("ExpertSwigluForward", "ExpertSwigluBackward")
-
-
-def status() -> str | None:
-  """None once the kernel is built and registered with XLA; else why it is not."""
-  return cpu_build.load(_SOURCE, _TARGETS)
-
-
-def available() -> bool:
-  return status() is None
+_KERNEL = cpu_build.Kernel(_SOURCE, ("ExpertSwigluForward", "ExpertSwigluBackward"))
+status, available = _KERNEL.status, _KERNEL.available  # None / True once built and registered
 
 
 def _threads(n_experts: int) -> int:

@@ -23,6 +23,8 @@ using I32 = ffi::Buffer<ffi::S32>;
 namespace {
 
 using moe_cpu::Gemm;
+using moe_cpu::HasShape;
+using moe_cpu::Shape;
 using moe_cpu::kN;
 using moe_cpu::kT;
 using moe_cpu::Pool;
@@ -75,20 +77,6 @@ struct Layout {
   }
 };
 
-std::string Shape(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-bool HasShape(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
-  if (dims.size() != want.size()) return false;
-  size_t i = 0;
-  for (int64_t w : want)
-    if (dims[i++] != w) return false;
-  return true;
-}
-
 // Checks what the kernel indexes by before it touches memory: a thread count the pool can
 // run, shapes that agree, group sizes >= 0 that cover at most the rows given, tokens in
 // range. Returns "" when valid.
@@ -101,7 +89,7 @@ std::string Invalid(const F32& x, const I32& tok, const F32& gate, const F32& w_
   if (wg[1] != d) return "w_gate " + Shape(wg) + " does not match x " + Shape(xd);
   if (!HasShape(w_up.dimensions(), {e, d, f})) return "w_up " + Shape(w_up.dimensions()) + " != w_gate " + Shape(wg);
   if (!HasShape(w_down.dimensions(), {e, f, d}))
-    return "w_down " + Shape(w_down.dimensions()) + " must be [E, f, d] = " + Shape(ffi::Span<const int64_t>({e, f, d}));
+    return "w_down " + Shape(w_down.dimensions()) + " must be [E, f, d] = " + Shape(std::vector<int64_t>{e, f, d});
   if (!HasShape(group_sizes.dimensions(), {e})) return "group_sizes " + Shape(group_sizes.dimensions()) + " must be [E]";
   const int64_t rows = static_cast<int64_t>(tok.element_count());
   if (tok.dimensions().size() != 1 || !HasShape(gate.dimensions(), {rows}))

@@ -87,8 +87,7 @@ def _splash_kernel(seq_len: int, n_heads: int, interpret: bool):
 
 
 def splash(q, k, v, segment_ids, interpret: bool = False):
-  """Splash attention per example ([H, S, Dh] layout), inside shard_map on a mesh (Mosaic
-  kernels are not partitioned by XLA): batch over the batch axes, heads over `tensor`."""
+  """Splash attention per example ([H, S, Dh] layout), per shard on a mesh (per_shard)."""
   b, s, h, dh = q.shape
   if s % SPLASH_BLOCK:  # the kernel's blocks must tile the row
     return xla(q, k, v, segment_ids)
@@ -101,18 +100,25 @@ def splash(q, k, v, segment_ids, interpret: bool = False):
         heads_first(v).astype(q.dtype), seg)
     return heads_first(out)
 
+  return per_shard(local, q, k, v, segment_ids)
+
+
+def per_shard(fn, q, k, v, segment_ids):
+  """fn(q, k, v, segment_ids) on each shard of the batch (batch axes) and heads (`tensor`)
+  of the active mesh, or once without one: kernels XLA does not partition (Mosaic, FFI
+  custom calls) see whole examples and heads."""
   mesh = meshes.active_mesh()
   if mesh is None:
-    return local(q, k, v, segment_ids)
+    return fn(q, k, v, segment_ids)
   qkv = P(meshes.BATCH_AXES, None, "tensor", None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(meshes.BATCH_AXES, None)),
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(meshes.BATCH_AXES, None)),
                        out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
 
 
 def cpu_ffi(q, k, v, segment_ids):
   """The C++ kernel (moe.model.cpu_attention); other dtypes take the reference."""
   from moe.model import cpu_attention  # builds the kernel on first use only
-  return cpu_attention.cpu_ffi(q, k, v, segment_ids, fallback=reference)
+  return cpu_attention.cpu_ffi(q, k, v, segment_ids)
 
 
 FUNCTIONS = {"reference": reference, "cpu_ffi": cpu_ffi, "xla": xla, "cudnn": cudnn, "splash": splash}

@@ -24,6 +24,7 @@ using I32 = ffi::Buffer<ffi::S32>;
 namespace {
 
 using moe_cpu::Gemm;
+using moe_cpu::Shape;
 using moe_cpu::kN;
 using moe_cpu::kT;
 
@@ -33,29 +34,16 @@ struct Dims {
   int64_t offset(int64_t e, int64_t head) const { return e * s * row() + head * dh; }
 };
 
-std::string Shape(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
-
-bool Same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i] != b[i]) return false;
-  return true;
-}
-
 // "" when q, k, v (and `more`) are [B, S, H, Dh], seg [B, S] and the thread count valid.
 std::string Invalid(const F32& q, const F32& k, const F32& v, const I32& seg, int64_t threads,
                     std::initializer_list<const F32*> more = {}) {
   if (std::string why = moe_cpu::ThreadsInvalid(threads); !why.empty()) return why;
   const auto qd = q.dimensions();
   if (qd.size() != 4) return "q must be [B, S, H, Dh], not " + Shape(qd);
-  if (!Same(k.dimensions(), qd) || !Same(v.dimensions(), qd))
+  if (!moe_cpu::SameShape(k.dimensions(), qd) || !moe_cpu::SameShape(v.dimensions(), qd))
     return "k " + Shape(k.dimensions()) + " and v " + Shape(v.dimensions()) + " must match q " + Shape(qd);
   for (const F32* a : more)
-    if (!Same(a->dimensions(), qd)) return "an array of shape " + Shape(a->dimensions()) + " must match q " + Shape(qd);
+    if (!moe_cpu::SameShape(a->dimensions(), qd)) return "an array of shape " + Shape(a->dimensions()) + " must match q " + Shape(qd);
   const auto sd = seg.dimensions();
   if (sd.size() != 2 || sd[0] != qd[0] || sd[1] != qd[1])
     return "segment_ids " + Shape(sd) + " must be [B, S] of q " + Shape(qd);

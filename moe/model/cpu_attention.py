@@ -15,22 +15,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from moe import cpu_build
-from moe.parallel import mesh as meshes
+from moe.model import attention_backends
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")
-_TARGETS = ("CausalAttentionForward", "CausalAttentionBackward")
-
-
-def status() -> str | None:
-  """None once the kernel is built and registered with XLA; else why it is not."""
-  return cpu_build.load(_SOURCE, _TARGETS)
-
-
-def available() -> bool:
-  return status() is None
+_KERNEL = cpu_build.Kernel(_SOURCE, ("CausalAttentionForward", "CausalAttentionBackward"))
+status, available = _KERNEL.status, _KERNEL.available  # None / True once built and registered
 
 
 def _threads(q) -> int:
@@ -65,19 +56,13 @@ def _attention_bwd(res, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def cpu_ffi(q, k, v, segment_ids, fallback=None):
+def cpu_ffi(q, k, v, segment_ids):
   """q, k, v: [B, S, H, Dh] (q and k rotated), segment_ids: [B, S] -> [B, S, H, Dh].
-  Non-f32 inputs take `fallback` (the reference). On a mesh, per shard of the batch and
-  heads (a custom call is not partitioned by XLA)."""
+  Non-f32 inputs take the reference. On a mesh, per shard of the batch and heads (a custom
+  call is not partitioned by XLA)."""
   if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
-    return fallback(q, k, v, segment_ids)
+    return attention_backends.reference(q, k, v, segment_ids)
   problem = status()
   if problem is not None:
     raise RuntimeError(f"attention backend 'cpu_ffi' is unavailable here: {problem}")
-  segment_ids = segment_ids.astype(jnp.int32)
-  mesh = meshes.active_mesh()
-  if mesh is None:
-    return _attention(q, k, v, segment_ids)
-  qkv = P(meshes.BATCH_AXES, None, "tensor", None)
-  return jax.shard_map(_attention, mesh=mesh, in_specs=(qkv, qkv, qkv, P(meshes.BATCH_AXES, None)),
-                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
+  return attention_backends.per_shard(_attention, q, k, v, segment_ids.astype(jnp.int32))

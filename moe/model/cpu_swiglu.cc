@@ -18,14 +18,9 @@ using F32 = ffi::Buffer<ffi::F32>;
 namespace {
 
 using moe_cpu::Gemm;
+using moe_cpu::Shape;
 using moe_cpu::kN;
 using moe_cpu::kT;
-
-std::string Shape(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
 
 // "" when x is [T, d], w_gate and w_up [d, f], w_down [f, d] and the thread count valid.
 std::string Invalid(const F32& x, const F32& wg, const F32& wu, const F32& wd, int64_t threads) {

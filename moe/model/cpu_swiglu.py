@@ -20,17 +20,9 @@ from moe import cpu_build
 from moe.parallel import mesh as meshes
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_swiglu.cc")
-_TARGETS = ("DenseSwigluForward", "DenseSwigluBackward")
+_KERNEL = cpu_build.Kernel(_SOURCE, ("DenseSwigluForward", "DenseSwigluBackward"))
+status, available = _KERNEL.status, _KERNEL.available  # None / True once built and registered
 _ROWS_PER_THREAD = 64  # fewer rows than this per thread are not worth waking a thread for
-
-
-def status() -> str | None:
-  """None once the kernel is built and registered with XLA; else why it is not."""
-  return cpu_build.load(_SOURCE, _TARGETS)
-
-
-def available() -> bool:
-  return status() is None
 
 
 def _threads(x) -> int:
