@@ -244,7 +244,9 @@ def test_analyze_writes_tables_and_plots(trained, tmp_path):
   for png in ("load_run.png", "categories_run.png", "redundancy.png"):
     assert os.path.getsize(out / png) > 1000, png
   text = report.report(results)
-  assert "p=0.0625 (1 off)" in text and "I(token category; chosen expert)" in text
+  assert "| p=0.0625 |" in text and "I(token category; chosen expert)" in text
+  first = results["run"]["redundancy"][0]  # (p, experts masked, loss): the count is in the run's row
+  assert f"| run | {first[2]:.3f} ({first[1]} off) |" in text
   json.dumps(results)  # JSON-able
   with pytest.raises(ValueError, match="unknown analyses"):
     report.analyze({"run": trained}, str(out), analyses=("nope",))

@@ -95,10 +95,12 @@ def report(results: dict[str, Any]) -> str:
   lines = []
   red = {n: r["redundancy"] for n, r in results.items() if "redundancy" in r}
   if red:
-    lines += ["Disabling each token's top-p routed experts (validation loss):", "",
-              "| run | " + " | ".join(f"p={p:.4g} ({m} off)" for p, m, _ in next(iter(red.values()))) + " |",
+    # The experts a fraction p masks depend on each run's expert count: named per cell.
+    lines += ["Disabling each token's top-p routed experts (validation loss, experts masked):", "",
+              "| run | " + " | ".join(f"p={p:.4g}" for p, _, _ in next(iter(red.values()))) + " |",
               "|---|" + "---:|" * len(next(iter(red.values())))]
-    lines += [f"| {n} | " + " | ".join(f"{loss:.3f}" for _, _, loss in rows) + " |" for n, rows in red.items()]
+    lines += [f"| {n} | " + " | ".join(f"{loss:.3f} ({m} off)" for _, m, loss in rows) + " |"
+              for n, rows in red.items()]
     lines.append("")
   for n, r in results.items():
     if "shared" in r:
