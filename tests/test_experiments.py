@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import gin
+import numpy as np
 import pytest
 
 from moe.model.counts import count_params
 from moe.model.presets import model_config
 from moe.research import sweep, sweep_results
+from moe.train.run_files import read_eval_docs
 from tests.data_fixtures import small_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +142,8 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
              "DataConfig.eval_batches = 1", "TrainConfig.steps = 2", "TrainConfig.warmup_steps = 1",
              "TrainConfig.log_every = 1", "TrainConfig.eval_every = 2", "TrainConfig.checkpoint_every = 2"]
   path = write(tmp_path, {"bindings": common,
-                          "product": {"model_config.n_activated_experts": [1, 3]}})
+                          "product": {"model_config.n_activated_experts": [1, 3]},
+                          "comparisons": [["n_activated_experts=3", "n_activated_experts=1"]]})
   workdir = tmp_path / "sweep"
   args = [sys.executable, "-m", "experiments.sweep", f"--sweep={path}", f"--workdir={workdir}"]
   first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -159,6 +162,18 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   assert os.path.getsize(out / "load.png") > 1000
   assert os.path.getsize(out / "bias_n_activated_experts=3.png") > 1000  # topk_bias runs
   assert float(rows[0]["gate_mass"]) > 0 and float(rows[0]["train_max_over_mean_load"]) >= 1.0
+  # Every run keeps its final parameters and each held-out document's loss, which add up to
+  # its validation loss; two different models see one list of documents (the bootstrap's pairs).
+  docs = [read_eval_docs(str(workdir / r["variant"])) for r in rows]
+  for d, r in zip(docs, rows):
+    assert d["loss"].sum() / d["tokens"].sum() == pytest.approx(float(r["eval_loss"]), rel=1e-5)
+    assert os.path.getsize(workdir / r["variant"] / "final_params.safetensors") > 10_000
+    assert float(r["learning_rate"]) == 3e-3
+  assert np.array_equal(docs[0]["fingerprint"], docs[1]["fingerprint"])
+  assert np.array_equal(docs[0]["tokens"], docs[1]["tokens"]) and not np.allclose(docs[0]["loss"], docs[1]["loss"])
+  table = (out / "comparisons.md").read_text()
+  assert "| n_activated_experts=3 - n_activated_experts=1 | 1 |" in table and "| untested |" in table
+  assert "comparisons:\n| A - B |" in first.stdout
 
   again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0

@@ -25,7 +25,9 @@ from moe.train.checkpoint import CheckpointError, Checkpointer
 from moe.train.config import TrainConfig
 from moe.train.evaluate import evaluate_checkpoint
 from moe.train.loop import NonFiniteLossError, train_and_evaluate
-from moe.train.run_files import RUN_CONFIG, check_run_configs, read_run_configs, run_configs_dict
+from moe.train.restore import restore_run
+from moe.train.run_files import (RUN_CONFIG, check_run_configs, read_eval_docs, read_run_configs,
+                                 run_configs_dict)
 from moe.train.state import create_state
 from tests.data_fixtures import small_data_config, small_model
 
@@ -172,6 +174,25 @@ def test_short_run_learns_and_logs(straight_run):
   with open(os.path.join(workdir, "result.json")) as f:
     env = json.load(f)["environment"]
   assert env["python"] == ".".join(map(str, sys.version_info[:3])) and env["jax"] == jax.__version__
+
+
+def test_a_finished_run_keeps_its_parameters_and_document_losses(straight_run, tmp_path):
+  """final_params.safetensors restores what the last checkpoint holds (a run whose
+  checkpoints were deleted is still restored); eval_docs.npz adds up to the final loss."""
+  workdir, result = straight_run
+  docs = read_eval_docs(str(workdir))
+  assert int(docs["step"]) == 16 and (docs["tokens"] > 0).any()
+  assert docs["loss"].sum() / docs["tokens"].sum() == pytest.approx(result.eval["eval_loss"], rel=1e-5)
+  kept = tmp_path / "kept"
+  shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("checkpoints"))
+  from_ckpt, from_file = restore_run(str(workdir)), restore_run(str(kept))
+  assert from_file.step == from_ckpt.step == 16
+  a, b = nnx.to_pure_dict(from_ckpt.params), nnx.to_pure_dict(from_file.params)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(CheckpointError, match="final parameters are of step 16, not 8"):
+    restore_run(str(kept), step=8)
 
 
 def _train_subprocess(workdir, corpus, extra=()):

@@ -16,7 +16,21 @@ A sweep file is JSON:
     }
 
 Variant names become sub-workdir names: the variant key, then NAME=VALUE for each product
-axis (the binding's last component), joined by ','.
+axis (the binding's last component), joined by ','. A variant's model is its name without
+the SEED=... part (the gin macro SEED sets initialisation, routing noise and data order).
+
+Two optional keys decide and tune the comparison:
+
+      "comparisons": [["deepseekmoe", "gshard"], ...],     # models A, B: A - B is reported
+      "lr_grid": {"values": [1e-3, 2e-3, 3e-3, 6e-3],      # learning rates to try ...
+                  "seeds": [0, 1],                          # ... at these seeds ...
+                  "bindings": ["TrainConfig.steps = 100"]}  # ... on this (short) budget
+
+comparisons: pairs of models whose per-seed differences, t and bootstrap intervals and
+Holm-corrected decisions the results report (moe.research.comparisons). lr_grid: before the
+sweep's runs, every model runs at each rate and seed with these bindings added (in
+WORKDIR/lr_search/), and its runs then use the rate with the lowest mean final validation
+loss (moe.research.lr_search).
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,7 +48,9 @@ from typing import Any
 
 from moe.train.run_files import RESULT
 
-_KEYS = {"base", "bindings", "variants", "product"}
+_KEYS = {"base", "bindings", "variants", "product", "comparisons", "lr_grid"}
+SEED_KEY = "SEED"
+LR_BINDING = "TrainConfig.learning_rate"
 
 
 class SweepError(ValueError):
@@ -55,8 +73,40 @@ def with_overrides(variants: list[Variant], gin_files=(), bindings=(), args=()) 
           for v in variants]
 
 
+@dataclasses.dataclass(frozen=True)
+class LrGrid:
+  values: tuple[float, ...]
+  seeds: tuple[int, ...]
+  bindings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  variants: list[Variant]
+  comparisons: tuple[tuple[str, str], ...] = ()
+  lr_grid: LrGrid | None = None
+
+
+def model_of(name: str, seed_key: str = SEED_KEY) -> tuple[str, str | None]:
+  """A variant name -> (its model: the name without the seed part; the seed, None if none)."""
+  parts = name.split(",")
+  seeds = [p[len(seed_key) + 1:] for p in parts if p.startswith(seed_key + "=")]
+  return ",".join(p for p in parts if not p.startswith(seed_key + "=")), (seeds[0] if seeds else None)
+
+
+def binds_name(binding: str, name: str) -> bool:
+  """Whether a gin binding 'NAME = VALUE' binds `name`."""
+  return re.match(rf"\s*{re.escape(name)}\s*=", binding) is not None
+
+
 def load_sweep(path: str) -> list[Variant]:
   """The variants of the sweep file at `path`, checked."""
+  return load_sweep_spec(path).variants
+
+
+def load_sweep_spec(path: str) -> Sweep:
+  """The sweep file at `path`, checked: its variants, declared comparisons and learning-rate
+  grid."""
   try:
     with open(path) as f:
       spec = json.load(f)
@@ -89,7 +139,46 @@ def load_sweep(path: str) -> list[Variant]:
   names = [v.name for v in out]
   if len(set(names)) != len(names):
     raise SweepError(f"sweep file {path!r}: variant names repeat: {names}")
-  return out
+  return Sweep(out, _comparisons(spec.get("comparisons", []), out, path),
+               _lr_grid(spec["lr_grid"], path) if "lr_grid" in spec else None)
+
+
+def _comparisons(value: Any, variants: list[Variant], path: str) -> tuple[tuple[str, str], ...]:
+  models = sorted({model_of(v.name)[0] for v in variants})
+  if not isinstance(value, list):
+    raise SweepError(f"sweep file {path!r}: 'comparisons' must be a list of [model A, model B] pairs")
+  out = []
+  for pair in value:
+    if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair)
+        or pair[0] == pair[1]):
+      raise SweepError(f"sweep file {path!r}: comparison {pair!r} must be a pair of two different "
+                       f"model names")
+    for name in pair:
+      if name not in models:
+        raise SweepError(f"sweep file {path!r}: comparison {pair!r} names {name!r}, which is not a "
+                         f"model of the sweep; its models: {models}")
+    out.append(tuple(pair))
+  if len(set(out)) != len(out):
+    raise SweepError(f"sweep file {path!r}: a comparison repeats: {value}")
+  return tuple(out)
+
+
+def _lr_grid(value: Any, path: str) -> LrGrid:
+  if not isinstance(value, dict) or set(value) - {"values", "seeds", "bindings"} or "values" not in value:
+    raise SweepError(f"sweep file {path!r}: 'lr_grid' must be an object with 'values' and "
+                     f"optionally 'seeds' and 'bindings'")
+  values, seeds = value["values"], value.get("seeds", [0])
+  if (not isinstance(values, list) or not values or len(set(values)) != len(values)
+      or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                 for x in values)):
+    raise SweepError(f"sweep file {path!r}: lr_grid 'values' must be distinct positive learning "
+                     f"rates, got {values!r}")
+  if not isinstance(seeds, list) or not seeds or not all(type(x) is int for x in seeds):
+    raise SweepError(f"sweep file {path!r}: lr_grid 'seeds' must be a non-empty list of integers")
+  bindings = _strings(value.get("bindings", []), path, "lr_grid.bindings")
+  if any(binds_name(b, LR_BINDING) for b in bindings):
+    raise SweepError(f"sweep file {path!r}: lr_grid 'bindings' may not bind {LR_BINDING}: the grid sets it")
+  return LrGrid(tuple(float(x) for x in values), tuple(seeds), tuple(bindings))
 
 
 def _strings(value: Any, path: str, what: str) -> list[str]:
@@ -121,9 +210,11 @@ def is_finished(run_dir: str) -> bool:
     return json.load(f).get("status") == "finished"
 
 
-def run_sweep(variants: list[Variant], workdir: str, cwd: str | None = None, log=print) -> list[str]:
-  """Runs unfinished variants one after another (each a fresh process); returns the names
-  that failed. A failure is reported and the sweep goes on."""
+def run_sweep(variants: list[Variant], workdir: str, cwd: str | None = None, log=print,
+              runner=subprocess.run) -> list[str]:
+  """Runs unfinished variants one after another (each a fresh process, started by
+  `runner`, subprocess.run's signature); returns the names that failed. A failure is
+  reported and the sweep goes on."""
   failed = []
   for v in variants:
     run_dir = os.path.join(workdir, v.name)
@@ -133,7 +224,7 @@ def run_sweep(variants: list[Variant], workdir: str, cwd: str | None = None, log
     log(f"[{v.name}] {shell_command(v, workdir)}")
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "sweep.log"), "a") as out:
-      proc = subprocess.run(command(v, workdir), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+      proc = runner(command(v, workdir), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
       log(f"[{v.name}] FAILED (exit {proc.returncode}); see {os.path.join(run_dir, 'sweep.log')}")
       failed.append(v.name)

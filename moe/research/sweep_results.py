@@ -1,9 +1,10 @@
 """A sweep's results: one row per variant from its run files (total and activated
-parameters, FLOPs per token, final validation loss, routing statistics, the expert load
-over training), written as results.md and results.csv, the validation-loss curves as
-results.png, the training batches' expert load as load.png, the selection biases of
-topk_bias runs as bias_<variant>.png, and, for sweeps with a seed axis, summary.md: mean
-and spread over seeds per model."""
+parameters, FLOPs per token, learning rate, final validation loss, routing statistics, the
+expert load over training), written as results.md and results.csv, the validation-loss
+curves as results.png, the training batches' expert load as load.png, the selection biases
+of topk_bias runs as bias_<variant>.png, for sweeps with a seed axis summary.md (mean and
+spread over seeds per model), for declared comparisons comparisons.md
+(moe.research.comparisons) and, after a learning-rate step, learning_rates.md."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from typing import Any
 import numpy as np
 
 from moe.model.counts import count_params
+from moe.research import comparisons as compare
+from moe.research import lr_search
 from moe.research.plots import plot_lines
 from moe.research.sweep import Variant
 from moe.train.run_files import RESULT, RUN_CONFIG, read_run_configs
 
 COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "train_flops_per_token",
-           "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
+           "learning_rate", "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
            "dropped_fraction", "router_entropy", "gate_mass"]
 STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass")
 TRAIN_STATS = ("train_max_over_mean_load", "late_train_max_over_mean_load")
@@ -46,7 +49,8 @@ def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
       configs = read_run_configs(run_dir)
       c = count_params(configs.model, configs.data.seq_len)
       row.update(total_params=c.total, activated_params=c.activated,
-                 train_flops_per_token=c.train_flops_per_token, status="started")
+                 train_flops_per_token=c.train_flops_per_token, status="started",
+                 learning_rate=configs.train.learning_rate)
     if os.path.exists(result_path):
       with open(result_path) as f:
         result = json.load(f)
@@ -124,13 +128,15 @@ def seed_summary(rows: list[dict[str, Any]], seed_key: str = "SEED") -> list[dic
     for stat in STATS + TRAIN_STATS:
       values = [r[stat] for r in rs if r[stat] is not None]
       row[stat] = float(np.mean(values)) if values else None
+    rates = sorted({r.get("learning_rate") for r in rs} - {None})
+    row["learning_rate"] = "/".join(f"{x:g}" for x in rates) if rates else None
     out.append(row)
   return out
 
 
 SUMMARY_COLUMNS = ["model", "seeds", "mean", "spread", "std", "losses", "gate_mass",
                    "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
-                   "dropped_fraction"]
+                   "dropped_fraction", "learning_rate"]
 
 
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
@@ -141,10 +147,18 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
 
 
 def write_results(rows: list[dict[str, Any]], workdir: str, out_dir: str,
-                  curves: dict[str, list[tuple[int, float]]] | None = None) -> tuple[str, str]:
+                  curves: dict[str, list[tuple[int, float]]] | None = None, comparisons=(),
+                  learning_rates: dict[str, Any] | None = None) -> tuple[str, str]:
   """out_dir/results.md and out_dir/results.csv (and results.png, the validation-loss
-  curves, when given) for the runs under workdir; returns the table paths."""
+  curves, when given) for the runs under workdir; comparisons.md/.json for the declared
+  comparisons [(A, B)], learning_rates.md for a learning-rate step's choice table
+  (moe.research.lr_search); returns the table paths."""
   os.makedirs(out_dir, exist_ok=True)
+  if comparisons:
+    compare.write(rows, workdir, out_dir, comparisons)
+  if learning_rates:
+    with open(os.path.join(out_dir, "learning_rates.md"), "w") as f:
+      f.write(lr_search.markdown(learning_rates) + "\n")
   if curves:
     plot_lines(os.path.join(out_dir, "results.png"), curves, "step", "validation loss",
                "validation loss during training")

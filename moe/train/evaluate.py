@@ -1,23 +1,32 @@
 """Held-out evaluation: validation loss, perplexity and mean per-layer routing statistics,
-of a live state or of a run's checkpoint."""
+of a live state or of a run's checkpoint; each held-out document's loss (paired
+comparisons of runs, moe.research.stats), kept with the final parameters when a run ends."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from data.config import DataConfig
 from data.input_pipeline import (Datasets, check_eval_batches, host_batch_size, make_datasets,
                                  padding_batch)
-from moe.parallel.mesh import MeshConfig, make_mesh
+from moe.model.loss import real_tokens
+from moe.parallel.mesh import MeshConfig, make_mesh, use_mesh
 from moe.parallel.rules import check_batch
+from moe.train.final_params import save_final_params
 from moe.train.metrics import token_weighted_mean
 from moe.train.restore import restore_run
+from moe.train.run_files import EVAL_DOCS, FINAL_PARAMS, write_eval_docs
 from moe.train.steps import Steps, make_steps, put_batch
 
 
@@ -71,3 +80,69 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   out = evaluate(make_steps(run.graphdef, run.params, mesh), run.params, data.eval_batches)
   out.update(step=run.step, unigram_entropy=data.unigram_entropy)
   return out
+
+
+def _token_nll(graphdef, mesh, state, batch):
+  """[B, S] each position's NLL times its weight (eval_step's loss before the sum), the LM
+  head applied loss_chunk_tokens positions at a time when the config chunks its loss."""
+  with use_mesh(mesh):
+    merged = nnx.merge(graphdef, state)
+    model = merged[0] if isinstance(merged, tuple) else merged
+    mask = real_tokens(batch["segment_ids"], batch["weights"])
+    h, _ = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], None, mask)
+    b, s, _ = h.shape
+    chunk = min(model.cfg.loss_chunk_tokens or s, s)
+    pad = (-s) % chunk
+    targets = jnp.pad(batch["targets"], ((0, 0), (0, pad)))
+    split = lambda a: jnp.moveaxis(a.reshape(b, -1, chunk, *a.shape[2:]), 1, 0)
+    head = model.lm_head[...].astype(h.dtype)
+
+    def nll(part):
+      h_c, t_c = part
+      logits = jnp.einsum("bcd,dv->bcv", h_c, head, preferred_element_type=jnp.float32)
+      return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[..., None], -1)[..., 0]
+
+    out = jax.lax.map(nll, (split(jnp.pad(h, ((0, 0), (0, pad), (0, 0)))), split(targets)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, s + pad)[:, :s] * batch["weights"].astype(jnp.float32)
+
+
+def split_documents(batches, nlls, eos_id: int) -> dict[str, np.ndarray]:
+  """Per-position weighted NLLs of the eval batches -> per held-out document: 'loss' (summed
+  NLL), 'tokens' (scored positions) and 'fingerprint' (CRC32 of its token ids in the
+  batches). The eval batches are one stream of documents, each ending with EOS, packed row
+  after row (data.packing): a document is every real token after one EOS up to the next,
+  whichever rows it spans, numbered in stream order (the same for every run of one data
+  config). A position's loss is of the document its input token belongs to."""
+  cat = lambda key: np.concatenate([np.asarray(b[key]).reshape(-1) for b in batches])
+  real = cat("segment_ids") > 0
+  inputs, weights = cat("inputs")[real], cat("weights")[real].astype(np.float64)
+  nll = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in nlls])[real]
+  eos = inputs == eos_id
+  doc = np.cumsum(eos) - eos  # EOS tokens before each token: its document's index
+  n = int(doc[-1]) + 1 if len(doc) else 0
+  starts = np.searchsorted(doc, np.arange(n + 1))
+  prints = [zlib.crc32(inputs[a:b].astype(np.int32).tobytes()) for a, b in zip(starts[:-1], starts[1:])]
+  return {"loss": np.bincount(doc, nll, minlength=n), "tokens": np.bincount(doc, weights, minlength=n),
+          "fingerprint": np.array(prints, np.uint32)}
+
+
+def document_losses(graphdef, state, batches, eos_id: int, mesh=None) -> dict[str, np.ndarray]:
+  """Each held-out document's summed loss and scored tokens over `batches` (split_documents),
+  for a live (model, optimizer) state or a model's parameters; one process only."""
+  step = jax.jit(functools.partial(_token_nll, graphdef, mesh))
+  nlls = [jax.device_get(step(state, put_batch(batch, mesh))) for batch in batches]
+  return split_documents(batches, nlls, eos_id)
+
+
+def keep_final_files(workdir: str, graphdef, state, batches, eos_id: int, mesh, step: int,
+                     overwrite: bool = True) -> None:
+  """What a finished run keeps beside its checkpoints: final_params.safetensors (the model's
+  variables, no optimizer state) and eval_docs.npz (document_losses of the eval batches).
+  overwrite=False writes only the missing ones (a finished run started again). Several
+  processes: neither (their checkpoints hold the parameters)."""
+  if jax.process_count() > 1:
+    return
+  if overwrite or not os.path.exists(os.path.join(workdir, FINAL_PARAMS)):
+    save_final_params(workdir, nnx.split(nnx.merge(graphdef, state)[0])[1], step)
+  if overwrite or not os.path.exists(os.path.join(workdir, EVAL_DOCS)):
+    write_eval_docs(workdir, document_losses(graphdef, state, batches, eos_id, mesh), step)

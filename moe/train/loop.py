@@ -3,7 +3,9 @@
     result = train_and_evaluate(workdir)   # configs from gin (or passed in)
 
 Resumes from the latest checkpoint in workdir, data position included; SIGTERM saves a
-checkpoint and returns; a NaN/Inf loss stops the run without saving the bad state.
+checkpoint and returns; a NaN/Inf loss stops the run without saving the bad state. A
+finished run keeps its final parameters and per-document held-out losses
+(moe.train.evaluate.keep_final_files).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.parallel.rules import check_batch
 from moe.train.checkpoint import Checkpointer
 from moe.train.config import TrainConfig
-from moe.train.evaluate import agree_eval_batches, evaluate
+from moe.train.evaluate import agree_eval_batches, evaluate, keep_final_files
 from moe.train.finetune import finetune_configs, load_into_state
 from moe.train.metrics import MetricWriter, Progress
 from moe.train.optim import schedule_of
@@ -280,6 +282,9 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     progress.close()
     writer.close()
     ckpt.close()
+  if status in ("finished", "nothing_to_do") and step >= train_cfg.steps:  # final params, per-document losses
+    keep_final_files(workdir, graphdef, state, data.eval_batches, data.tokenizer.eos_id, mesh, step,
+                     overwrite=step > start_step)
   result = RunResult(step, status, loss, eval_out, data.unigram_entropy)
   if primary and step > start_step:  # a rerun of a finished run keeps its result
     write_result(workdir, result)

@@ -17,6 +17,7 @@ from moe.model.config import ModelConfig
 from moe.model.decoder import Transformer
 from moe.parallel.rules import state_shardings
 from moe.train.checkpoint import CheckpointError, Checkpointer
+from moe.train.final_params import flat_pure, has_final_params, map_pure, read_final_params
 from moe.train.run_files import read_run_configs
 
 # The model's entry of a checkpoint's state: nnx.to_pure_dict of the (model, optimizer)
@@ -41,17 +42,44 @@ def abstract_model(model_cfg: ModelConfig):
   return nnx.split(model)
 
 
+def _shardings(params, mesh: Mesh | None):
+  """Where each variable goes: as the rules place it on `mesh`; None: this host's first device."""
+  if mesh is None:
+    one = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: one, params)
+  return state_shardings(params, mesh)
+
+
+def restore_final_params(workdir: str, model_cfg: ModelConfig, step: int | None, mesh: Mesh | None):
+  """(step, graphdef, params) from workdir/final_params.safetensors (moe.train.final_params),
+  each variable put into its shards on `mesh` (None: one device); `step`, if given, must be
+  the file's."""
+  saved_step, arrays = read_final_params(workdir)
+  if step is not None and step != saved_step:
+    raise CheckpointError(f"{workdir!r} has no checkpoints, and its final parameters are of step "
+                          f"{saved_step}, not {step}")
+  graphdef, params = abstract_model(model_cfg)
+  pure, where = nnx.to_pure_dict(params), flat_pure(nnx.to_pure_dict(_shardings(params, mesh)))
+  flat = flat_pure(pure)
+  if set(flat) != set(arrays):
+    raise CheckpointError(f"{workdir!r}: final parameters do not match the run's model config "
+                          f"(missing {sorted(set(flat) - set(arrays))}, extra {sorted(set(arrays) - set(flat))})")
+  for key, want in flat.items():
+    if arrays[key].shape != want.shape:
+      raise CheckpointError(f"{workdir!r}: final parameter {key} has shape {arrays[key].shape}, "
+                            f"the model wants {want.shape}")
+  nnx.replace_by_pure_dict(params, map_pure(
+      pure, lambda key, want: jax.device_put(arrays[key].astype(want.dtype), where[key])))
+  return saved_step, graphdef, params
+
+
 def restore_params(ckpt: Checkpointer, model_cfg: ModelConfig, step: int | None,
                    mesh: Mesh | None):
   """(step, graphdef, params) of a checkpoint: each parameter read straight into its shards
   on `mesh` as the rules place it (None: onto this host's first device); the optimizer
   state and the data position are never read."""
   graphdef, params = abstract_model(model_cfg)
-  if mesh is None:
-    one = SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: one, params)
-  else:
-    shardings = state_shardings(params, mesh)
+  shardings = _shardings(params, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nnx.to_pure_dict(params), nnx.to_pure_dict(shardings))
   step, restored = ckpt.restore_subtree(step, {MODEL: target})
@@ -61,8 +89,13 @@ def restore_params(ckpt: Checkpointer, model_cfg: ModelConfig, step: int | None,
 
 def restore_run(workdir: str, step: int | None = None, mesh: Mesh | None = None) -> RestoredRun:
   """A training run's parameters at a checkpoint (default: the latest), with the run's own
-  configs, on one device or in their shards on `mesh`."""
+  configs, on one device or in their shards on `mesh`; a run without a checkpoint directory,
+  from its final parameters (final_params.safetensors) if it kept them."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) and has_final_params(workdir):  # checkpoints dropped, run kept
+    configs = read_run_configs(workdir)
+    step, graphdef, params = restore_final_params(workdir, configs.model, step, mesh)
+    return RestoredRun(configs.model, configs.data, graphdef, params, step, mesh)
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoint directory {ckpt_dir!r}: is {workdir!r} a training workdir?")
   configs = read_run_configs(workdir)

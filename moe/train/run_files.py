@@ -1,7 +1,9 @@
 """The files a run keeps in its workdir besides checkpoints and metrics: the configs it
 was started with (run_config.json, a guard against resuming another model's or data
-stream's run), gin's operative config, and how the last process ended (result.json,
-which sweeps read)."""
+stream's run), gin's operative config, how the last process ended (result.json, which
+sweeps read), and, once it has finished, each held-out document's loss (eval_docs.npz,
+moe.train.evaluate.document_losses) and its parameters (final_params.safetensors,
+moe.train.final_params)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from moe.train.checkpoint import CheckpointError
 from moe.train.config import TrainConfig
 
 RUN_CONFIG, RESULT = "run_config.json", "result.json"
+EVAL_DOCS, FINAL_PARAMS = "eval_docs.npz", "final_params.safetensors"
 
 
 def _write_json(path: str, obj: Any, **kwargs) -> None:
@@ -145,3 +148,22 @@ def write_result(workdir: str, result: RunResult) -> None:
     record.update(eval_loss=result.eval["eval_loss"], eval_perplexity=result.eval["eval_perplexity"],
                   layers={k: np.asarray(v).tolist() for k, v in result.eval["layers"].items()})
   _write_json(os.path.join(workdir, RESULT), record, indent=1)
+
+
+def write_eval_docs(workdir: str, docs: dict[str, np.ndarray], step: int) -> None:
+  """workdir/eval_docs.npz: the final evaluation's per-document summed loss ('loss'),
+  scored tokens ('tokens') and token-id fingerprints ('fingerprint'), in the eval stream's
+  document order (the same for every run of the same data config), and the step."""
+  path = os.path.join(workdir, EVAL_DOCS)
+  with open(path + ".tmp", "wb") as f:
+    np.savez(f, step=np.int64(step), **docs)
+  os.replace(path + ".tmp", path)
+
+
+def read_eval_docs(workdir: str) -> dict[str, np.ndarray] | None:
+  """workdir's eval_docs.npz as a dict of arrays; None if the run has none."""
+  path = os.path.join(workdir, EVAL_DOCS)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}

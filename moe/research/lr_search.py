@@ -1,0 +1,170 @@
+"""A sweep's learning-rate step (its file's "lr_grid"): every model of the sweep trains at
+each rate of the grid and each of the grid's seeds with the grid's bindings added (a short
+budget), in WORKDIR/lr_search/<model>,lr=<rate>,SEED=<seed>; each model's rate is the one
+with the lowest mean final validation loss over those seeds (a tie goes to the lower rate),
+and the model's runs in the sweep use it. The choice, with every pilot's loss, goes to
+WORKDIR/learning_rates.json (models of other sweeps sharing the workdir kept) and to the
+results' learning_rates.md; sweep_results' learning_rate column says which rate each run
+used, read from the run's own config.
+
+A pilot's bindings: the model's (sweep file and command line, its SEED binding dropped),
+then the grid's (so its budget holds whatever the command line sets for the main runs),
+then SEED and the rate. Finished pilots are skipped on a re-run, like the sweep's runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from moe.research.sweep import (LR_BINDING, SEED_KEY, LrGrid, Variant, binds_name, is_finished,
+                                model_of, run_sweep)
+from moe.train.run_files import RESULT, RUN_CONFIG
+
+PILOT_DIR, CHOSEN = "lr_search", "learning_rates.json"
+
+
+def rate_name(rate: float) -> str:
+  return f"{rate:g}"
+
+
+def pilot_name(model: str, rate: float, seed: int) -> str:
+  return ",".join(p for p in (model, f"lr={rate_name(rate)}", f"{SEED_KEY}={seed}") if p)
+
+
+def models(variants: list[Variant]) -> dict[str, Variant]:
+  """{model: its first variant}, in sweep order."""
+  out: dict[str, Variant] = {}
+  for v in variants:
+    out.setdefault(model_of(v.name)[0], v)
+  return out
+
+
+def pilots(variants: list[Variant], grid: LrGrid) -> list[Variant]:
+  """The learning-rate runs of every model of `variants`: rate x seed."""
+  out = []
+  for model, v in models(variants).items():
+    own = tuple(b for b in v.bindings if not binds_name(b, SEED_KEY))
+    for rate in grid.values:
+      for seed in grid.seeds:
+        out.append(Variant(pilot_name(model, rate, seed), v.gin_files,
+                           own + grid.bindings + (f"{SEED_KEY} = {seed}", f"{LR_BINDING} = {rate!r}"),
+                           v.args))
+  return out
+
+
+def _final_loss(run_dir: str) -> float | None:
+  if not is_finished(run_dir):
+    return None
+  with open(os.path.join(run_dir, RESULT)) as f:
+    loss = json.load(f).get("eval_loss")
+  return float(loss) if loss is not None and math.isfinite(loss) else None
+
+
+def choose(variants: list[Variant], grid: LrGrid, pilot_dir: str) -> dict[str, dict[str, Any]]:
+  """{model: {'chosen': rate or None, 'losses': {rate: [final loss per seed, None if not
+  finished]}, 'means': {rate: mean or None}, 'at_edge', 'grid', 'seeds', 'bindings'}}. A rate
+  counts only when every seed of the grid finished with a finite loss."""
+  table = {}
+  for model in models(variants):
+    losses = {rate_name(r): [_final_loss(os.path.join(pilot_dir, pilot_name(model, r, s))) for s in grid.seeds]
+              for r in grid.values}
+    means = {k: (float(np.mean(v)) if all(x is not None for x in v) else None) for k, v in losses.items()}
+    done = [(means[rate_name(r)], r) for r in grid.values if means[rate_name(r)] is not None]
+    chosen = min(done)[1] if done else None
+    table[model] = {"chosen": chosen, "losses": losses, "means": means,
+                    "at_edge": chosen is not None and len(grid.values) > 1
+                    and chosen in (min(grid.values), max(grid.values)),
+                    "grid": list(grid.values), "seeds": list(grid.seeds), "bindings": list(grid.bindings)}
+  return table
+
+
+def write_chosen(workdir: str, table: dict[str, dict[str, Any]]) -> str:
+  """Merges `table` into WORKDIR/learning_rates.json; returns its path."""
+  path = os.path.join(workdir, CHOSEN)
+  merged = read_chosen(workdir)
+  merged.update(table)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(merged, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def read_chosen(workdir: str) -> dict[str, dict[str, Any]]:
+  path = os.path.join(workdir, CHOSEN)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def with_rates(variants: list[Variant], table: dict[str, dict[str, Any]]) -> tuple[list[Variant], list[str]]:
+  """(the variants whose model has a chosen rate, with it bound last; the names of the
+  others)."""
+  out, missing = [], []
+  for v in variants:
+    rate = table.get(model_of(v.name)[0], {}).get("chosen")
+    if rate is None:
+      missing.append(v.name)
+    else:
+      out.append(dataclasses.replace(v, bindings=v.bindings + (f"{LR_BINDING} = {rate!r}",)))
+  return out, missing
+
+
+def recorded_rate(run_dir: str) -> float | None:
+  """The learning rate a run was (last) started with, from its run_config.json."""
+  path = os.path.join(run_dir, RUN_CONFIG)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("train", {}).get("learning_rate")
+
+
+def run_step(variants: list[Variant], grid: LrGrid, workdir: str, cwd: str | None = None, log=print,
+             runner=None, run: bool = True) -> tuple[list[Variant], list[str], dict[str, dict[str, Any]]]:
+  """Runs the unfinished pilots (run=False: none), chooses each model's rate and records it;
+  -> (the variants at their model's rate, the names of failed pilots and of variants left
+  without a rate, the choice table)."""
+  pilot_dir = os.path.join(workdir, PILOT_DIR)
+  kwargs = {} if runner is None else {"runner": runner}
+  failed = run_sweep(pilots(variants, grid), pilot_dir, cwd, log, **kwargs) if run else []
+  table = choose(variants, grid, pilot_dir)
+  write_chosen(workdir, table)
+  for model, entry in table.items():
+    edge = " (at the edge of the grid: widen it)" if entry["at_edge"] else ""
+    log(f"[{model or 'run'}] learning rate {entry['chosen']}{edge}")
+  mains, missing = with_rates(variants, table)
+  for name in missing:
+    log(f"[{name}] no learning rate chosen (a pilot of every rate is missing or failed): not run")
+  for v in mains:
+    run_dir, want = os.path.join(workdir, v.name), table[model_of(v.name)[0]]["chosen"]
+    used = recorded_rate(run_dir)
+    if is_finished(run_dir) and used is not None and used != want:
+      log(f"[{v.name}] warning: finished earlier at learning rate {used}, not the chosen {want}; "
+          f"delete {run_dir} to rerun it")
+  return mains, failed + missing, table
+
+
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+  """| model | lr=... (mean final validation loss over the grid's seeds, and each seed's) | chosen |"""
+  if not table:
+    return ""
+  rates = list(next(iter(table.values()))["losses"])
+  fmt = lambda v: "-" if v is None else f"{v:.4f}"
+  lines = ["| model | " + " | ".join(f"lr={r}" for r in rates) + " | chosen |",
+           "|---|" + "---:|" * len(rates) + "---:|"]
+  for model, e in table.items():
+    cells = [f"{fmt(e['means'].get(r))} ({' / '.join(fmt(x) for x in e['losses'].get(r, []))})" for r in rates]
+    chosen = "-" if e["chosen"] is None else rate_name(e["chosen"]) + (" (edge)" if e["at_edge"] else "")
+    lines.append(f"| {model or 'run'} | " + " | ".join(cells) + f" | {chosen} |")
+  seeds = next(iter(table.values()))["seeds"]
+  lines += ["", f"Mean final validation loss over seeds {seeds} (each seed's in parentheses) on the "
+            f"grid's budget ({'; '.join(next(iter(table.values()))['bindings']) or 'the sweep budget'}); "
+            f"chosen: the lowest mean. (edge): the lowest or highest rate of the grid."]
+  return "\n".join(lines)
