@@ -7,10 +7,13 @@ compiles it for a simulated CPU mesh of that many devices (an estimate).
   python -m experiments.plan --topology=v5p:4x4x4 --preset=deepseekmoe_16b \
       --mesh=fsdp:16,expert:4 --batch_size=64
   python -m experiments.plan --topology=v5p:4x4x4 --preset=deepseekmoe_16b --batch_size=64 --search
+  python -m experiments.plan --inference --preset=deepseekmoe_16b --topology=v5e:2x4,v6e:2x4
   python -m experiments.plan --preset=deepseekmoe_145b --mesh=fsdp:32,expert:8 \
       --batch_size=256 --expert_capacity_factor=2
 
-Model fields can be overridden with gin (--gin.model_config.n_layers=4).
+--inference compiles the serving programs instead (scoring, prefill, decode step; bf16
+parameters; experiments/plan_inference.py). Model fields can be overridden with gin
+(--gin.model_config.n_layers=4).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import jax
 from absl import app, flags
 
-from experiments import common_flags, errors, gin_flags
+from experiments import common_flags, errors, gin_flags, plan_inference
 from experiments.mesh_flag import mesh_flag
 from moe.model.presets import model_config
 from moe.parallel import compiled_cost, topology
@@ -56,6 +59,9 @@ _SEARCH = flags.DEFINE_bool("search", False, "--topology: rank every fsdp x expe
                             "layout of the slice by estimated step time (no --mesh)")
 _FACTORS = flags.DEFINE_list("block_factors", ["1.25"], "--search: dropless block factors to try")
 _TENSOR = flags.DEFINE_list("tensor_sizes", ["1", "2", "4"], "--search: tensor-parallel sizes to try")
+_INFERENCE = flags.DEFINE_bool("inference", False, "compile the serving programs (lm-eval scoring, "
+                               "prefill, decode step) in bf16 for each slice of --topology (a "
+                               "comma-separated list) instead of the train step")
 _DISPATCH = flags.DEFINE_string("dispatch", "auto", "dispatch backend (auto: the target "
                                 "platform's default, pallas on TPU)")
 
@@ -101,6 +107,13 @@ def print_search(cfg, slice_name: str, batch: int, seq: int) -> None:
 
 def main(argv):
   gin_flags.parse(argv)
+  if _INFERENCE.value:
+    if not _TOPOLOGY.value:
+      raise app.UsageError("--inference needs --topology (e.g. v5e:2x4,v6e:2x4,v5p:2x2x1)")
+    jax.config.update("jax_platforms", "cpu")
+    plan_inference.main(model_config(), _TOPOLOGY.value, mesh_flag(), _BATCH.value, _SEQ.value,
+                        _JSON.value)
+    return
   if _SEARCH.value:
     if not _TOPOLOGY.value or not _BATCH.value:
       raise app.UsageError("--search needs --topology and --batch_size")

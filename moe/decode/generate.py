@@ -70,7 +70,10 @@ class Decoder:
     else:
       sh = dict(params=rules.state_shardings(params, mesh), cache=cache_shardings(shapes, mesh),
                 batch=NamedSharding(mesh, P(BATCH_AXES)), rep=rules.replicated(mesh))
-    self.params = params if mesh is None else jax.device_put(params, sh["params"])
+    # Abstract parameters (ShapeDtypeStructs: moe.train.inference_plan lowers the jitted
+    # functions below for a TPU slice) are not placed.
+    abstract = all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params))
+    self.params = params if mesh is None or abstract else jax.device_put(params, sh["params"])
     jit = lambda fn, ins, outs, donate=(): jax.jit(
         fn, in_shardings=None if mesh is None else tuple(sh[i] for i in ins),
         out_shardings=None if mesh is None else tuple(sh[o] for o in outs), donate_argnums=donate)
