@@ -66,10 +66,6 @@ _DISPATCH = flags.DEFINE_string("dispatch", "auto", "dispatch backend (auto: the
                                 "platform's default, pallas on TPU)")
 
 
-def _gib(n: int) -> str:
-  return f"{n / 2**30:.2f}"
-
-
 def print_speed(s, generation: str) -> None:
   """The TPU compiler's estimate (moe.parallel.compiled_cost): a row, then where the time goes."""
   print(f"estimated by the TPU compiler's cost model, per chip (an estimate: see docs/plan.md "
@@ -101,7 +97,7 @@ def print_search(cfg, slice_name: str, batch: int, seq: int) -> None:
   print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
   for i, e in enumerate(rows, 1):
     print(f"| {i} | {e.mesh} | {e.block_factor} | {e.step_seconds:.3f} | {e.tokens_per_sec:,.0f} | "
-          f"{e.mfu:.1%} | {e.exchange_seconds:.3f} | {_gib(e.peak_bytes)} | {'yes' if e.fits else 'no'} |",
+          f"{e.mfu:.1%} | {e.exchange_seconds:.3f} | {plan_inference.gib(e.peak_bytes)} | {'yes' if e.fits else 'no'} |",
           flush=True)
 
 
@@ -163,11 +159,11 @@ def main(argv):
   print("| params GiB | optimizer GiB | temporaries GiB | peak GiB | all_to_all GiB/step | "
         "+ per extra round | compile s | fits |")
   print("|---:|---:|---:|---:|---:|---:|---:|---|")
-  print(f"| {_gib(p.param_bytes)} | {_gib(p.optimizer_bytes)} | {_gib(p.temp_bytes)} | "
-        f"{_gib(p.peak_bytes)} | {_gib(p.all_to_all_bytes)} | {_gib(p.extra_round_bytes)} | "
+  print(f"| {plan_inference.gib(p.param_bytes)} | {plan_inference.gib(p.optimizer_bytes)} | {plan_inference.gib(p.temp_bytes)} | "
+        f"{plan_inference.gib(p.peak_bytes)} | {plan_inference.gib(p.all_to_all_bytes)} | {plan_inference.gib(p.extra_round_bytes)} | "
         f"{p.compile_seconds:.1f} | {fits} |")
   if _SLICES.value > 1:
-    print(f"across slices (data-centre network): {_gib(p.cross_slice_bytes)} GiB/step per chip sent")
+    print(f"across slices (data-centre network): {plan_inference.gib(p.cross_slice_bytes)} GiB/step per chip sent")
   print(f"(per device; temporaries from {compiler}'s memory analysis of the compiled step; "
         f"dispatch {cfg.dispatch_backend})")
   if p.speed:

@@ -34,14 +34,14 @@ HEADER = ("| slice | mesh | program | batch | params GiB | KV cache GiB | tempor
           "peak GiB / HBM | est. ms per call | cost_analysis ms | HBM-bound ms | compile s |")
 
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
   return f"{n / 2**30:.2f}"
 
 
 def row(slice_name: str, mesh: str, p: ip.Program, hbm_gib: int) -> str:
   bound = f"{p.hbm_bound_seconds * 1e3:.2f}" if p.hbm_bound_seconds else "-"
-  return (f"| {slice_name} | {mesh} | {p.name} ({p.tokens} tok/row) | {p.batch} | {_gib(p.param_bytes)} | "
-          f"{_gib(p.cache_bytes)} | {_gib(p.temp_bytes)} | {_gib(p.peak_bytes)} / {hbm_gib} | "
+  return (f"| {slice_name} | {mesh} | {p.name} ({p.tokens} tok/row) | {p.batch} | {gib(p.param_bytes)} | "
+          f"{gib(p.cache_bytes)} | {gib(p.temp_bytes)} | {gib(p.peak_bytes)} / {hbm_gib} | "
           f"{p.estimated_seconds * 1e3:.2f} | {p.optimal_seconds * 1e3:.2f} | {bound} | "
           f"{p.compile_seconds:.0f} |")
 
@@ -85,7 +85,7 @@ def plan_slice(cfg, slice_name: str, mesh_spec: str | None, batch: int | None, s
     print(f"{what}: largest batch that compiles and fits: {fit.batch or 'none (not even ' + str(unit) + ')'}"
           + (" (the search's cap)" if fit.batch >= ip.MAX_BATCH else ""))
     if fit.limit < hbm * 2**30:
-      print(f"  (the compiler refused a larger one, naming {_gib(fit.limit)} GiB of HBM per chip)")
+      print(f"  (the compiler refused a larger one, naming {gib(fit.limit)} GiB of HBM per chip)")
   gen = fits["generation"]
   if gen.batch:
     pre, step = gen.compiled[gen.batch]
@@ -95,7 +95,7 @@ def plan_slice(cfg, slice_name: str, mesh_spec: str | None, batch: int | None, s
           f"{step.estimated_seconds * 1e3:.2f} ms for {gen.batch} rows, "
           f"{gen.batch / step.estimated_seconds:,.0f} tokens/s on the slice (estimated)")
     print(f"decode step's MoE: {ip.decode_dispatch(mesh)}; routed-expert weights read per chip "
-          f"per step (uniform routing): {_gib(step.expert_read_bytes)} GiB; Mosaic kernels: "
+          f"per step (uniform routing): {gib(step.expert_read_bytes)} GiB; Mosaic kernels: "
           f"{step.kernels or 'none'}; collectives: {step.collectives}")
     print(f"prefill's MoE kernels: {pre.kernels}; seconds by component (decode step): "
           + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(step.seconds.items(), key=lambda kv: -kv[1])))

@@ -13,6 +13,7 @@ from moe.model.decoder import Transformer
 from moe.model.presets import get_preset
 from moe.parallel import rules
 from moe.train import inference_plan as ip
+from moe.train.plan import per_device_bytes
 from tests.capabilities import tpu_devices_or_skip
 from tests.data_fixtures import small_model
 
@@ -89,7 +90,7 @@ def test_bf16_parameters_per_chip():
   split = sum(math.prod(a.shape) for path, a in leaves if names(path) & {"experts", "router"})
   total = sum(math.prod(a.shape) for _, a in leaves)
   expected = 2 * (split // 8 + total - split)
-  assert ip.per_chip_bytes(params, rules.state_shardings(params, mesh)) == expected
+  assert per_device_bytes(params, rules.state_shardings(params, mesh)) == expected
   assert 6.0 < expected / GIB < 6.3  # of 30.5 GiB (16.4B parameters)
 
 

@@ -39,7 +39,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -51,6 +50,7 @@ from moe.model.decoder import Transformer
 from moe.parallel import compiled_cost, rules, topology
 from moe.parallel.mesh import BATCH_AXES, MeshConfig, make_mesh
 from moe.train import lm_eval
+from moe.train.plan import per_device_bytes, shard_bytes
 
 PROGRAMS = ("score", "prefill", "decode_step")
 PREFILL_CHUNK = inspect.signature(Decoder).parameters["prefill_chunk"].default
@@ -110,14 +110,6 @@ def _sds(shapes, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def _shard_bytes(a, s) -> int:
-  return math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-
-
-def per_chip_bytes(shapes, shardings) -> int:
-  return int(sum(_shard_bytes(a, s) for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings))))
-
-
 def kernels(text: str) -> dict[str, int]:
   """Mosaic calls in compiled HLO text by kernel (their names carry the jitted function's)."""
   names = _MOSAIC.findall(text)
@@ -136,9 +128,9 @@ def decode_read_bytes(cfg: ModelConfig, params, shardings, batch: int) -> tuple[
   for (path, a), s in zip(leaves, jax.tree.leaves(shardings)):
     names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
     if "experts" in names:
-      experts += _shard_bytes(a, s) * hit
+      experts += shard_bytes(a, s) * hit
     elif names[0] != "embed":
-      other += _shard_bytes(a, s)
+      other += shard_bytes(a, s)
   return experts, other
 
 
@@ -199,7 +191,7 @@ def compile_programs(cfg: ModelConfig, mesh: Mesh, generation: str, batch: int,
   rules.check_batch(mesh, batch, "batch")
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   shardings = rules.state_shardings(params, mesh)
-  p_in, param_bytes = _sds(params, shardings), per_chip_bytes(params, shardings)
+  p_in, param_bytes = _sds(params, shardings), per_device_bytes(params, shardings)
   rows, rep = NamedSharding(mesh, P(BATCH_AXES)), rules.replicated(mesh)
   i32 = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
   out = []
@@ -215,7 +207,7 @@ def compile_programs(cfg: ModelConfig, mesh: Mesh, generation: str, batch: int,
     dec = Decoder(graphdef, p_in, batch, max_len, mesh, prefill_chunk=chunk)
     shapes = cache_shapes(cfg, batch, max_len, jnp.dtype(cfg.dtype))
     csh = cache_shardings(shapes, mesh)
-    cache, cache_bytes = _sds(shapes, csh), per_chip_bytes(shapes, csh)
+    cache, cache_bytes = _sds(shapes, csh), per_device_bytes(shapes, csh)
     if "prefill" in which:
       logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=rows)
       out.append(measure("prefill", lambda: dec.prefill.lower(

@@ -91,9 +91,17 @@ class Plan(NamedTuple):
   cross_slice_bytes: int = 0  # per device per step sent to other slices (DCN), as compiled
 
 
-def _per_device_bytes(abstract, shardings) -> int:
+def shard_bytes(a, sharding) -> int:
+  """Bytes of one device's shard of array (or abstract array) `a` under `sharding`."""
+  return math.prod(sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+
+
+def per_device_bytes(abstract, shardings) -> int:
+  """One device's bytes of a tree; `shardings` mirrors it (plain shardings, or nnx
+  Variables holding them as the rules give a model's state)."""
   is_var = lambda x: isinstance(x, nnx.Variable)
-  return int(sum(math.prod(s.get_value().shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+  unwrap = lambda s: s.get_value() if is_var(s) else s
+  return int(sum(shard_bytes(a, unwrap(s))
                  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=is_var))))
 
 
@@ -161,8 +169,8 @@ def plan(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int, seq_l
   out_new = int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes)
   return Plan(
       n_devices=mesh.size,
-      param_bytes=_per_device_bytes(model_state, model_sh),
-      optimizer_bytes=_per_device_bytes(opt_state, opt_sh),
+      param_bytes=per_device_bytes(model_state, model_sh),
+      optimizer_bytes=per_device_bytes(opt_state, opt_sh),
       temp_bytes=temp, argument_bytes=args, peak_bytes=args + temp + max(out_new, 0),
       all_to_all_bytes=step_all_to_all_bytes(cfg, mesh, tokens),
       extra_round_bytes=(step_all_to_all_bytes(cfg, mesh, tokens, 2) - step_all_to_all_bytes(cfg, mesh, tokens)
