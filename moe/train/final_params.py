@@ -21,28 +21,16 @@ from moe.train.run_files import FINAL_PARAMS
 FORMAT = "deepseekmoe-jax final params 1"
 
 
-def flat_pure(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """A nested pure dict (nnx.to_pure_dict) -> {'a/b/c': leaf}."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(flat_pure(v, f"{prefix}/{k}" if prefix else str(k)))
-  return out
-
-
-def map_pure(tree: Any, fn, prefix: str = "") -> Any:
-  """The nested pure dict with each leaf replaced by fn(its flat_pure key, leaf)."""
-  if not isinstance(tree, dict):
-    return fn(prefix, tree)
-  return {k: map_pure(v, fn, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
+def flat_values(state: Any) -> dict[str, Any]:
+  """{'a/b/c': value} of every variable of an nnx.State (the file's keys)."""
+  return {"/".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 def save_final_params(workdir: str, model_state: Any, step: int) -> str:
   """workdir/final_params.safetensors from the model's nnx.State (one process: every array
   whole on this host); returns its path. Written to a temporary name, then renamed."""
   arrays = {k: np.ascontiguousarray(jax.device_get(v))
-            for k, v in flat_pure(nnx.to_pure_dict(model_state)).items()}
+            for k, v in flat_values(model_state).items()}
   path = os.path.join(workdir, FINAL_PARAMS)
   save_file(arrays, path + ".tmp", metadata={"format": FORMAT, "step": str(step)})
   os.replace(path + ".tmp", path)

@@ -17,7 +17,7 @@ from moe.model.config import ModelConfig
 from moe.model.decoder import Transformer
 from moe.parallel.rules import state_shardings
 from moe.train.checkpoint import CheckpointError, Checkpointer
-from moe.train.final_params import flat_pure, has_final_params, map_pure, read_final_params
+from moe.train.final_params import flat_values, has_final_params, read_final_params
 from moe.train.run_files import read_run_configs
 
 # The model's entry of a checkpoint's state: nnx.to_pure_dict of the (model, optimizer)
@@ -59,8 +59,7 @@ def restore_final_params(workdir: str, model_cfg: ModelConfig, step: int | None,
     raise CheckpointError(f"{workdir!r} has no checkpoints, and its final parameters are of step "
                           f"{saved_step}, not {step}")
   graphdef, params = abstract_model(model_cfg)
-  pure, where = nnx.to_pure_dict(params), flat_pure(nnx.to_pure_dict(_shardings(params, mesh)))
-  flat = flat_pure(pure)
+  flat, where = flat_values(params), flat_values(_shardings(params, mesh))
   if set(flat) != set(arrays):
     raise CheckpointError(f"{workdir!r}: final parameters do not match the run's model config "
                           f"(missing {sorted(set(flat) - set(arrays))}, extra {sorted(set(arrays) - set(flat))})")
@@ -68,8 +67,9 @@ def restore_final_params(workdir: str, model_cfg: ModelConfig, step: int | None,
     if arrays[key].shape != want.shape:
       raise CheckpointError(f"{workdir!r}: final parameter {key} has shape {arrays[key].shape}, "
                             f"the model wants {want.shape}")
-  nnx.replace_by_pure_dict(params, map_pure(
-      pure, lambda key, want: jax.device_put(arrays[key].astype(want.dtype), where[key])))
+  for path, var in nnx.to_flat_state(params):
+    key = "/".join(map(str, path))
+    var.set_value(jax.device_put(arrays[key].astype(flat[key].dtype), where[key]))
   return saved_step, graphdef, params
 
 
