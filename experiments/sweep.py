@@ -38,6 +38,9 @@ _WORKDIR = common_flags.workdir(required=True)  # the parent of the variants' di
 _PRINT = flags.DEFINE_bool("print_commands", False, "print one launch command per variant, run nothing")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "only collect the results table")
 _ONLY = flags.DEFINE_multi_string("only", [], "run only these variants")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "runs at once, each pinned to its share of the cores "
+                                 "(keep it fixed within a study: a run's numerics depend on its thread count)",
+                                 lower_bound=1)
 
 
 def main(argv):
@@ -63,10 +66,10 @@ def main(argv):
   failed, rates, every = [], None, variants  # every variant has a row, run or not
   if spec.lr_grid:  # the grid's runs, then the sweep's at each model's chosen rate
     variants, not_run, rates = lr_search.run_step(variants, spec.lr_grid, workdir, cwd=gin_flags.REPO_ROOT,
-                                                  run=not _COLLECT.value)
+                                                  run=not _COLLECT.value, workers=_PARALLEL.value)
     failed += [] if _COLLECT.value else not_run
   if not _COLLECT.value:
-    failed += sweep.run_sweep(variants, workdir, cwd=gin_flags.REPO_ROOT)
+    failed += sweep.run_sweep(variants, workdir, cwd=gin_flags.REPO_ROOT, workers=_PARALLEL.value)
   rows = sweep_results.collect(every, workdir)
   out_dir = os.path.join(workdir, os.path.splitext(os.path.basename(_SWEEP.value))[0] + ".results")
   md, csv_path = sweep_results.write_results(rows, workdir, out_dir,

@@ -141,7 +141,7 @@ class FakeTrainer:
   def __init__(self):
     self.calls = []
 
-  def __call__(self, cmd, cwd=None, stdout=None, stderr=None):
+  def __call__(self, cmd, cwd=None, stdout=None, stderr=None, **kwargs):
     workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
     binds = dict(a[len("--gin_bindings="):].split(" = ") for a in cmd if a.startswith("--gin_bindings="))
     self.calls.append((os.path.basename(workdir), binds))
@@ -251,5 +251,49 @@ def test_sweep_script_reports_rates_and_comparisons_of_finished_runs(tmp_path):
   printed = subprocess.run(args + ["--print_commands"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   lines = printed.stdout.strip().splitlines()
   assert len(lines) == 12 + 6 and "lr_search/a,lr=0.001,SEED=0" in lines[0]
-  assert lines[12].endswith("'--gin_bindings=SEED = 0' '--gin_bindings=TrainConfig.learning_rate = 0.003'")
-  assert lines[-1].endswith("'--gin_bindings=TrainConfig.learning_rate = 0.01'")
+  assert lines[12].endswith("'--gin_bindings=SEED = 0' '--gin_bindings=TrainConfig.learning_rate = 0.003' "
+                            "--max_new_tokens=0")
+  assert lines[-1].endswith("'--gin_bindings=TrainConfig.learning_rate = 0.01' --max_new_tokens=0")
+
+
+def test_a_grid_on_the_sweeps_budget_gives_its_pilots_as_seed_runs(tmp_path):
+  """Without grid bindings the pilot at the chosen rate and seed 0 is the sweep's seed-0 run:
+  copied, not trained again; the other seeds train."""
+  spec = sweep.load_sweep_spec(lr_sweep_file(tmp_path, lr_grid={"values": [0.001, 0.003, 0.01], "seeds": [0]}))
+  workdir, fake, log = str(tmp_path / "w"), FakeTrainer(), []
+  mains, _, table = lr_search.run_step(spec.variants, spec.lr_grid, workdir, log=log.append, runner=fake)
+  assert len(fake.calls) == 2 * 3 and table["a"]["chosen"] == 0.003
+  assert sweep.is_finished(os.path.join(workdir, "a,SEED=0")) and sweep.is_finished(os.path.join(workdir, "b,SEED=0"))
+  assert not os.path.exists(os.path.join(workdir, "a,SEED=1"))
+  assert "[a,SEED=0] is the finished pilot a,lr=0.003,SEED=0 (same config): copied, not retrained" in log
+  fake.calls.clear()
+  sweep.run_sweep(mains, workdir, log=log.append, runner=fake)
+  assert sorted(c[0] for c in fake.calls) == ["a,SEED=1", "a,SEED=2", "b,SEED=1", "b,SEED=2"]
+
+  # A grid with its own budget trains a different config: nothing is adopted.
+  spec = sweep.load_sweep_spec(lr_sweep_file(tmp_path))
+  workdir = str(tmp_path / "short")
+  lr_search.run_step(spec.variants, spec.lr_grid, workdir, log=log.append, runner=FakeTrainer())
+  assert not os.path.exists(os.path.join(workdir, "a,SEED=0"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_parallel_sweep_runs_at_once_each_on_its_own_cores(tmp_path):
+  import threading
+  both = threading.Barrier(2, timeout=60)  # fails unless two runs are in flight together
+  seen = []
+
+  def runner(cmd, cwd=None, stdout=None, stderr=None, preexec_fn=None):
+    probe = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                           preexec_fn=preexec_fn, capture_output=True, text=True, check=True)
+    seen.append(json.loads(probe.stdout))
+    both.wait()
+    return subprocess.CompletedProcess(cmd, 0 if "SEED=1" not in cmd[3] else 3)
+
+  variants = [sweep.Variant(f"m,SEED={s}", (), (f"SEED = {s}",)) for s in range(2)]
+  failed = sweep.run_sweep(variants, str(tmp_path), log=lambda _: None, runner=runner, workers=2)
+  assert failed == ["m,SEED=1"]
+  sets = sweep.core_sets(2)
+  assert sorted(map(tuple, seen)) == sorted(sets) and not set(sets[0]) & set(sets[1])
+  with pytest.raises(sweep.SweepError, match="concurrent runs on"):
+    sweep.core_sets(len(os.sched_getaffinity(0)) + 1)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -127,19 +128,21 @@ def recorded_rate(run_dir: str) -> float | None:
 
 
 def run_step(variants: list[Variant], grid: LrGrid, workdir: str, cwd: str | None = None, log=print,
-             runner=None, run: bool = True) -> tuple[list[Variant], list[str], dict[str, dict[str, Any]]]:
+             runner=None, run: bool = True, workers: int = 1) -> tuple[list[Variant], list[str], dict[str, dict[str, Any]]]:
   """Runs the unfinished pilots (run=False: none), chooses each model's rate and records it;
   -> (the variants at their model's rate, the names of failed pilots and of variants left
   without a rate, the choice table)."""
   pilot_dir = os.path.join(workdir, PILOT_DIR)
   kwargs = {} if runner is None else {"runner": runner}
-  failed = run_sweep(pilots(variants, grid), pilot_dir, cwd, log, **kwargs) if run else []
+  failed = run_sweep(pilots(variants, grid), pilot_dir, cwd, log, workers=workers, **kwargs) if run else []
   table = choose(variants, grid, pilot_dir)
   write_chosen(workdir, table)
   for model, entry in table.items():
     edge = " (at the edge of the grid: widen it)" if entry["at_edge"] else ""
     log(f"[{model or 'run'}] learning rate {entry['chosen']}{edge}")
   mains, missing = with_rates(variants, table)
+  if run:
+    adopt_pilots(mains, variants, grid, workdir, log)
   for name in missing:
     log(f"[{name}] no learning rate chosen (a pilot of every rate is missing or failed): not run")
   for v in mains:
@@ -149,6 +152,27 @@ def run_step(variants: list[Variant], grid: LrGrid, workdir: str, cwd: str | Non
       log(f"[{v.name}] warning: finished earlier at learning rate {used}, not the chosen {want}; "
           f"delete {run_dir} to rerun it")
   return mains, failed + missing, table
+
+
+def adopt_pilots(mains: list[Variant], variants: list[Variant], grid: LrGrid, workdir: str, log=print) -> None:
+  """A grid without bindings of its own trains on the sweep's budget: its finished pilot at
+  a model's chosen rate and one of the sweep's seeds is that seed's run, with the same gin
+  files, bindings and flags. It is copied to the run's directory (absent there) rather than
+  trained again."""
+  if grid.bindings:
+    return
+  pilot_dir = os.path.join(workdir, PILOT_DIR)
+  by_name = {v.name: v for v in pilots(variants, grid)}
+  for v in mains:
+    model, seed = model_of(v.name)
+    run_dir = os.path.join(workdir, v.name)
+    rate = next(b.split("=", 1)[1].strip() for b in reversed(v.bindings) if binds_name(b, LR_BINDING))
+    pilot = by_name.get(pilot_name(model, float(rate), int(seed))) if seed is not None and seed.lstrip("-").isdigit() else None
+    if (pilot is None or os.path.exists(run_dir) or not is_finished(os.path.join(pilot_dir, pilot.name))
+        or (pilot.gin_files, sorted(pilot.bindings), pilot.args) != (v.gin_files, sorted(v.bindings), v.args)):
+      continue
+    shutil.copytree(os.path.join(pilot_dir, pilot.name), run_dir)
+    log(f"[{v.name}] is the finished pilot {pilot.name} (same config): copied, not retrained")
 
 
 def markdown(table: dict[str, dict[str, Any]]) -> str:
