@@ -7,7 +7,8 @@ comparisons.md (a table results pages include verbatim) and comparisons.json.
 A difference is called real when, after Holm's correction over the m declared comparisons
 (family-wise error 5%), both the paired t over seeds and the bootstrap over documents
 exclude zero: seeds measure how much A - B moves with initialisation and data order,
-documents how much it depends on the held-out sample.
+documents how much it depends on the held-out sample. A comparison may name another of the
+results' per-run metrics ([A, B, "max_over_mean_load"]): it has the t over seeds only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moe.research.sweep import model_of
 from moe.train.run_files import read_eval_docs
 
 ALPHA, RESAMPLES, BOOTSTRAP_SEED = 0.05, 10_000, 0
+LOSS = "eval_loss"
 
 
 @dataclasses.dataclass
@@ -39,13 +41,14 @@ class Comparison:
   holm_ci: tuple[float, float] | None = None  # the t interval at that level
   boot_holm_p: float | None = None
   called: bool = False
+  metric: str = LOSS               # the results' per-run value compared (documents: the loss only)
 
 
-def runs_by_model(rows: list[dict[str, Any]]) -> dict[str, dict[str | None, dict[str, Any]]]:
-  """{model: {seed: row}} of the finished runs with a validation loss."""
+def runs_by_model(rows: list[dict[str, Any]], metric: str = LOSS) -> dict[str, dict[str | None, dict[str, Any]]]:
+  """{model: {seed: row}} of the finished runs with a value of `metric`."""
   out: dict[str, dict[str | None, dict[str, Any]]] = {}
   for r in rows:
-    if r["status"] == "finished" and r.get("eval_loss") is not None:
+    if r["status"] == "finished" and r.get(metric) is not None:
       model, seed = model_of(r["variant"])
       out.setdefault(model, {})[seed] = r
   return out
@@ -72,18 +75,22 @@ def _bootstrap(workdir: str, runs_a: list[str], runs_b: list[str], resamples: in
 def compare(rows: list[dict[str, Any]], workdir: str, pairs, alpha: float = ALPHA,
             resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[Comparison]:
   """The declared comparisons `pairs` [(A, B)] of a sweep's rows (sweep_results.collect)."""
-  runs = runs_by_model(rows)
   out = []
-  for a, b in pairs:
+  for a, b, *rest in pairs:
+    metric = rest[0] if rest else LOSS
+    runs = runs_by_model(rows, metric)
     ra, rb = runs.get(a, {}), runs.get(b, {})
     seeds = sorted(set(ra) & set(rb), key=_seed_order)
     if not seeds:
-      out.append(Comparison(a, b, [], None, None, "no seed finished for both"))
+      out.append(Comparison(a, b, [], None, None, "no seed finished for both", metric=metric))
       continue
-    paired = paired_t([ra[s]["eval_loss"] for s in seeds], [rb[s]["eval_loss"] for s in seeds])
-    boot, note = _bootstrap(workdir, [ra[s]["variant"] for s in seeds], [rb[s]["variant"] for s in seeds],
-                            resamples, seed)
-    out.append(Comparison(a, b, seeds, paired, boot, note))
+    paired = paired_t([ra[s][metric] for s in seeds], [rb[s][metric] for s in seeds])
+    if metric == LOSS:
+      boot, note = _bootstrap(workdir, [ra[s]["variant"] for s in seeds], [rb[s]["variant"] for s in seeds],
+                              resamples, seed)
+    else:
+      boot, note = None, f"{metric} is not a per-document loss"
+    out.append(Comparison(a, b, seeds, paired, boot, note, metric=metric))
   t_adj, t_rej, levels = holm([c.paired.p if c.paired else None for c in out], alpha)
   b_adj, b_rej, _ = holm([c.boot.p if c.boot else None for c in out], alpha)
   for i, c in enumerate(out):
@@ -119,7 +126,8 @@ def _called(c: Comparison, alpha: float) -> str:
     seeds_only = c.holm_p is not None and c.holm_p <= alpha and c.boot is not None
     return "not real (seeds only: documents' interval includes 0)" if seeds_only else "not real"
   side = "A lower" if c.paired.mean < 0 else "A higher"
-  return f"real ({side}" + ("; t only: no document losses)" if c.boot is None else ")")
+  why = "" if c.boot is not None else "; t only: no document losses" if c.metric == LOSS else "; t only"
+  return f"real ({side}{why})"
 
 
 def markdown(results: list[Comparison], alpha: float = ALPHA) -> str:
@@ -128,14 +136,15 @@ def markdown(results: list[Comparison], alpha: float = ALPHA) -> str:
   for c in results:
     p = c.paired
     level = "-" if c.holm_ci is None else f"{_ci(c.holm_ci)} at {100 * c.holm_level:.4g}%"
-    cells = [f"{c.a} - {c.b}", str(len(c.seeds)),
+    name = f"{c.a} - {c.b}" + ("" if c.metric == LOSS else f" ({c.metric})")
+    cells = [name, str(len(c.seeds)),
              " / ".join(_signed(d) for d in p.diffs) if p else "-", _signed(p.mean) if p else "-",
              _ci(p.ci if p else None), _p(p.p if p else None), _p(c.holm_p), level,
              _ci(c.boot.ci) if c.boot else "-", _p(c.boot_holm_p), _called(c, alpha)]
     lines.append("| " + " | ".join(cells) + " |")
   boots = [c.boot for c in results if c.boot]
   docs = sorted({b.documents for b in boots})
-  lines += ["", f"A - B: final validation loss (nats/token) of model A minus model B, paired by seed "
+  lines += ["", f"A - B: final validation loss (nats/token; another metric where named) of model A minus model B, paired by seed "
             f"(per seed: in seed order). 95% CI (t): mean +- t(0.975, n - 1) sd / sqrt(n) over the n "
             f"seeds. Correction: Holm-Bonferroni over the m = {len(results)} declared comparisons at "
             f"family-wise error {alpha:g}; the comparison with the i-th smallest p is tested at level "

@@ -22,6 +22,7 @@ the SEED=... part (the gin macro SEED sets initialisation, routing noise and dat
 Two optional keys decide and tune the comparison:
 
       "comparisons": [["deepseekmoe", "gshard"], ...],     # models A, B: A - B is reported
+                     # [A, B, "max_over_mean_load"]: another of the results' per-run metrics
       "lr_grid": {"values": [1e-3, 2e-3, 3e-3, 6e-3],      # learning rates to try ...
                   "seeds": [0, 1],                          # ... at these seeds ...
                   "bindings": ["TrainConfig.steps = 100"]}  # ... on this (short) budget
@@ -87,7 +88,7 @@ class LrGrid:
 @dataclasses.dataclass(frozen=True)
 class Sweep:
   variants: list[Variant]
-  comparisons: tuple[tuple[str, str], ...] = ()
+  comparisons: tuple[tuple[str, ...], ...] = ()  # (A, B) or (A, B, metric)
   lr_grid: LrGrid | None = None
 
 
@@ -147,21 +148,28 @@ def load_sweep_spec(path: str) -> Sweep:
                _lr_grid(spec["lr_grid"], path) if "lr_grid" in spec else None)
 
 
-def _comparisons(value: Any, variants: list[Variant], path: str) -> tuple[tuple[str, str], ...]:
+METRICS = ("eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
+           "gate_mass", "router_entropy", "dropped_fraction")
+
+
+def _comparisons(value: Any, variants: list[Variant], path: str) -> tuple[tuple[str, ...], ...]:
   models = sorted({model_of(v.name)[0] for v in variants})
   if not isinstance(value, list):
-    raise SweepError(f"sweep file {path!r}: 'comparisons' must be a list of [model A, model B] pairs")
+    raise SweepError(f"sweep file {path!r}: 'comparisons' must be a list of [model A, model B] pairs "
+                     f"(optionally [A, B, metric])")
   out = []
   for pair in value:
-    if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair)
+    if (not isinstance(pair, list) or len(pair) not in (2, 3) or not all(isinstance(x, str) for x in pair)
         or pair[0] == pair[1]):
       raise SweepError(f"sweep file {path!r}: comparison {pair!r} must be a pair of two different "
-                       f"model names")
-    for name in pair:
+                       f"model names, optionally with a metric")
+    if len(pair) == 3 and pair[2] not in METRICS:
+      raise SweepError(f"sweep file {path!r}: comparison {pair!r}: metric {pair[2]!r} is not one of {list(METRICS)}")
+    for name in pair[:2]:
       if name not in models:
         raise SweepError(f"sweep file {path!r}: comparison {pair!r} names {name!r}, which is not a "
                          f"model of the sweep; its models: {models}")
-    out.append(tuple(pair))
+    out.append(tuple(pair) if len(pair) == 3 and pair[2] != "eval_loss" else tuple(pair[:2]))
   if len(set(out)) != len(out):
     raise SweepError(f"sweep file {path!r}: a comparison repeats: {value}")
   return tuple(out)

@@ -1,0 +1,31 @@
+"""Write a results page from its template: tables and numbers from the run files.
+
+  python -m experiments.results_page                       # docs/results.md
+  python -m experiments.results_page --template=T --out=P  # another page
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from experiments import errors
+from experiments.gin_flags import REPO_ROOT
+from moe.research.results_page import render
+
+_TEMPLATE = flags.DEFINE_string("template", "docs/results.template.md", "the page's template (relative to the repository)")
+_OUT = flags.DEFINE_string("out", "docs/results.md", "the page to write (relative to the repository)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  page = render(os.path.join(REPO_ROOT, _TEMPLATE.value), REPO_ROOT)
+  with open(os.path.join(REPO_ROOT, _OUT.value), "w") as f:
+    f.write(page)
+  print(f"written: {_OUT.value}")
+
+
+if __name__ == "__main__":
+  errors.run(main)
