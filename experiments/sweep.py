@@ -38,6 +38,8 @@ _WORKDIR = common_flags.workdir(required=True)  # the parent of the variants' di
 _PRINT = flags.DEFINE_bool("print_commands", False, "print one launch command per variant, run nothing")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "only collect the results table")
 _ONLY = flags.DEFINE_multi_string("only", [], "run only these variants")
+_COPY_TO = flags.DEFINE_string("copy_run_files_to", None, "then copy the runs' files that results pages cite "
+                                "(no checkpoints or parameters) to this directory, e.g. docs/results/...")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "runs at once, each pinned to its share of the cores "
                                  "(keep it fixed within a study: a run's numerics depend on its thread count)",
                                  lower_bound=1)
@@ -85,6 +87,9 @@ def main(argv):
     with open(os.path.join(out_dir, "comparisons.md")) as f:
       print("\ncomparisons:\n" + f.read().rstrip())
   print(f"written: {md}, {csv_path}")
+  if _COPY_TO.value:
+    n = sweep_results.copy_run_files(workdir, _COPY_TO.value)
+    print(f"copied the files of {n} runs to {_COPY_TO.value}")
   if failed:
     raise SystemExit(f"variants failed: {failed}")
 
@@ -93,9 +98,11 @@ def print_commands(spec, variants, workdir: str) -> None:
   """One launch command per run; with an lr_grid the grid's runs first, then the sweep's at
   the rates chosen so far (those not chosen yet: a comment)."""
   if spec.lr_grid:
-    for v in lr_search.pilots(variants, spec.lr_grid):
-      print(sweep.shell_command(v, os.path.join(workdir, lr_search.PILOT_DIR)))
-    table = lr_search.choose(variants, spec.lr_grid, os.path.join(workdir, lr_search.PILOT_DIR))
+    pilot_dir = os.path.join(workdir, lr_search.PILOT_DIR)
+    rates = lr_search.widened_rates(variants, spec.lr_grid, pilot_dir)
+    for v in lr_search.pilots(variants, spec.lr_grid, rates):
+      print(sweep.shell_command(v, pilot_dir))
+    table = lr_search.choose(variants, spec.lr_grid, pilot_dir, rates)
     variants, missing = lr_search.with_rates(variants, table)
     if missing:
       print(f"# then, once the runs above have finished (print again): {', '.join(missing)}")

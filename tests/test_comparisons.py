@@ -210,6 +210,7 @@ def test_learning_rate_step_picks_each_models_rate_and_resumes(tmp_path):
     ({"lr_grid": {"values": [0.001, -1]}}, "'values' must be distinct positive"),
     ({"lr_grid": {"values": [0.001], "seeds": [0.5]}}, "'seeds' must be a non-empty list of integers"),
     ({"lr_grid": {"values": [0.001], "steps": 5}}, "'lr_grid' must be an object"),
+    ({"lr_grid": {"values": [0.001], "widen": -1}}, "'widen' must be a non-negative integer"),
     ({"lr_grid": {"values": [0.001], "bindings": ["TrainConfig.learning_rate = 1.0"]}}, "may not bind"),
 ])
 def test_bad_comparisons_and_lr_grid_are_clear_errors(tmp_path, extra, error):
@@ -297,3 +298,22 @@ def test_parallel_sweep_runs_at_once_each_on_its_own_cores(tmp_path):
   assert sorted(map(tuple, seen)) == sorted(sets) and not set(sets[0]) & set(sets[1])
   with pytest.raises(sweep.SweepError, match="concurrent runs on"):
     sweep.core_sets(len(os.sched_getaffinity(0)) + 1)
+
+
+def test_a_grid_widens_past_the_edge_where_a_models_best_rate_lies(tmp_path):
+  """b's best rate (1e-2) is the grid's highest: one rate beyond it (1e-2 * 1e-2 / 3e-3) runs,
+  is worse, and 1e-2 is then inside; a, best at 3e-3, gets no extra rate."""
+  spec = sweep.load_sweep_spec(lr_sweep_file(tmp_path, lr_grid={"values": [0.001, 0.003, 0.01], "seeds": [0],
+                                                                "widen": 2}))
+  assert spec.lr_grid.widen == 2
+  workdir, fake, log = str(tmp_path / "w"), FakeTrainer(), []
+  _, _, table = lr_search.run_step(spec.variants, spec.lr_grid, workdir, log=log.append, runner=fake)
+  assert [c[0] for c in fake.calls[6:]] == ["b,lr=0.0333333,SEED=0"]
+  assert table["b"]["chosen"] == 0.01 and not table["b"]["at_edge"] and table["b"]["grid"][-1] == 0.0333333
+  assert table["a"]["grid"] == [0.001, 0.003, 0.01]
+  assert lr_search.collected(spec.variants, spec.lr_grid, os.path.join(workdir, "lr_search")) == table
+  text = lr_search.markdown(table)
+  assert text.splitlines()[0].endswith("| lr=0.01 | lr=0.0333333 | chosen |")
+  assert text.splitlines()[2].split(" | ")[-2] == "not run"
+  assert lr_search.beyond([0.001, 0.003, 0.01], 0.001) == pytest.approx(0.000333333)
+  assert lr_search.beyond([0.001, 0.003, 0.01], 0.003) is None

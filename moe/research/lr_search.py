@@ -10,6 +10,10 @@ used, read from the run's own config.
 A pilot's bindings: the model's (sweep file and command line, its SEED binding dropped),
 then the grid's (so its budget holds whatever the command line sets for the main runs),
 then SEED and the rate. Finished pilots are skipped on a re-run, like the sweep's runs.
+
+A grid with "widen": n adds, for each model whose best rate is the grid's lowest or highest,
+the next rate beyond that edge (spaced like the two rates nearest it), up to n times, so a
+chosen rate is a minimum with a worse rate on each side; one still at an edge is flagged.
 """
 
 from __future__ import annotations
@@ -46,17 +50,48 @@ def models(variants: list[Variant]) -> dict[str, Variant]:
   return out
 
 
-def pilots(variants: list[Variant], grid: LrGrid) -> list[Variant]:
-  """The learning-rate runs of every model of `variants`: rate x seed."""
+def pilots(variants: list[Variant], grid: LrGrid, rates: dict[str, list[float]] | None = None) -> list[Variant]:
+  """The learning-rate runs of every model of `variants`: rate x seed (`rates`: a model's own
+  rates, the grid's and its widening, in place of the grid's)."""
   out = []
   for model, v in models(variants).items():
     own = tuple(b for b in v.bindings if not binds_name(b, SEED_KEY))
-    for rate in grid.values:
+    for rate in (rates or {}).get(model, grid.values):
       for seed in grid.seeds:
         out.append(Variant(pilot_name(model, rate, seed), v.gin_files,
                            own + grid.bindings + (f"{SEED_KEY} = {seed}", f"{LR_BINDING} = {rate!r}"),
                            v.args))
   return out
+
+
+def beyond(rates: list[float], chosen: float) -> float | None:
+  """The next rate past the grid's edge where `chosen` lies (spaced as the two rates nearest
+  that edge are), None when `chosen` is inside."""
+  r = sorted(rates)
+  if len(r) < 2 or chosen not in (r[0], r[-1]):
+    return None
+  new = r[0] * r[0] / r[1] if chosen == r[0] else r[-1] * r[-1] / r[-2]
+  return float(f"{new:.6g}")
+
+
+def widened_rates(variants: list[Variant], grid: LrGrid, pilot_dir: str,
+                  run=None) -> dict[str, list[float]]:
+  """Each model's rates: the grid's, then up to grid.widen rates beyond the edge while the
+  best rate lies on it. run(pilots) trains a round's new pilots (all models' at once); without
+  it, a rate beyond counts only once its pilots finished (collecting what an earlier run did)."""
+  rates = {model: list(grid.values) for model in models(variants)}
+  for _ in range(grid.widen):
+    table = choose(variants, grid, pilot_dir, rates)
+    new = {m: beyond(rates[m], e["chosen"]) for m, e in table.items() if e["chosen"] is not None}
+    new = {m: r for m, r in new.items() if r is not None}
+    if not new:
+      break
+    if run is not None:
+      run(pilots([v for v in variants if model_of(v.name)[0] in new], grid, {m: [r] for m, r in new.items()}))
+    for m, r in new.items():
+      if all(_final_loss(os.path.join(pilot_dir, pilot_name(m, r, s))) is not None for s in grid.seeds):
+        rates[m].append(r)
+  return rates
 
 
 def _final_loss(run_dir: str) -> float | None:
@@ -67,22 +102,31 @@ def _final_loss(run_dir: str) -> float | None:
   return float(loss) if loss is not None and math.isfinite(loss) else None
 
 
-def choose(variants: list[Variant], grid: LrGrid, pilot_dir: str) -> dict[str, dict[str, Any]]:
+def choose(variants: list[Variant], grid: LrGrid, pilot_dir: str,
+           rates: dict[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
   """{model: {'chosen': rate or None, 'losses': {rate: [final loss per seed, None if not
   finished]}, 'means': {rate: mean or None}, 'at_edge', 'grid', 'seeds', 'bindings'}}. A rate
-  counts only when every seed of the grid finished with a finite loss."""
+  counts only when every seed of the grid finished with a finite loss. `rates`: each model's
+  rates (widened_rates), in place of the grid's."""
   table = {}
   for model in models(variants):
+    grid_rates = sorted((rates or {}).get(model, grid.values))
     losses = {rate_name(r): [_final_loss(os.path.join(pilot_dir, pilot_name(model, r, s))) for s in grid.seeds]
-              for r in grid.values}
+              for r in grid_rates}
     means = {k: (float(np.mean(v)) if all(x is not None for x in v) else None) for k, v in losses.items()}
-    done = [(means[rate_name(r)], r) for r in grid.values if means[rate_name(r)] is not None]
+    done = [(means[rate_name(r)], r) for r in grid_rates if means[rate_name(r)] is not None]
     chosen = min(done)[1] if done else None
     table[model] = {"chosen": chosen, "losses": losses, "means": means,
-                    "at_edge": chosen is not None and len(grid.values) > 1
-                    and chosen in (min(grid.values), max(grid.values)),
-                    "grid": list(grid.values), "seeds": list(grid.seeds), "bindings": list(grid.bindings)}
+                    "at_edge": chosen is not None and len(grid_rates) > 1
+                    and chosen in (grid_rates[0], grid_rates[-1]),
+                    "grid": grid_rates, "grid_values": list(grid.values), "seeds": list(grid.seeds),
+                    "bindings": list(grid.bindings)}
   return table
+
+
+def collected(variants: list[Variant], grid: LrGrid, pilot_dir: str) -> dict[str, dict[str, Any]]:
+  """choose() over the rates the finished pilots reached (the grid's and its widening)."""
+  return choose(variants, grid, pilot_dir, widened_rates(variants, grid, pilot_dir))
 
 
 def write_chosen(workdir: str, table: dict[str, dict[str, Any]]) -> str:
@@ -135,14 +179,20 @@ def run_step(variants: list[Variant], grid: LrGrid, workdir: str, cwd: str | Non
   pilot_dir = os.path.join(workdir, PILOT_DIR)
   kwargs = {} if runner is None else {"runner": runner}
   failed = run_sweep(pilots(variants, grid), pilot_dir, cwd, log, workers=workers, **kwargs) if run else []
-  table = choose(variants, grid, pilot_dir)
+
+  def widen(runs: list[Variant]) -> None:
+    log(f"widening the grid past its edge: {', '.join(v.name for v in runs)}")
+    failed.extend(run_sweep(runs, pilot_dir, cwd, log, workers=workers, **kwargs))
+
+  rates = widened_rates(variants, grid, pilot_dir, widen if run else None)
+  table = choose(variants, grid, pilot_dir, rates)
   write_chosen(workdir, table)
   for model, entry in table.items():
     edge = " (at the edge of the grid: widen it)" if entry["at_edge"] else ""
     log(f"[{model or 'run'}] learning rate {entry['chosen']}{edge}")
   mains, missing = with_rates(variants, table)
   if run:
-    adopt_pilots(mains, variants, grid, workdir, log)
+    adopt_pilots(mains, variants, grid, workdir, log, rates)
   for name in missing:
     log(f"[{name}] no learning rate chosen (a pilot of every rate is missing or failed): not run")
   for v in mains:
@@ -154,7 +204,8 @@ def run_step(variants: list[Variant], grid: LrGrid, workdir: str, cwd: str | Non
   return mains, failed + missing, table
 
 
-def adopt_pilots(mains: list[Variant], variants: list[Variant], grid: LrGrid, workdir: str, log=print) -> None:
+def adopt_pilots(mains: list[Variant], variants: list[Variant], grid: LrGrid, workdir: str, log=print,
+                 rates: dict[str, list[float]] | None = None) -> None:
   """A grid without bindings of its own trains on the sweep's budget: its finished pilot at
   a model's chosen rate and one of the sweep's seeds is that seed's run, with the same gin
   files, bindings and flags. It is copied to the run's directory (absent there) rather than
@@ -162,7 +213,7 @@ def adopt_pilots(mains: list[Variant], variants: list[Variant], grid: LrGrid, wo
   if grid.bindings:
     return
   pilot_dir = os.path.join(workdir, PILOT_DIR)
-  by_name = {v.name: v for v in pilots(variants, grid)}
+  by_name = {v.name: v for v in pilots(variants, grid, rates)}
   for v in mains:
     model, seed = model_of(v.name)
     run_dir = os.path.join(workdir, v.name)
@@ -179,16 +230,19 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
   """| model | lr=... (mean final validation loss over the grid's seeds, and each seed's) | chosen |"""
   if not table:
     return ""
-  rates = list(next(iter(table.values()))["losses"])
+  rates = [rate_name(r) for r in sorted({float(k) for e in table.values() for k in e["losses"]})]
   fmt = lambda v: "-" if v is None else f"{v:.4f}"
   lines = ["| model | " + " | ".join(f"lr={r}" for r in rates) + " | chosen |",
            "|---|" + "---:|" * len(rates) + "---:|"]
   for model, e in table.items():
-    cells = [f"{fmt(e['means'].get(r))} ({' / '.join(fmt(x) for x in e['losses'].get(r, []))})" for r in rates]
+    cells = [f"{fmt(e['means'][r])} ({' / '.join(fmt(x) for x in e['losses'][r])})" if r in e["losses"] else "not run"
+             for r in rates]
     chosen = "-" if e["chosen"] is None else rate_name(e["chosen"]) + (" (edge)" if e["at_edge"] else "")
     lines.append(f"| {model or 'run'} | " + " | ".join(cells) + f" | {chosen} |")
   seeds = next(iter(table.values()))["seeds"]
   lines += ["", f"Mean final validation loss over seeds {seeds} (each seed's in parentheses) on the "
             f"grid's budget ({'; '.join(next(iter(table.values()))['bindings']) or 'the sweep budget'}); "
-            f"chosen: the lowest mean. (edge): the lowest or highest rate of the grid."]
+            f"chosen: the lowest mean. (edge): the lowest or highest rate the model ran. Rates beyond "
+            f"the grid's {[rate_name(r) for r in next(iter(table.values()))['grid_values']]}: the grid "
+            f"widened past its edge while a model's best rate lay on it."]
   return "\n".join(lines)

@@ -25,7 +25,8 @@ Two optional keys decide and tune the comparison:
                      # [A, B, "max_over_mean_load"]: another of the results' per-run metrics
       "lr_grid": {"values": [1e-3, 2e-3, 3e-3, 6e-3],      # learning rates to try ...
                   "seeds": [0, 1],                          # ... at these seeds ...
-                  "bindings": ["TrainConfig.steps = 100"]}  # ... on this (short) budget
+                  "bindings": ["TrainConfig.steps = 100"],  # ... on this (short) budget ...
+                  "widen": 2}                               # ... adding up to 2 rates past an edge
 
 comparisons: pairs of models whose per-seed differences, t and bootstrap intervals and
 Holm-corrected decisions the results report (moe.research.comparisons). lr_grid: before the
@@ -83,6 +84,7 @@ class LrGrid:
   values: tuple[float, ...]
   seeds: tuple[int, ...]
   bindings: tuple[str, ...] = ()
+  widen: int = 0  # rates to add past the edge, one at a time, while a model's best lies on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,9 +178,12 @@ def _comparisons(value: Any, variants: list[Variant], path: str) -> tuple[tuple[
 
 
 def _lr_grid(value: Any, path: str) -> LrGrid:
-  if not isinstance(value, dict) or set(value) - {"values", "seeds", "bindings"} or "values" not in value:
+  if not isinstance(value, dict) or set(value) - {"values", "seeds", "bindings", "widen"} or "values" not in value:
     raise SweepError(f"sweep file {path!r}: 'lr_grid' must be an object with 'values' and "
-                     f"optionally 'seeds' and 'bindings'")
+                     f"optionally 'seeds', 'bindings' and 'widen'")
+  widen = value.get("widen", 0)
+  if type(widen) is not int or widen < 0:
+    raise SweepError(f"sweep file {path!r}: lr_grid 'widen' must be a non-negative integer, got {widen!r}")
   values, seeds = value["values"], value.get("seeds", [0])
   if (not isinstance(values, list) or not values or len(set(values)) != len(values)
       or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
@@ -190,7 +195,7 @@ def _lr_grid(value: Any, path: str) -> LrGrid:
   bindings = _strings(value.get("bindings", []), path, "lr_grid.bindings")
   if any(binds_name(b, LR_BINDING) for b in bindings):
     raise SweepError(f"sweep file {path!r}: lr_grid 'bindings' may not bind {LR_BINDING}: the grid sets it")
-  return LrGrid(tuple(float(x) for x in values), tuple(seeds), tuple(bindings))
+  return LrGrid(tuple(float(x) for x in values), tuple(seeds), tuple(bindings), widen)
 
 
 def _strings(value: Any, path: str, what: str) -> list[str]:

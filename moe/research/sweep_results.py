@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from moe.research import comparisons as compare
 from moe.research import lr_search
 from moe.research.plots import plot_lines
 from moe.research.sweep import Variant
-from moe.train.run_files import RESULT, RUN_CONFIG, read_run_configs
+from moe.train.run_files import EVAL_DOCS, RESULT, RUN_CONFIG, read_run_configs
 
 COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "train_flops_per_token",
            "learning_rate", "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
@@ -108,6 +109,29 @@ def bias_curves(run_dir: str, layer: int = 0) -> dict[str, list[tuple[int, float
   if not points:
     return {}
   return {f"expert {i}": [(step, b[i]) for step, b in points] for i in range(len(points[0][1]))}
+
+
+KEPT = (RUN_CONFIG, RESULT, EVAL_DOCS, "metrics.jsonl", "operative_config.gin")
+
+
+def copy_run_files(workdir: str, dest: str) -> int:
+  """Copies what a results page cites from every run under workdir (its learning-rate
+  pilots included) to dest: configs, results, metrics, per-document losses, the sweeps'
+  .results tables and learning_rates.json; no checkpoints or parameters. Returns the
+  number of runs copied."""
+  runs = 0
+  for dirpath, dirnames, filenames in os.walk(workdir):
+    dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", "tensorboard"))
+    rel = os.path.relpath(dirpath, workdir)
+    in_results = any(part.endswith(".results") for part in rel.split(os.sep))
+    keep = [f for f in filenames if in_results or f in KEPT or (rel == "." and f.endswith(".json"))]
+    if not keep:
+      continue
+    os.makedirs(os.path.join(dest, rel), exist_ok=True)
+    for f in keep:
+      shutil.copy2(os.path.join(dirpath, f), os.path.join(dest, rel, f))
+    runs += RESULT in keep
+  return runs
 
 
 def seed_summary(rows: list[dict[str, Any]], seed_key: str = "SEED") -> list[dict[str, Any]]:
