@@ -48,6 +48,10 @@ def test_rerouting_skips_the_masked_experts_and_keeps_their_probabilities():
   np.testing.assert_allclose(r.gates, [[0.2, 0.15], [0.2, 0.1]])
   r = rerouted(cfg, route, Intervention(mask_top=2, n_activated=3))
   np.testing.assert_array_equal(r.expert_idx, [[3, 2, 4], [1, 0, 3]])
+  # Re-softmaxed: the survivors' probabilities over their sum (1 - the masked expert's).
+  r = rerouted(cfg, route, Intervention(mask_top=1, resoftmax=True))
+  np.testing.assert_array_equal(r.expert_idx, [[1, 3], [4, 1]])
+  np.testing.assert_allclose(r.gates, [[0.4, 0.3], [0.5, 0.25]], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,14 +241,20 @@ def test_token_id_null_counts_each_token_k_times_on_fixed_experts():
 
 def test_analyze_writes_tables_and_plots(trained, tmp_path):
   out = tmp_path / "out"
-  results = report.analyze({"run": trained}, str(out), analyses=("redundancy", "load", "categories"),
+  results = report.analyze({"run": trained}, str(out), analyses=("redundancy", "redundancy_resoftmax",
+                                                                "redundancy_shared_off", "load", "categories"),
                            max_tokens=300, log=lambda *_: None)
   assert set(results["run"]) >= {"loss", "redundancy", "load", "categories"}
+  plain, soft, off = (results["run"][k] for k in ("redundancy", "redundancy_resoftmax", "redundancy_shared_off"))
+  assert soft[0] == plain[0] and soft[-1][2] != plain[-1][2]  # nothing masked at p = 0: nothing to re-softmax
+  assert off[0][2] != plain[0][2] and [c[1] for c in off] == [c[1] for c in plain]
   assert "topk" not in results["run"]
   for png in ("load_run.png", "categories_run.png", "redundancy.png"):
     assert os.path.getsize(out / png) > 1000, png
   text = report.report(results)
   assert "| p=0.0625 |" in text and "I(token category; chosen expert)" in text
+  assert "... with the gates re-softmaxed over the experts left (validation loss" in text
+  assert "... with the shared experts off as well (validation loss" in text
   first = results["run"]["redundancy"][0]  # (p, experts masked, loss): the count is in the run's row
   assert f"| run | {first[2]:.3f} ({first[1]} off) |" in text
   json.dumps(results)  # JSON-able

@@ -46,8 +46,8 @@ def test_rises_from_unrounded_analysis_losses(tmp_path):
   for seed, (a, b) in enumerate([(3.4996, 2.8268), (3.3304, 2.9441), (3.2610, 2.5878)]):
     d = tmp_path / f"a{seed}"
     d.mkdir()
-    runs = {f"x,SEED={seed}": {"redundancy": [[0, 0, 2.0], [0.25, 4, 2.0 + a]]},
-            f"y,SEED={seed}": {"redundancy": [[0, 0, 2.5], [0.25, 16, 2.5 + b]]}}
+    runs = {f"x,SEED={seed}": {"loss": 2.0, "redundancy": [[0, 0, 2.0], [0.25, 4, 2.0 + a]]},
+            f"y,SEED={seed}": {"loss": 2.5, "redundancy": [[0, 0, 2.5], [0.25, 16, 2.5 + b]]}}
     (d / "analysis.json").write_text(json.dumps(runs))
   page = _page(tmp_path, "{{rises r}}\n\n{{rise_comparisons r x:y}}\n",
                "analyses r = a0, a1, a2\n")

@@ -1,7 +1,8 @@
 """The paper's expert-specialization analyses that re-route a trained model at evaluation:
 
 - redundancy (Figure 4): rule out each token's top-p fraction of routed experts and route
-  to the next K' best; a model whose experts are less redundant loses more;
+  to the next K' best; a model whose experts are less redundant loses more; also with the
+  gates re-softmaxed over the experts left, and with the shared experts off as well;
 - shared experts off, one more routed expert on (Section 5.3: 1.808 -> 2.414 on the Pile);
 - activated routed experts varied at evaluation (Figure 5);
 - capacity routers (Switch, GShard) evaluated without token dropping (capacity factor 0:
@@ -43,9 +44,14 @@ def require_moe(run: RestoredRun, what: str) -> None:
     raise ValueError(f"{what} needs a MoE model; {run.model_cfg.name!r} is dense")
 
 
-def disable_top_experts(run: RestoredRun, batches, fractions=(0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)):
-  """[(p, experts ruled out per token, loss)]: the top round(p * N') experts masked."""
+def disable_top_experts(run: RestoredRun, batches, fractions=(0, 1 / 16, 2 / 16, 3 / 16, 4 / 16),
+                        resoftmax: bool = False, drop_shared: bool = False):
+  """[(p, experts ruled out per token, loss)]: the top round(p * N') experts masked (the
+  paper's Figure 4); `resoftmax`: the gates a softmax over the experts left; `drop_shared`:
+  the shared experts off as well (p = 0 included)."""
   require_moe(run, "disabling top experts")
+  if drop_shared and not run.model_cfg.n_shared_experts:
+    raise ValueError(f"{run.model_cfg.name!r} has no shared experts to switch off")
   n = run.model_cfg.n_routed_experts
   out = []
   for p in fractions:
@@ -53,7 +59,8 @@ def disable_top_experts(run: RestoredRun, batches, fractions=(0, 1 / 16, 2 / 16,
     if masked + run.model_cfg.n_activated_experts > n:
       raise ValueError(f"p={p}: ruling out {masked} of {n} experts leaves fewer than "
                        f"K'={run.model_cfg.n_activated_experts}")
-    out.append((p, masked, evaluate_with(run, batches, Intervention(mask_top=masked))["loss"]))
+    iv = Intervention(mask_top=masked, resoftmax=resoftmax, drop_shared=drop_shared)
+    out.append((p, masked, evaluate_with(run, batches, iv)["loss"]))
   return out
 
 

@@ -21,7 +21,14 @@ from moe.research.specialization import lift, specialization
 from moe.train.restore import restore_run
 
 
-ANALYSES = ("redundancy", "shared", "topk", "load", "categories", "drops")
+ANALYSES = ("redundancy", "redundancy_resoftmax", "redundancy_shared_off", "shared", "topk", "load",
+            "categories", "drops")
+# Figure 4's variants: {result key: (disable_top_experts keywords, table title)}
+REDUNDANCY = {
+    "redundancy": ({}, "Disabling each token's top-p routed experts"),
+    "redundancy_resoftmax": ({"resoftmax": True}, "... with the gates re-softmaxed over the experts left"),
+    "redundancy_shared_off": ({"drop_shared": True}, "... with the shared experts off as well"),
+}
 
 
 def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_tokens: int = 20_000,
@@ -51,8 +58,9 @@ def analyze(workdirs: dict[str, str], out_dir: str, analyses=ANALYSES, max_token
         r["load"] = base["load"].tolist()
         plot_heatmap(os.path.join(out_dir, f"load_{name}.png"), base["load"], "expert", "MoE layer",
                      f"{name}: expert load (fraction of assignments)")
-      if "redundancy" in analyses and cfg.router != "hash":
-        r["redundancy"] = disable_top_experts(run, batches)
+      for key, (kwargs, _) in REDUNDANCY.items():
+        if key in analyses and cfg.router != "hash" and (cfg.n_shared_experts or "drop_shared" not in kwargs):
+          r[key] = disable_top_experts(run, batches, **kwargs)
       if "shared" in analyses and cfg.n_shared_experts:
         r["shared"] = without_shared_experts(run, batches)
       if "drops" in analyses and not ROUTERS[cfg.router].dropless and cfg.capacity_factor > 0:
@@ -93,10 +101,12 @@ def _comparison_plots(results: dict[str, Any], out_dir: str) -> None:
 def report(results: dict[str, Any]) -> str:
   """Markdown tables of analyze()'s results."""
   lines = []
-  red = {n: r["redundancy"] for n, r in results.items() if "redundancy" in r}
-  if red:
+  for key, (_, title) in REDUNDANCY.items():
+    red = {n: r[key] for n, r in results.items() if key in r}
+    if not red:
+      continue
     # The experts a fraction p masks depend on each run's expert count: named per cell.
-    lines += ["Disabling each token's top-p routed experts (validation loss, experts masked):", "",
+    lines += [f"{title} (validation loss, experts masked):", "",
               "| run | " + " | ".join(f"p={p:.4g}" for p, _, _ in next(iter(red.values()))) + " |",
               "|---|" + "---:|" * len(next(iter(red.values())))]
     lines += [f"| {n} | " + " | ".join(f"{loss:.3f} ({m} off)" for _, m, loss in rows) + " |"

@@ -18,8 +18,10 @@ and directives in double braces, replaced in place:
     {{heldout KEY}}               inline: 'N scored targets in D documents' of the sweep's evaluation
     {{include PATH}}              a generated file's text (an analysis.md), verbatim
     {{shares PRESET:SEQ ...}}     per preset: vocabulary and FFN shares of parameters and train FLOPs
-    {{rises KEY}}                 per model: loss rise with the most experts disabled, per seed
-    {{rise_comparisons KEY A:B ...}}  paired t of those rises over seeds, Holm over the pairs given
+    {{rises KEY [ANALYSIS]}}      per model: loss rise with the most experts disabled, per seed
+                                  (ANALYSIS: redundancy, or one of its variants)
+    {{rise_comparisons KEY [analysis=ANALYSIS] A:B ...}}  paired t of those rises over seeds,
+                                  Holm over the pairs given
 
 A sweep's rows come from moe.research.sweep_results.collect (its sweep file's variants in
 the workdir); analyses from each directory's analysis.json (experiments.analyze).
@@ -163,30 +165,31 @@ def shares_table(presets: list[str]) -> str:
   return "\n".join(lines)
 
 
-def _rises(dirs: list[str]) -> dict[str, dict[str, float]]:
-  """{model: {seed: loss rise with the most experts disabled}} over the analysis dirs."""
+def _rises(dirs: list[str], key: str = "redundancy") -> dict[str, dict[str, float]]:
+  """{model: {seed: loss rise with the most experts disabled}} over the analysis dirs: the
+  loss of the `key` analysis's last cell minus the run's loss as trained."""
   out: dict[str, dict[str, float]] = {}
   for d in dirs:
     with open(os.path.join(d, "analysis.json")) as f:
       runs = json.load(f)
     for name, run in runs.items():
-      if "redundancy" in run:
+      if key in run:
         model, seed = model_of(name)
-        curve = run["redundancy"]
-        out.setdefault(model, {})[seed] = curve[-1][2] - curve[0][2]
+        out.setdefault(model, {})[seed] = run[key][-1][2] - run["loss"]
   return out
 
 
-def rises(dirs: list[str]) -> str:
+def rises(dirs: list[str], key: str = "redundancy") -> str:
   lines = ["| model | rise per seed | mean | spread |", "|---|---|---:|---:|"]
-  for model, by_seed in _rises(dirs).items():
+  for model, by_seed in _rises(dirs, key).items():
     v = [by_seed[s] for s in sorted(by_seed)]
     lines.append(f"| {model} | {' / '.join(f'{x:+.3f}' for x in v)} | {np.mean(v):+.3f} | {max(v) - min(v):.3f} |")
   return "\n".join(lines)
 
 
-def rise_comparisons(dirs: list[str], pairs: list[str], alpha: float = compare.ALPHA) -> str:
-  table_ = _rises(dirs)
+def rise_comparisons(dirs: list[str], pairs: list[str], alpha: float = compare.ALPHA,
+                     key: str = "redundancy") -> str:
+  table_ = _rises(dirs, key)
   tests = []
   for pair in pairs:
     a, _, b = pair.partition(":")
@@ -236,9 +239,10 @@ def render(template_path: str, root: str = ".") -> str:
       if name == "shares":
         return shares_table(args)
       if name == "rises":
-        return rises(analyses[args[0]])
-      if name == "rise_comparisons":
-        return rise_comparisons(analyses[args[0]], args[1:])
+        return rises(analyses[args[0]], *args[1:])
+      if name == "rise_comparisons":  # KEY [ANALYSIS=redundancy_...] A:B ...
+        key = next((a.split("=", 1)[1] for a in args[1:] if a.startswith("analysis=")), "redundancy")
+        return rise_comparisons(analyses[args[0]], [a for a in args[1:] if "=" not in a], key=key)
     except (KeyError, IndexError, TypeError, OSError) as e:
       raise PageError(f"{template_path}: directive {match.group(0)!r}: {e!r}") from None
     raise PageError(f"{template_path}: unknown directive {match.group(0)!r}")
