@@ -9,7 +9,7 @@ from flax import nnx
 
 from data.input_pipeline import random_batch
 from moe.model.decoder import Transformer
-from moe.model.loss import chunked_lm_loss, lm_loss, objective
+from moe.model.loss import chunked_lm_loss, chunked_token_nll, lm_loss, objective, token_nll
 from tests.data_fixtures import small_model
 
 
@@ -25,6 +25,10 @@ def test_chunked_loss_equals_the_full_loss(chunk):
   np.testing.assert_allclose(part(h, head), full(h, head), rtol=1e-6)
   for g, g_ref in zip(jax.grad(part, (0, 1))(h, head), jax.grad(full, (0, 1))(h, head)):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+  # Each position's loss (evaluation's per-document losses), chunked or not.
+  per_position = token_nll(jnp.einsum("bsd,dv->bsv", h, head), targets)
+  np.testing.assert_allclose(chunked_token_nll(h, head, targets, chunk), per_position, rtol=1e-5)
+  np.testing.assert_allclose(jnp.sum(per_position * weights) / jnp.sum(weights), full(h, head), rtol=1e-6)
 
 
 def test_objective_with_chunks_equals_the_unchunked_objective():
@@ -42,6 +46,18 @@ def test_objective_with_chunks_equals_the_unchunked_objective():
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+  def evaluated(chunk):  # the evaluation's objective: per-position losses as well
+    model = nnx.merge(graphdef, params)
+    model.cfg = cfg.replace(loss_chunk_tokens=chunk)
+    return objective(model, batch["inputs"], batch["targets"], batch["weights"], batch["segment_ids"],
+                     batch["positions"], token_losses=True)[1]
+
+  m0, m1 = evaluated(0), evaluated(16)
+  np.testing.assert_allclose(m1["token_nll"], m0["token_nll"], rtol=1e-5)
+  np.testing.assert_allclose(m1["lm_loss"], m0["lm_loss"], rtol=1e-6)
+  w = np.asarray(batch["weights"], np.float32)
+  np.testing.assert_allclose(np.sum(m0["token_nll"]) / w.sum(), m0["lm_loss"], rtol=1e-6)
 
 
 def test_chunked_loss_holds_no_full_logits():

@@ -5,14 +5,12 @@ comparisons of runs, moe.research.stats), kept with the final parameters when a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -20,8 +18,7 @@ from jax.experimental import multihost_utils
 from data.config import DataConfig
 from data.input_pipeline import (Datasets, check_eval_batches, host_batch_size, make_datasets,
                                  padding_batch)
-from moe.model.loss import real_tokens
-from moe.parallel.mesh import MeshConfig, make_mesh, use_mesh
+from moe.parallel.mesh import MeshConfig, make_mesh
 from moe.parallel.rules import check_batch
 from moe.train.final_params import save_final_params
 from moe.train.metrics import token_weighted_mean
@@ -45,21 +42,27 @@ def agree_eval_batches(data: Datasets, cfg: DataConfig) -> Datasets:
   return data._replace(eval_batches=data.eval_batches + [pad] * (most - len(data.eval_batches)))
 
 
-def evaluate(steps: Steps, state, batches) -> dict[str, Any]:
+def evaluate(steps: Steps, state, batches, token_nll: bool = False) -> dict[str, Any]:
   """Weighted mean NLL over `batches` (eval_loss, nats/token), its perplexity, and the
   per-layer routing statistics of their real tokens (layers): each batch's statistics are
   of its real tokens (moe.model.loss.real_tokens), averaged with the batch's real tokens as
-  weight, so padding, in a batch or as a whole batch (agree_eval_batches), counts nowhere."""
+  weight, so padding, in a batch or as a whole batch (agree_eval_batches), counts nowhere.
+  token_nll: also 'token_nll', each batch's [B, S] weighted NLL per position (host arrays)."""
   total = count = 0.0
-  layers, tokens = [], []
+  layers, tokens, nlls = [], [], []
   for batch in batches:
-    nll, n, stats, real = steps.eval(state, put_batch(batch, steps.mesh))
+    nll, n, stats, real, positions = steps.eval(state, put_batch(batch, steps.mesh))
     total, count = total + float(nll), count + float(n)
     layers.append(jax.device_get(stats))
     tokens.append(float(real))
+    if token_nll:
+      nlls.append(np.asarray(jax.device_get(positions)))
   loss = total / max(count, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-          "layers": token_weighted_mean(layers, tokens)}
+  out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+         "layers": token_weighted_mean(layers, tokens)}
+  if token_nll:
+    out["token_nll"] = nlls
+  return out
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None,
@@ -82,30 +85,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   return out
 
 
-def _token_nll(graphdef, mesh, state, batch):
-  """[B, S] each position's NLL times its weight (eval_step's loss before the sum), the LM
-  head applied loss_chunk_tokens positions at a time when the config chunks its loss."""
-  with use_mesh(mesh):
-    merged = nnx.merge(graphdef, state)
-    model = merged[0] if isinstance(merged, tuple) else merged
-    mask = real_tokens(batch["segment_ids"], batch["weights"])
-    h, _ = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], None, mask)
-    b, s, _ = h.shape
-    chunk = min(model.cfg.loss_chunk_tokens or s, s)
-    pad = (-s) % chunk
-    targets = jnp.pad(batch["targets"], ((0, 0), (0, pad)))
-    split = lambda a: jnp.moveaxis(a.reshape(b, -1, chunk, *a.shape[2:]), 1, 0)
-    head = model.lm_head[...].astype(h.dtype)
-
-    def nll(part):
-      h_c, t_c = part
-      logits = jnp.einsum("bcd,dv->bcv", h_c, head, preferred_element_type=jnp.float32)
-      return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[..., None], -1)[..., 0]
-
-    out = jax.lax.map(nll, (split(jnp.pad(h, ((0, 0), (0, pad), (0, 0)))), split(targets)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, s + pad)[:, :s] * batch["weights"].astype(jnp.float32)
-
-
 def split_documents(batches, nlls, eos_id: int) -> dict[str, np.ndarray]:
   """Per-position weighted NLLs of the eval batches -> per held-out document: 'loss' (summed
   NLL), 'tokens' (scored positions) and 'fingerprint' (CRC32 of its token ids in the
@@ -126,23 +105,24 @@ def split_documents(batches, nlls, eos_id: int) -> dict[str, np.ndarray]:
           "fingerprint": np.array(prints, np.uint32)}
 
 
-def document_losses(graphdef, state, batches, eos_id: int, mesh=None) -> dict[str, np.ndarray]:
+def document_losses(steps: Steps, state, batches, eos_id: int) -> dict[str, np.ndarray]:
   """Each held-out document's summed loss and scored tokens over `batches` (split_documents),
   for a live (model, optimizer) state or a model's parameters; one process only."""
-  step = jax.jit(functools.partial(_token_nll, graphdef, mesh))
-  nlls = [jax.device_get(step(state, put_batch(batch, mesh))) for batch in batches]
-  return split_documents(batches, nlls, eos_id)
+  return split_documents(batches, evaluate(steps, state, batches, token_nll=True)["token_nll"], eos_id)
 
 
-def keep_final_files(workdir: str, graphdef, state, batches, eos_id: int, mesh, step: int,
-                     overwrite: bool = True) -> None:
+def keep_final_files(workdir: str, steps: Steps, graphdef, state, batches, eos_id: int, step: int,
+                     overwrite: bool = True, token_nll: list[np.ndarray] | None = None) -> None:
   """What a finished run keeps beside its checkpoints: final_params.safetensors (the model's
-  variables, no optimizer state) and eval_docs.npz (document_losses of the eval batches).
-  overwrite=False writes only the missing ones (a finished run started again). Several
-  processes: neither (their checkpoints hold the parameters)."""
+  variables, no optimizer state) and eval_docs.npz (each document's loss over the eval
+  batches: from `token_nll`, the final evaluation's per-position losses, or evaluated
+  again). overwrite=False writes only the missing ones (a finished run started again).
+  Several processes: neither (their checkpoints hold the parameters)."""
   if jax.process_count() > 1:
     return
   if overwrite or not os.path.exists(os.path.join(workdir, FINAL_PARAMS)):
     save_final_params(workdir, nnx.split(nnx.merge(graphdef, state)[0])[1], step)
   if overwrite or not os.path.exists(os.path.join(workdir, EVAL_DOCS)):
-    write_eval_docs(workdir, document_losses(graphdef, state, batches, eos_id, mesh), step)
+    docs = (split_documents(batches, token_nll, eos_id) if token_nll is not None
+            else document_losses(steps, state, batches, eos_id))
+    write_eval_docs(workdir, docs, step)

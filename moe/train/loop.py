@@ -200,7 +200,7 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
   schedule = schedule_of(train_cfg)
   base_key = jax.random.key(train_cfg.seed)
   last_saved = step if ckpt.steps() else None
-  status, loss, eval_out = "finished", float("nan"), None
+  status, loss, eval_out, final_nll = "finished", float("nan"), None, None
   stop_at = step + stop_after_steps if stop_after_steps else None
   speed = Throughput(step, tokens_per_step, count_params(model_cfg, data_cfg.seq_len).train_flops_per_token,
                      mesh.size if mesh is not None else 1, peak_tflops(jax.devices()[0].device_kind))
@@ -260,8 +260,10 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
         extra = {**speed.measure(step, metrics["loss"]), "learning_rate": float(schedule(step - 1))}
         eval_now = None
         if eval_due:
-          with speed.excluded(metrics["loss"]):
-            eval_out = eval_now = evaluate(steps, state, data.eval_batches)
+          with speed.excluded(metrics["loss"]):  # the last one also yields each document's loss
+            eval_out = eval_now = evaluate(steps, state, data.eval_batches,
+                                           token_nll=step == train_cfg.steps)
+          final_nll = eval_out.pop("token_nll", None)
           extra.update(eval_loss=eval_out["eval_loss"], eval_perplexity=eval_out["eval_perplexity"])
         for leaf in jax.tree.leaves(metrics):
           leaf.copy_to_host_async()
@@ -283,8 +285,8 @@ def _train(workdir, model_cfg, data_cfg, train_cfg, stop_after_steps, stream, st
     writer.close()
     ckpt.close()
   if status in ("finished", "nothing_to_do") and step >= train_cfg.steps:  # final params, per-document losses
-    keep_final_files(workdir, graphdef, state, data.eval_batches, data.tokenizer.eos_id, mesh, step,
-                     overwrite=step > start_step)
+    keep_final_files(workdir, steps, graphdef, state, data.eval_batches, data.tokenizer.eos_id, step,
+                     overwrite=step > start_step, token_nll=final_nll)
   result = RunResult(step, status, loss, eval_out, data.unigram_entropy)
   if primary and step > start_step:  # a rerun of a finished run keeps its result
     write_result(workdir, result)

@@ -18,12 +18,12 @@ from moe.parallel import rules
 from moe.parallel.mesh import use_mesh
 
 
-def batch_objective(model, batch, key, mask_padding: bool = True):
+def batch_objective(model, batch, key, mask_padding: bool = True, token_losses: bool = False):
   """The training objective of one batch dict (inputs, targets, weights, segment_ids,
   positions) -> (loss, metrics); mask_padding: routing losses and statistics of the real
-  tokens only (moe.model.loss.real_tokens)."""
+  tokens only (moe.model.loss.real_tokens); token_losses: each position's weighted NLL too."""
   return objective(model, batch["inputs"], batch["targets"], batch["weights"],
-                   batch["segment_ids"], batch["positions"], key, mask_padding)
+                   batch["segment_ids"], batch["positions"], key, mask_padding, token_losses)
 
 
 def _train_objective(model, batch, key):
@@ -50,21 +50,21 @@ def _train_step(graphdef, mesh, state, batch, key):
 
 def eval_step(graphdef, mesh, state, batch):
   """-> (sum of weighted NLL, sum of weights, per-layer routing stats of the batch's real
-  tokens, number of real tokens) of one batch. `state` is of (model, optimizer) (training)
-  or of the model alone (restored parameters)."""
+  tokens, number of real tokens, [B, S] each position's weighted NLL) of one batch. `state`
+  is of (model, optimizer) (training) or of the model alone (restored parameters)."""
   with use_mesh(mesh):
     merged = nnx.merge(graphdef, state)
     model = merged[0] if isinstance(merged, tuple) else merged
-    _, metrics = batch_objective(model, batch, None)
+    _, metrics = batch_objective(model, batch, None, token_losses=True)
     n = jnp.sum(batch["weights"])
     tokens = jnp.sum(real_tokens(batch["segment_ids"], batch["weights"]).astype(jnp.float32))
-    return metrics["lm_loss"] * n, n, metrics["layers"], tokens
+    return metrics["lm_loss"] * n, n, metrics["layers"], tokens, metrics["token_nll"]
 
 
 class Steps(NamedTuple):
   """Jitted steps for one (model, mesh). train(state, batch, key) -> (state, metrics)
   donates the state; eval(state, batch) -> (sum of weighted NLL, sum of weights, layer stats,
-  real tokens) (eval_step)."""
+  real tokens, each position's weighted NLL) (eval_step)."""
   train: Any
   eval: Any
   mesh: Mesh | None
