@@ -21,8 +21,9 @@ _OUT = flags.DEFINE_string("out", "docs/results.md", "the page to write (relativ
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  page = render(os.path.join(REPO_ROOT, _TEMPLATE.value), REPO_ROOT)
-  with open(os.path.join(REPO_ROOT, _OUT.value), "w") as f:
+  out = os.path.join(REPO_ROOT, _OUT.value)
+  page = render(os.path.join(REPO_ROOT, _TEMPLATE.value), REPO_ROOT, plots=True, page_dir=os.path.dirname(out))
+  with open(out, "w") as f:
     f.write(page)
   print(f"written: {_OUT.value}")
 

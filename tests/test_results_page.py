@@ -82,3 +82,32 @@ def test_the_results_page_is_what_its_template_and_run_files_give():
     committed = f.read()
   assert results_page.render(os.path.join(ROOT, "docs", "results.template.md"), ROOT) == committed, (
       "docs/results.md differs from its template's output: run python -m experiments.results_page")
+
+
+def test_budget_gaps_per_sweep_and_their_plot(tmp_path):
+  from data.config import DataConfig
+  from moe.train.config import TrainConfig
+  from moe.train.run_files import record_run_configs, run_configs_dict
+  from tests.data_fixtures import small_model
+  gaps = {2: [0.05, 0.03, 0.04], 8: [0.01, -0.01, 0.0]}  # ds - gs per seed at each budget
+  for steps, gap in gaps.items():
+    for seed in range(3):
+      for model, loss in (("gs", 2.4), ("ds", 2.4 + gap[seed])):
+        run = tmp_path / f"w{steps}" / f"{model},SEED={seed}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"status": "finished", "step": steps, "eval_loss": loss}))
+        record_run_configs(str(run), run_configs_dict(small_model(), DataConfig(batch_size=2, seq_len=4),
+                                                      TrainConfig(steps=steps)))
+    (tmp_path / f"s{steps}.json").write_text(json.dumps({"variants": {"gs": {}, "ds": {}}, "product": {"SEED": [0, 1, 2]}}))
+  template = tmp_path / "page.md.in"
+  template.write_text("<!-- sources\nsweep a = s2.json @ w2\nsweep b = s8.json @ w8\n-->\n"
+                      "{{budget ref=gs plot=out/budget.png a b}}\n")
+  (tmp_path / "out").mkdir()
+  page = results_page.render(str(template), str(tmp_path), plots=True)
+  t2, t8 = paired_t(np.add(2.4, gaps[2]), [2.4] * 3), paired_t(np.add(2.4, gaps[8]), [2.4] * 3)
+  assert "| model - gs | 16 tokens | 64 tokens |" in page  # steps x batch x sequence length
+  row = next(line for line in page.splitlines() if line.startswith("| ds |"))
+  assert f"{t2.mean:+.3f} [{t2.ci[0]:+.3f}, {t2.ci[1]:+.3f}] (3 seeds)" in row
+  assert f"{t8.mean:+.3f} [{t8.ci[0]:+.3f}, {t8.ci[1]:+.3f}] (3 seeds)" in row
+  assert "![gap to gs against tokens](out/budget.png)" in page
+  assert (tmp_path / "out" / "budget.png").stat().st_size > 1000

@@ -31,6 +31,30 @@ def plot_lines(path: str, series: dict[str, list[tuple[float, float]]], xlabel: 
   plt.close(fig)
 
 
+def plot_intervals(path: str, series: dict[str, list[tuple[float, float, float | None, float | None]]],
+                   xlabel: str, ylabel: str, title: str, logx: bool = True) -> None:
+  """One line per series through (x, y) points, with a bar from lo to hi where given."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for i, (name, points) in enumerate(series.items()):
+    points = sorted(points)
+    xs = [x * (1 + 0.02 * (i - len(series) / 2)) for x, *_ in points]  # bars side by side
+    ys = [y for _, y, _, _ in points]
+    err = [[y - lo if lo is not None else 0 for _, y, lo, _ in points],
+           [hi - y if hi is not None else 0 for _, y, _, hi in points]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linewidth=1.0, label=name)
+  ax.axhline(0, color="black", linewidth=0.6)
+  if logx:
+    ax.set_xscale("log")
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.title.set_fontsize(9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_heatmap(path: str, values: np.ndarray, xlabel: str, ylabel: str, title: str,
                  yticklabels=None, cmap: str = "viridis") -> None:
   plt = _plt()
