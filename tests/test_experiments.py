@@ -190,7 +190,7 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   lines = over.stdout.strip().splitlines()
   assert over.returncode == 0 and len(lines) == 2, over.stderr[-2000:]
   for line in lines:
-    assert line.endswith("'--gin_bindings=TrainConfig.steps = 7' --mesh=data:-1"), line
+    assert line.endswith("'--gin_bindings=TrainConfig.steps = 7' --max_new_tokens=0 --mesh=data:-1"), line
 
 
 def test_seed_summary_and_bias_curves(tmp_path):
