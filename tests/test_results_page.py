@@ -111,3 +111,21 @@ def test_budget_gaps_per_sweep_and_their_plot(tmp_path):
   assert f"{t8.mean:+.3f} [{t8.ci[0]:+.3f}, {t8.ci[1]:+.3f}] (3 seeds)" in row
   assert "![gap to gs against tokens](out/budget.png)" in page
   assert (tmp_path / "out" / "budget.png").stat().st_size > 1000
+
+
+def test_grid_directives(tmp_path):
+  from moe.research import lr_search, sweep
+  from tests.test_comparisons import FakeTrainer, lr_sweep_file
+  path = lr_sweep_file(tmp_path, lr_grid={"values": [0.001, 0.003, 0.01], "seeds": [0]})
+  spec = sweep.load_sweep_spec(path)
+  lr_search.run_step(spec.variants, spec.lr_grid, str(tmp_path / "w"), log=lambda _: None, runner=FakeTrainer())
+  template = tmp_path / "page.md.in"
+  template.write_text("<!-- sources\nsweep s = s.json @ w\n-->\n"
+                      "a: {{pilot s a 0.003}} at {{chosen s a}}; b: {{chosen s b}}.\n\n{{rates s}}\n")
+  page = results_page.render(str(template), str(tmp_path))
+  assert "a: 3.000 at 0.003; b: 0.01 (the edge of the grid)." in page  # FakeTrainer: 3 + log10(lr / best)^2
+  lo, hi = (3 + np.log10(r / 0.003) ** 2 for r in (0.001, 0.01))
+  assert f"| a | {lo:.4f} ({lo:.4f}) | 3.0000 (3.0000) | {hi:.4f} ({hi:.4f}) | 0.003 |" in page
+  template.write_text("<!-- sources\nsweep s = s.json @ w\n-->\n{{pilot s a 0.02}}\n")
+  with pytest.raises(results_page.PageError, match="no finished grid runs of 'a' at rate 0.02"):
+    results_page.render(str(template), str(tmp_path))

@@ -13,6 +13,8 @@ and directives in double braces, replaced in place:
     {{table KEY}}                 per model: learning rate, seeds, loss per seed, mean, gate mass, load
     {{comparisons KEY}}           the sweep's declared comparisons (moe.research.comparisons)
     {{rates KEY}}                 the learning-rate grid's losses and choices (moe.research.lr_search)
+    {{pilot KEY MODEL RATE}}      inline: a model's mean loss over the grid's seeds at one rate
+    {{chosen KEY MODEL}}          inline: the rate chosen for a model
     {{diff KEY A B [METRIC]}}     inline: one declared comparison, its mean, interval and call
     {{value KEY MODEL [STAT]}}    inline: a model's mean over seeds (default: validation loss)
     {{heldout KEY}}               inline: 'N scored targets in D documents' of the sweep's evaluation
@@ -33,20 +35,18 @@ the workdir); analyses from each directory's analysis.json (experiments.analyze)
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any
 
-import numpy as np
 
 from moe.model.counts import count_params, shares
 from moe.model.presets import get_preset
 from moe.research import comparisons as compare
-from moe.research import lr_search
+from moe.research import lr_search, rises
 from moe.research.plots import plot_intervals
-from moe.research.stats import holm, paired_t
-from moe.research.sweep import is_finished, load_sweep_spec, model_of
+from moe.research.stats import paired_t
+from moe.research.sweep import is_finished, load_sweep_spec
 from moe.research.sweep_results import collect, seed_summary
 from moe.train.run_files import RUN_CONFIG, read_eval_docs, read_run_configs
 
@@ -133,6 +133,26 @@ def value(src: SweepSource, model: str, stat: str = "mean") -> str:
   raise PageError(f"model {model!r} has no finished seeds in the sweep")
 
 
+def _grid(src: SweepSource) -> dict[str, dict[str, Any]]:
+  if src.spec.lr_grid is None:
+    raise PageError("the sweep has no lr_grid")
+  return lr_search.collected(src.spec.variants, src.spec.lr_grid, os.path.join(src.workdir, lr_search.PILOT_DIR))
+
+
+def pilot(src: SweepSource, model: str, rate: str) -> str:
+  mean = _grid(src)[model]["means"].get(lr_search.rate_name(float(rate)))
+  if mean is None:
+    raise PageError(f"no finished grid runs of {model!r} at rate {rate}")
+  return f"{mean:.3f}"
+
+
+def chosen(src: SweepSource, model: str) -> str:
+  entry = _grid(src)[model]
+  if entry["chosen"] is None:
+    raise PageError(f"no rate chosen for {model!r} yet")
+  return lr_search.rate_name(entry["chosen"]) + (" (the edge of the grid)" if entry["at_edge"] else "")
+
+
 def heldout(src: SweepSource) -> str:
   """The held-out set every finished run of the sweep (learning-rate pilots included) was
   scored on: they must agree."""
@@ -151,10 +171,7 @@ def heldout(src: SweepSource) -> str:
 
 
 def rates(src: SweepSource) -> str:
-  if src.spec.lr_grid is None:
-    raise PageError("the sweep has no lr_grid")
-  return lr_search.markdown(lr_search.collected(src.spec.variants, src.spec.lr_grid,
-                                                os.path.join(src.workdir, lr_search.PILOT_DIR)))
+  return lr_search.markdown(_grid(src))
 
 
 def shares_table(presets: list[str]) -> str:
@@ -208,54 +225,11 @@ def budget(srcs: list[SweepSource], ref: str, plot_path: str | None = None) -> s
   lines = [f"| model - {ref} | " + " | ".join(name(b) for b in budgets) + " |",
            "|---|" + "---:|" * len(budgets)]
   lines += [f"| {m} | " + " | ".join(c.get(b, "-") for b in budgets) + " |" for m, c in cells.items()]
-  lines += ["", f"Mean of the per-seed differences of final validation loss (nats/token), with its "
-            f"95% paired-t interval over the seeds (n - 1 df, no correction)."]
+  lines += ["", "Mean of the per-seed differences of final validation loss (nats/token), with its "
+            "95% paired-t interval over the seeds (n - 1 df, no correction)."]
   if plot_path is not None:
     plot_intervals(plot_path, points, "training tokens", f"validation loss minus {ref}'s",
                    f"Each model's gap to {ref} against the training budget")
-  return "\n".join(lines)
-
-
-def _rises(dirs: list[str], key: str = "redundancy") -> dict[str, dict[str, float]]:
-  """{model: {seed: loss rise with the most experts disabled}} over the analysis dirs: the
-  loss of the `key` analysis's last cell minus the run's loss as trained."""
-  out: dict[str, dict[str, float]] = {}
-  for d in dirs:
-    with open(os.path.join(d, "analysis.json")) as f:
-      runs = json.load(f)
-    for name, run in runs.items():
-      if key in run:
-        model, seed = model_of(name)
-        out.setdefault(model, {})[seed] = run[key][-1][2] - run["loss"]
-  return out
-
-
-def rises(dirs: list[str], key: str = "redundancy") -> str:
-  lines = ["| model | rise per seed | mean | spread |", "|---|---|---:|---:|"]
-  for model, by_seed in _rises(dirs, key).items():
-    v = [by_seed[s] for s in sorted(by_seed)]
-    lines.append(f"| {model} | {' / '.join(f'{x:+.3f}' for x in v)} | {np.mean(v):+.3f} | {max(v) - min(v):.3f} |")
-  return "\n".join(lines)
-
-
-def rise_comparisons(dirs: list[str], pairs: list[str], alpha: float = compare.ALPHA,
-                     key: str = "redundancy") -> str:
-  table_ = _rises(dirs, key)
-  tests = []
-  for pair in pairs:
-    a, _, b = pair.partition(":")
-    if a not in table_ or b not in table_:
-      raise PageError(f"rise comparison {pair!r}: models with rises: {sorted(table_)}")
-    seeds = sorted(set(table_[a]) & set(table_[b]))
-    tests.append((a, b, paired_t([table_[a][s] for s in seeds], [table_[b][s] for s in seeds])))
-  adj, rejected, levels = holm([t.p for _, _, t in tests], alpha)
-  lines = ["| A - B (rise) | per seed | mean | Holm-level t interval | Holm p | called |", "|---|---|---:|---:|---:|---|"]
-  for (a, b, t), p, rej, lvl in zip(tests, adj, rejected, levels):
-    lo, hi = t.interval(1 - lvl)
-    lines.append(f"| {a} - {b} | {' / '.join(f'{d:+.3f}' for d in t.diffs)} | {t.mean:+.3f} | "
-                 f"[{lo:+.3f}, {hi:+.3f}] at {100 * (1 - lvl):.3g}% | {p:.3g} | {'real' if rej else 'not real'} |")
-  lines += ["", f"Paired t over seeds (n - 1 df) of the rise differences; Holm over these {len(tests)} "
-            f"comparisons at family-wise error {alpha:g}."]
   return "\n".join(lines)
 
 
@@ -274,7 +248,7 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
   def expand(match: re.Match) -> str:
     name, args = match.group(1), match.group(2).split()
     try:
-      if name in ("table", "comparisons", "rates", "diff", "value", "heldout"):
+      if name in ("table", "comparisons", "rates", "diff", "value", "heldout", "pilot", "chosen"):
         src = sweeps[args[0]]
         if name == "table":
           return table(src)
@@ -284,6 +258,10 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
           return rates(src)
         if name == "heldout":
           return heldout(src)
+        if name == "pilot":
+          return pilot(src, *args[1:])
+        if name == "chosen":
+          return chosen(src, *args[1:])
         if name == "diff":
           return diff(src, *args[1:])
         return value(src, *args[1:])
@@ -298,10 +276,10 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
       if name == "shares":
         return shares_table(args)
       if name == "rises":
-        return rises(analyses[args[0]], *args[1:])
-      if name == "rise_comparisons":  # KEY [ANALYSIS=redundancy_...] A:B ...
+        return rises.table(analyses[args[0]], *args[1:])
+      if name == "rise_comparisons":  # KEY [analysis=redundancy_...] A:B ...
         key = next((a.split("=", 1)[1] for a in args[1:] if a.startswith("analysis=")), "redundancy")
-        return rise_comparisons(analyses[args[0]], [a for a in args[1:] if "=" not in a], key=key)
+        return rises.comparisons(analyses[args[0]], [a for a in args[1:] if "=" not in a], key=key)
     except (KeyError, IndexError, TypeError, OSError) as e:
       raise PageError(f"{template_path}: directive {match.group(0)!r}: {e!r}") from None
     raise PageError(f"{template_path}: unknown directive {match.group(0)!r}")
