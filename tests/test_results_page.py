@@ -123,7 +123,7 @@ def test_grid_directives(tmp_path):
   template.write_text("<!-- sources\nsweep s = s.json @ w\n-->\n"
                       "a: {{pilot s a 0.003}} at {{chosen s a}}; b: {{chosen s b}}.\n\n{{rates s}}\n")
   page = results_page.render(str(template), str(tmp_path))
-  assert "a: 3.000 at 0.003; b: 0.01 (the edge of the grid)." in page  # FakeTrainer: 3 + log10(lr / best)^2
+  assert "a: 3.000 at 0.003; b: 0.01." in page  # FakeTrainer: 3 + log10(lr / best)^2
   lo, hi = (3 + np.log10(r / 0.003) ** 2 for r in (0.001, 0.01))
   assert f"| a | {lo:.4f} ({lo:.4f}) | 3.0000 (3.0000) | {hi:.4f} ({hi:.4f}) | 0.003 |" in page
   template.write_text("<!-- sources\nsweep s = s.json @ w\n-->\n{{pilot s a 0.02}}\n")

@@ -150,7 +150,7 @@ def chosen(src: SweepSource, model: str) -> str:
   entry = _grid(src)[model]
   if entry["chosen"] is None:
     raise PageError(f"no rate chosen for {model!r} yet")
-  return lr_search.rate_name(entry["chosen"]) + (" (the edge of the grid)" if entry["at_edge"] else "")
+  return lr_search.rate_name(entry["chosen"])  # the rates table flags a rate at the grid's edge
 
 
 def heldout(src: SweepSource) -> str:
