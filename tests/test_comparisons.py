@@ -90,9 +90,12 @@ def test_comparison_table_from_fake_runs(tmp_path):
 def test_comparisons_without_document_losses_or_with_other_documents(tmp_path):
   rows = fake_sweep(str(tmp_path), docs=False)
   c = comparisons.compare(rows, str(tmp_path), [("dense", "hash")])[0]
-  assert c.boot is None and "no document losses (eval_docs.npz) for dense,SEED=0" in c.boot_note
+  assert c.boot is None and c.boot_note == "no document losses (eval_docs.npz) in 6 of its 6 runs"
   assert c.called  # on the t test alone, and the table says so
   assert "real (A higher; t only: no document losses)" in comparisons.markdown([c])
+  brief = comparisons.markdown([c, c], footnote=False)
+  assert brief.endswith("\n\nNo bootstrap: every comparison: no document losses (eval_docs.npz) in 6 of its 6 runs.")
+  assert "Holm-Bonferroni" not in brief
   run = tmp_path / "hash,SEED=1"
   write_eval_docs(str(run), {"loss": np.ones(3), "tokens": np.ones(3), "fingerprint": np.arange(3)}, 10)
   for name in ("dense,SEED=0", "dense,SEED=1", "dense,SEED=2", "hash,SEED=0", "hash,SEED=2"):

@@ -63,7 +63,7 @@ def _bootstrap(workdir: str, runs_a: list[str], runs_b: list[str], resamples: in
   docs = {name: read_eval_docs(os.path.join(workdir, name)) for name in runs_a + runs_b}
   missing = [n for n, d in docs.items() if d is None]
   if missing:
-    return None, f"no document losses (eval_docs.npz) for {', '.join(missing)}"
+    return None, f"no document losses (eval_docs.npz) in {len(missing)} of its {len(docs)} runs"
   first = docs[runs_a[0]]
   for name, d in docs.items():
     if not (np.array_equal(d["fingerprint"], first["fingerprint"]) and np.array_equal(d["tokens"], first["tokens"])):
@@ -130,8 +130,9 @@ def _called(c: Comparison, alpha: float) -> str:
   return f"real ({side}{why})"
 
 
-def markdown(results: list[Comparison], alpha: float = ALPHA) -> str:
-  """The comparison table and, below it, how it was computed."""
+def markdown(results: list[Comparison], alpha: float = ALPHA, footnote: bool = True) -> str:
+  """The comparison table and, below it, how it was computed (footnote=False: only why a
+  comparison has no bootstrap)."""
   lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---|" + "---:|" * (len(COLUMNS) - 3)]
   for c in results:
     p = c.paired
@@ -144,6 +145,13 @@ def markdown(results: list[Comparison], alpha: float = ALPHA) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   boots = [c.boot for c in results if c.boot]
   docs = sorted({b.documents for b in boots})
+  notes = sorted({c.boot_note for c in results if c.boot_note})
+  if len(notes) == 1 and all(c.boot_note == notes[0] for c in results):
+    notes = [f"every comparison: {notes[0]}"]
+  else:
+    notes = [f"{c.a} - {c.b}: {c.boot_note}" for c in results if c.boot_note]
+  if not footnote:
+    return "\n".join(lines + (["", "No bootstrap: " + "; ".join(notes) + "."] if notes else []))
   lines += ["", f"A - B: final validation loss (nats/token; another metric where named) of model A minus model B, paired by seed "
             f"(per seed: in seed order). 95% CI (t): mean +- t(0.975, n - 1) sd / sqrt(n) over the n "
             f"seeds. Correction: Holm-Bonferroni over the m = {len(results)} declared comparisons at "
@@ -157,7 +165,6 @@ def markdown(results: list[Comparison], alpha: float = ALPHA) -> str:
             f"Called real: both Holm-adjusted p-values at most {alpha:g}, i.e. at its Holm level the t "
             f"interval over seeds excludes zero (as did those of every comparison with a smaller p), and "
             f"so does the bootstrap's."]
-  notes = [f"{c.a} - {c.b}: {c.boot_note}" for c in results if c.boot_note]
   if notes:
     lines += ["", "No bootstrap: " + "; ".join(notes) + "."]
   return "\n".join(lines)

@@ -11,7 +11,8 @@ A template is markdown with a header naming its sources, removed from the page:
 and directives in double braces, replaced in place:
 
     {{table KEY}}                 per model: learning rate, seeds, loss per seed, mean, gate mass, load
-    {{comparisons KEY}}           the sweep's declared comparisons (moe.research.comparisons)
+    {{comparisons KEY [brief]}}   the sweep's declared comparisons (moe.research.comparisons);
+                                  brief: without the footnote on method
     {{rates KEY}}                 the learning-rate grid's losses and choices (moe.research.lr_search)
     {{pilot KEY MODEL RATE}}      inline: a model's mean loss over the grid's seeds at one rate
     {{chosen KEY MODEL}}          inline: the rate chosen for a model
@@ -252,8 +253,8 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
         src = sweeps[args[0]]
         if name == "table":
           return table(src)
-        if name == "comparisons":
-          return compare.markdown(src.results)
+        if name == "comparisons":  # KEY [brief]: without the footnote on method
+          return compare.markdown(src.results, footnote="brief" not in args[1:])
         if name == "rates":
           return rates(src)
         if name == "heldout":
