@@ -47,7 +47,7 @@ from moe.research import comparisons as compare
 from moe.research import lr_search, rises
 from moe.research.plots import plot_intervals
 from moe.research.stats import paired_t
-from moe.research.sweep import is_finished, load_sweep_spec
+from moe.research.sweep import is_finished, load_sweep_spec, model_of
 from moe.research.sweep_results import collect, seed_summary
 from moe.train.run_files import RUN_CONFIG, read_eval_docs, read_run_configs
 
@@ -95,10 +95,14 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def table(src: SweepSource) -> str:
-  lines = ["| model | learning rate | seeds | validation loss per seed | mean | routed gate mass | max/mean load (validation) |",
-           "|---|---:|---:|---|---:|---:|---:|"]
+  lines = ["| model | activated params | train FLOPs/token | learning rate | seeds | validation loss per seed | "
+           "mean | routed gate mass | max/mean load (validation) |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+  sizes = {model_of(r["variant"])[0]: r for r in src.rows if r["activated_params"] is not None}
   for r in seed_summary(src.rows):
-    lines.append(f"| {r['model']} | {r['learning_rate'] or '-'} | {r['seeds']} | "
+    size = sizes.get(r["model"], {})
+    params, flops = size.get("activated_params"), size.get("train_flops_per_token")
+    lines.append(f"| {r['model']} | {'-' if params is None else f'{params:,}'} | "
+                 f"{'-' if flops is None else f'{flops / 1e6:.2f}M'} | {r['learning_rate'] or '-'} | {r['seeds']} | "
                  f"{' / '.join(_f(x) for x in r['losses'])} | {_f(r['mean'])} | {_f(r['gate_mass'], 2)} | "
                  f"{_f(r['max_over_mean_load'])} |")
   return "\n".join(lines)
