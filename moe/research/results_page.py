@@ -36,6 +36,7 @@ the workdir); analyses from each directory's analysis.json (experiments.analyze)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any
@@ -66,6 +67,14 @@ class SweepSource:
   workdir: str
   rows: list[dict[str, Any]]
   results: list[compare.Comparison]
+
+  @functools.cached_property
+  def grid(self) -> dict[str, dict[str, Any]]:
+    """The learning-rate grid's choice table, read from the pilots once per page."""
+    if self.spec.lr_grid is None:
+      raise PageError("the sweep has no lr_grid")
+    return lr_search.collected(self.spec.variants, self.spec.lr_grid,
+                               os.path.join(self.workdir, lr_search.PILOT_DIR))
 
 
 def _sources(header: str, root: str) -> tuple[dict[str, SweepSource], dict[str, list[str]]]:
@@ -138,21 +147,15 @@ def value(src: SweepSource, model: str, stat: str = "mean") -> str:
   raise PageError(f"model {model!r} has no finished seeds in the sweep")
 
 
-def _grid(src: SweepSource) -> dict[str, dict[str, Any]]:
-  if src.spec.lr_grid is None:
-    raise PageError("the sweep has no lr_grid")
-  return lr_search.collected(src.spec.variants, src.spec.lr_grid, os.path.join(src.workdir, lr_search.PILOT_DIR))
-
-
 def pilot(src: SweepSource, model: str, rate: str) -> str:
-  mean = _grid(src)[model]["means"].get(lr_search.rate_name(float(rate)))
+  mean = src.grid[model]["means"].get(lr_search.rate_name(float(rate)))
   if mean is None:
     raise PageError(f"no finished grid runs of {model!r} at rate {rate}")
   return f"{mean:.3f}"
 
 
 def chosen(src: SweepSource, model: str) -> str:
-  entry = _grid(src)[model]
+  entry = src.grid[model]
   if entry["chosen"] is None:
     raise PageError(f"no rate chosen for {model!r} yet")
   return lr_search.rate_name(entry["chosen"])  # the rates table flags a rate at the grid's edge
@@ -176,7 +179,7 @@ def heldout(src: SweepSource) -> str:
 
 
 def rates(src: SweepSource) -> str:
-  return lr_search.markdown(_grid(src))
+  return lr_search.markdown(src.grid)
 
 
 def shares_table(presets: list[str]) -> str:
