@@ -46,14 +46,22 @@ def test_rises_from_unrounded_analysis_losses(tmp_path):
   for seed, (a, b) in enumerate([(3.4996, 2.8268), (3.3304, 2.9441), (3.2610, 2.5878)]):
     d = tmp_path / f"a{seed}"
     d.mkdir()
-    runs = {f"x,SEED={seed}": {"loss": 2.0, "redundancy": [[0, 0, 2.0], [0.25, 4, 2.0 + a]]},
-            f"y,SEED={seed}": {"loss": 2.5, "redundancy": [[0, 0, 2.5], [0.25, 16, 2.5 + b]]}}
+    runs = {f"x,SEED={seed}": {"loss": 2.0, "redundancy": [[0, 0, 2.0], [0.25, 4, 2.0 + a]],
+                               "categories": {"normalized": [0.2, 0.3 + seed / 10], "token_id_normalized": 0.1}},
+            f"y,SEED={seed}": {"loss": 2.5, "redundancy": [[0, 0, 2.5], [0.25, 16, 2.5 + b]],
+                               "categories": {"normalized": [0.2, 0.2], "token_id_normalized": 0.15}}}
     (d / "analysis.json").write_text(json.dumps(runs))
-  page = _page(tmp_path, "{{rises r}}\n\n{{rise_comparisons r x:y}}\n",
+  page = _page(tmp_path, "{{rises r}}\n\n{{rise_comparisons r x:y}}\n\n{{rises r categories}}\n\n"
+                         "{{rise_comparisons r analysis=categories x:y}}\n",
                "analyses r = a0, a1, a2\n")
   assert "| x | +3.500 / +3.330 / +3.261 | +3.364 | 0.239 |" in page
   diffs = np.subtract([3.4996, 3.3304, 3.2610], [2.8268, 2.9441, 2.5878])
   assert f"| x - y | {' / '.join(f'{d:+.3f}' for d in diffs)} | {diffs.mean():+.3f} |" in page
+  # Specialisation: the mean over layers of I/H minus the token-id null's, per seed.
+  assert "| model | I/H over the null per seed | mean | spread |" in page
+  assert "| x | +0.150 / +0.200 / +0.250 | +0.200 | 0.100 |" in page
+  assert "| y | +0.050 / +0.050 / +0.050 | +0.050 | 0.000 |" in page
+  assert "| x - y | +0.100 / +0.150 / +0.200 | +0.150 |" in page
 
 
 @pytest.mark.parametrize("body, sources, error", [
@@ -96,12 +104,14 @@ def test_budget_gaps_per_sweep_and_their_plot(tmp_path):
         run = tmp_path / f"w{steps}" / f"{model},SEED={seed}"
         run.mkdir(parents=True)
         (run / "result.json").write_text(json.dumps({"status": "finished", "step": steps, "eval_loss": loss}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 9.0, "lm_loss": 3 - 0.1 * i}) + "\n"
+                                                   for i in range(1, steps + 1)))
         record_run_configs(str(run), run_configs_dict(small_model(), DataConfig(batch_size=2, seq_len=4),
                                                       TrainConfig(steps=steps)))
     (tmp_path / f"s{steps}.json").write_text(json.dumps({"variants": {"gs": {}, "ds": {}}, "product": {"SEED": [0, 1, 2]}}))
   template = tmp_path / "page.md.in"
   template.write_text("<!-- sources\nsweep a = s2.json @ w2\nsweep b = s8.json @ w8\n-->\n"
-                      "{{budget ref=gs plot=out/budget.png a b}}\n")
+                      "{{budget ref=gs plot=out/budget.png a b}}\n\n{{gaps a b}}\n")
   (tmp_path / "out").mkdir()
   page = results_page.render(str(template), str(tmp_path), plots=True)
   t2, t8 = paired_t(np.add(2.4, gaps[2]), [2.4] * 3), paired_t(np.add(2.4, gaps[8]), [2.4] * 3)
@@ -111,6 +121,8 @@ def test_budget_gaps_per_sweep_and_their_plot(tmp_path):
   assert f"{t8.mean:+.3f} [{t8.ci[0]:+.3f}, {t8.ci[1]:+.3f}] (3 seeds)" in row
   assert "![gap to gs against tokens](out/budget.png)" in page
   assert (tmp_path / "out" / "budget.png").stat().st_size > 1000
+  # Train / validation: the training batches' lm_loss over the last tenth of the steps only.
+  assert "| ds | 2.800 / 2.440 (-0.360) | 2.200 / 2.400 (+0.200) |" in page
 
 
 def test_grid_directives(tmp_path):

@@ -24,9 +24,12 @@ and directives in double braces, replaced in place:
     {{budget ref=MODEL plot=PATH KEY KEY ...}}  per model: its loss minus MODEL's at each
                                   sweep's budget (tokens), paired over seeds, 95% t interval;
                                   the plot written to PATH when rendering with plots=True
-    {{rises KEY [ANALYSIS]}}      per model: loss rise with the most experts disabled, per seed
-                                  (ANALYSIS: redundancy, or one of its variants)
-    {{rise_comparisons KEY [analysis=ANALYSIS] A:B ...}}  paired t of those rises over seeds,
+    {{gaps KEY KEY ...}}          per model at each sweep's budget: late training loss,
+                                  validation loss and their difference
+    {{rises KEY [ANALYSIS]}}      per model and seed: loss rise with the most experts disabled
+                                  (ANALYSIS: redundancy, or one of its variants), or with
+                                  ANALYSIS categories, specialisation over the token-id null
+    {{rise_comparisons KEY [analysis=ANALYSIS] A:B ...}}  paired t of those values over seeds,
                                   Holm over the pairs given
 
 A sweep's rows come from moe.research.sweep_results.collect (its sweep file's variants in
@@ -207,6 +210,10 @@ def _tokens(src: SweepSource) -> int:
   return seen.pop()
 
 
+def _budget_name(tokens: int) -> str:
+  return f"{tokens / 1e6:.3g}M tokens" if tokens >= 100_000 else f"{tokens:,} tokens"
+
+
 def budget(srcs: list[SweepSource], ref: str, plot_path: str | None = None) -> str:
   """Each model's final validation loss minus `ref`'s at each sweep's budget: per-seed paired
   differences, their mean and 95% t interval (no correction: a description of the trend; the
@@ -229,8 +236,7 @@ def budget(srcs: list[SweepSource], ref: str, plot_path: str | None = None) -> s
       points.setdefault(model, []).append((tokens, t.mean, lo, hi))
       cells.setdefault(model, {})[tokens] = (f"{t.mean:+.3f} [{lo:+.3f}, {hi:+.3f}] ({len(seeds)} seeds)"
                                              if lo is not None else f"{t.mean:+.3f} (1 seed)")
-  name = lambda b: f"{b / 1e6:.3g}M tokens" if b >= 100_000 else f"{b:,} tokens"
-  lines = [f"| model - {ref} | " + " | ".join(name(b) for b in budgets) + " |",
+  lines = [f"| model - {ref} | " + " | ".join(_budget_name(b) for b in budgets) + " |",
            "|---|" + "---:|" * len(budgets)]
   lines += [f"| {m} | " + " | ".join(c.get(b, "-") for b in budgets) + " |" for m, c in cells.items()]
   lines += ["", "Mean of the per-seed differences of final validation loss (nats/token), with its "
@@ -238,6 +244,23 @@ def budget(srcs: list[SweepSource], ref: str, plot_path: str | None = None) -> s
   if plot_path is not None:
     plot_intervals(plot_path, points, "training tokens", f"validation loss minus {ref}'s",
                    f"Each model's gap to {ref} against the training budget")
+  return "\n".join(lines)
+
+
+def gaps(srcs: list[SweepSource]) -> str:
+  """Per model at each sweep's budget: the training batches' loss over the last tenth of the
+  steps, the final validation loss, and their difference (means over seeds)."""
+  budgets = [_tokens(src) for src in srcs]
+  cells: dict[str, dict[int, str]] = {}
+  for tokens, src in zip(budgets, srcs):
+    for r in seed_summary(src.rows):
+      train = r["late_train_lm_loss"]
+      if train is not None:
+        cells.setdefault(r["model"], {})[tokens] = f"{train:.3f} / {r['mean']:.3f} ({r['mean'] - train:+.3f})"
+  lines = ["| model | " + " | ".join(_budget_name(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+  lines += [f"| {m} | " + " | ".join(c.get(b, "-") for b in budgets) + " |" for m, c in cells.items()]
+  lines += ["", "Training batches' loss over the last tenth of the steps (each batch scored before its "
+            "update) / final validation loss (validation minus training), means over the seeds."]
   return "\n".join(lines)
 
 
@@ -278,6 +301,8 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
         plot = os.path.join(root, opts["plot"])
         table_ = budget([sweeps[k] for k in args if "=" not in k], opts["ref"], plot if plots else None)
         return table_ + f"\n\n![gap to {opts['ref']} against tokens]({os.path.relpath(plot, page_dir)})"
+      if name == "gaps":
+        return gaps([sweeps[k] for k in args])
       if name == "include":
         with open(os.path.join(root, args[0])) as f:
           return f.read().rstrip("\n")

@@ -25,9 +25,9 @@ from moe.train.run_files import EVAL_DOCS, RESULT, RUN_CONFIG, read_run_configs
 
 COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "train_flops_per_token",
            "learning_rate", "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
-           "dropped_fraction", "router_entropy", "gate_mass"]
+           "late_train_lm_loss", "dropped_fraction", "router_entropy", "gate_mass"]
 STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass")
-TRAIN_STATS = ("train_max_over_mean_load", "late_train_max_over_mean_load")
+TRAIN_STATS = ("train_max_over_mean_load", "late_train_max_over_mean_load", "late_train_lm_loss")
 
 
 def _metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -62,11 +62,18 @@ def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
           row[stat] = float(np.mean(values))  # mean over MoE layers
     # Training batches' max/mean load, mean over MoE layers and logged steps (all of them,
     # and the second half: balancing schemes differ most in how fast they settle).
-    train_load = load_curve(run_dir)
+    metrics = _metrics(run_dir)
+    train_load = _load_curve(metrics)
     if train_load:
       row["train_max_over_mean_load"] = float(np.mean([v for _, v in train_load]))
       row["late_train_max_over_mean_load"] = float(np.mean(
           [v for step, v in train_load if step > train_load[-1][0] / 2]))
+    # The language-model loss of the training batches over the last tenth of the steps (each
+    # logged before its update): beside the validation loss it shows when a run that sees its
+    # data again starts to fit the training split rather than the text.
+    lm = [(r["step"], r["lm_loss"]) for r in metrics if "lm_loss" in r]
+    if lm:
+      row["late_train_lm_loss"] = float(np.mean([v for step, v in lm if step > 0.9 * lm[-1][0]]))
     rows.append(row)
   return rows
 
@@ -85,10 +92,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _load_curve(metrics: list[dict[str, Any]]) -> list[tuple[int, float]]:
+  return [(r["step"], float(np.mean(r["layers"]["max_over_mean_load"]))) for r in metrics
+          if "loss" in r and "max_over_mean_load" in r.get("layers", {})]
+
+
 def load_curve(run_dir: str) -> list[tuple[int, float]]:
   """[(step, max/mean expert load of the training batch, mean over MoE layers)]."""
-  return [(r["step"], float(np.mean(r["layers"]["max_over_mean_load"]))) for r in _metrics(run_dir)
-          if "loss" in r and "max_over_mean_load" in r.get("layers", {})]
+  return _load_curve(_metrics(run_dir))
 
 
 def eval_curves(variants: list[Variant], workdir: str) -> dict[str, list[tuple[int, float]]]:
