@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from moe.model.counts import count_params
 from moe.research import comparisons, results_page
 from moe.research.stats import paired_t
 from tests.test_comparisons import LOSSES, ROOT, fake_sweep
@@ -106,12 +107,13 @@ def test_budget_gaps_per_sweep_and_their_plot(tmp_path):
         (run / "result.json").write_text(json.dumps({"status": "finished", "step": steps, "eval_loss": loss}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 9.0, "lm_loss": 3 - 0.1 * i}) + "\n"
                                                    for i in range(1, steps + 1)))
-        record_run_configs(str(run), run_configs_dict(small_model(), DataConfig(batch_size=2, seq_len=4),
+        model_cfg = small_model(expert_width=96 if model == "gs" else 48)
+        record_run_configs(str(run), run_configs_dict(model_cfg, DataConfig(batch_size=2, seq_len=4),
                                                       TrainConfig(steps=steps)))
     (tmp_path / f"s{steps}.json").write_text(json.dumps({"variants": {"gs": {}, "ds": {}}, "product": {"SEED": [0, 1, 2]}}))
   template = tmp_path / "page.md.in"
   template.write_text("<!-- sources\nsweep a = s2.json @ w2\nsweep b = s8.json @ w8\n-->\n"
-                      "{{budget ref=gs plot=out/budget.png a b}}\n\n{{gaps a b}}\n")
+                      "{{budget ref=gs plot=out/budget.png a b}}\n\n{{gaps a b}}\n\nFLOPs: {{flops a ds gs}}.\n")
   (tmp_path / "out").mkdir()
   page = results_page.render(str(template), str(tmp_path), plots=True)
   t2, t8 = paired_t(np.add(2.4, gaps[2]), [2.4] * 3), paired_t(np.add(2.4, gaps[8]), [2.4] * 3)
@@ -123,6 +125,8 @@ def test_budget_gaps_per_sweep_and_their_plot(tmp_path):
   assert (tmp_path / "out" / "budget.png").stat().st_size > 1000
   # Train / validation: the training batches' lm_loss over the last tenth of the steps only.
   assert "| ds | 2.800 / 2.440 (-0.360) | 2.200 / 2.400 (+0.200) |" in page
+  ds, gs = (count_params(small_model(expert_width=w), 4).train_flops_per_token for w in (48, 96))
+  assert f"FLOPs: {ds / gs:.2f}x." in page and ds < gs
 
 
 def test_grid_directives(tmp_path):

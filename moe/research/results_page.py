@@ -18,6 +18,7 @@ and directives in double braces, replaced in place:
     {{chosen KEY MODEL}}          inline: the rate chosen for a model
     {{diff KEY A B [METRIC]}}     inline: one declared comparison, its mean, interval and call
     {{value KEY MODEL [STAT]}}    inline: a model's mean over seeds (default: validation loss)
+    {{flops KEY A B}}             inline: A's training FLOPs per token over B's ('0.76x')
     {{heldout KEY}}               inline: 'N scored targets in D documents' of the sweep's evaluation
     {{include PATH}}              a generated file's text (an analysis.md), verbatim
     {{shares PRESET:SEQ ...}}     per preset: vocabulary and FFN shares of parameters and train FLOPs
@@ -120,6 +121,16 @@ def table(src: SweepSource) -> str:
   return "\n".join(lines)
 
 
+def flops(src: SweepSource, a: str, b: str) -> str:
+  """Inline: model a's training FLOPs per token over model b's, e.g. '0.76x'."""
+  per_token = {model_of(r["variant"])[0]: r["train_flops_per_token"] for r in src.rows
+               if r["train_flops_per_token"] is not None}
+  for m in (a, b):
+    if m not in per_token:
+      raise PageError(f"model {m!r} has no run config in the sweep")
+  return f"{per_token[a] / per_token[b]:.2f}x"
+
+
 def _comparison(src: SweepSource, a: str, b: str, metric: str = compare.LOSS) -> compare.Comparison:
   for c in src.results:
     if (c.a, c.b, c.metric) == (a, b, metric):
@@ -174,7 +185,8 @@ def heldout(src: SweepSource) -> str:
   for run in runs:
     docs = read_eval_docs(run) if is_finished(run) else None
     if docs is not None:
-      seen.add((int(docs["tokens"].sum()), len(docs["tokens"])))
+      # A document too short to score a target (tokens 0) is no document of the bootstrap either.
+      seen.add((int(docs["tokens"].sum()), int((docs["tokens"] > 0).sum())))
   if len(seen) != 1:
     raise PageError(f"the sweep's finished runs were scored on {len(seen)} different held-out sets: {sorted(seen)}")
   tokens, documents = seen.pop()
@@ -279,7 +291,7 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
   def expand(match: re.Match) -> str:
     name, args = match.group(1), match.group(2).split()
     try:
-      if name in ("table", "comparisons", "rates", "diff", "value", "heldout", "pilot", "chosen"):
+      if name in ("table", "comparisons", "rates", "diff", "value", "heldout", "pilot", "chosen", "flops"):
         src = sweeps[args[0]]
         if name == "table":
           return table(src)
@@ -295,6 +307,8 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
           return chosen(src, *args[1:])
         if name == "diff":
           return diff(src, *args[1:])
+        if name == "flops":
+          return flops(src, *args[1:])
         return value(src, *args[1:])
       if name == "budget":
         opts = dict(a.split("=", 1) for a in args if "=" in a)
