@@ -53,7 +53,8 @@ def test_rises_from_unrounded_analysis_losses(tmp_path):
                                "categories": {"normalized": [0.2, 0.2], "token_id_normalized": 0.15}}}
     (d / "analysis.json").write_text(json.dumps(runs))
   page = _page(tmp_path, "{{rises r}}\n\n{{rise_comparisons r x:y}}\n\n{{rises r categories}}\n\n"
-                         "{{rise_comparisons r analysis=categories x:y}}\n",
+                         "{{rise_comparisons r analysis=categories x:y}}\n\n"
+                         "{{rise_comparisons r x@categories:y}}\n",
                "analyses r = a0, a1, a2\n")
   assert "| x | +3.500 / +3.330 / +3.261 | +3.364 | 0.239 |" in page
   diffs = np.subtract([3.4996, 3.3304, 3.2610], [2.8268, 2.9441, 2.5878])
@@ -63,6 +64,8 @@ def test_rises_from_unrounded_analysis_losses(tmp_path):
   assert "| x | +0.150 / +0.200 / +0.250 | +0.200 | 0.100 |" in page
   assert "| y | +0.050 / +0.050 / +0.050 | +0.050 | 0.000 |" in page
   assert "| x - y | +0.100 / +0.150 / +0.200 | +0.150 |" in page
+  # A side may name another analysis: x's specialisation against y's rise.
+  assert f"| x@categories - y | {' / '.join(f'{0.15 + s / 20 - r:+.3f}' for s, r in enumerate([2.8268, 2.9441, 2.5878]))} |" in page
 
 
 @pytest.mark.parametrize("body, sources, error", [

@@ -54,20 +54,33 @@ def table(dirs: list[str], key: str = "redundancy") -> str:
 
 
 def comparisons(dirs: list[str], pairs: list[str], alpha: float = ALPHA, key: str = "redundancy") -> str:
-  table_ = _rises(dirs, key)
+  """pairs: 'A:B', each side a model, or MODEL@ANALYSIS for another analysis's value (e.g. a
+  model's rise with its shared experts off against another's rise with them on)."""
+  cache: dict[str, dict[str, dict[str, float]]] = {}
+
+  def side(pair: str, name: str) -> tuple[str, dict[str, float]]:
+    model, _, k = name.partition("@")
+    k = k or key
+    if k not in cache:
+      cache[k] = _rises(dirs, k)
+    if model not in cache[k]:
+      raise ValueError(f"{_what(k)} comparison {pair!r}: models with a {k} analysis: {sorted(cache[k])}")
+    return name, cache[k][model]
+
   tests = []
   for pair in pairs:
-    a, _, b = pair.partition(":")
-    if a not in table_ or b not in table_:
-      raise ValueError(f"{_what(key)} comparison {pair!r}: models with a {key} analysis: {sorted(table_)}")
-    seeds = sorted(set(table_[a]) & set(table_[b]))
-    tests.append((a, b, paired_t([table_[a][s] for s in seeds], [table_[b][s] for s in seeds])))
+    if pair.count(":") != 1:
+      raise ValueError(f"comparison {pair!r}: expected A:B")
+    (a, va), (b, vb) = (side(pair, x) for x in pair.split(":"))
+    seeds = sorted(set(va) & set(vb))
+    tests.append((a, b, paired_t([va[s] for s in seeds], [vb[s] for s in seeds])))
   adj, rejected, levels = holm([t.p for _, _, t in tests], alpha)
   lines = [f"| A - B ({_what(key)}) | per seed | mean | Holm-level t interval | Holm p | called |", "|---|---|---:|---:|---:|---|"]
   for (a, b, t), p, rej, lvl in zip(tests, adj, rejected, levels):
     lo, hi = t.interval(1 - lvl)
     lines.append(f"| {a} - {b} | {' / '.join(f'{d:+.3f}' for d in t.diffs)} | {t.mean:+.3f} | "
                  f"[{lo:+.3f}, {hi:+.3f}] at {100 * (1 - lvl):.3g}% | {p:.3g} | {'real' if rej else 'not real'} |")
-  lines += ["", f"Paired t over seeds (n - 1 df) of the {_what(key)} differences; Holm over these {len(tests)} "
-            f"comparisons at family-wise error {alpha:g}."]
+  family = (f"Holm over these {len(tests)} comparisons at family-wise error {alpha:g}" if len(tests) > 1
+            else f"one comparison, tested at {alpha:g}")
+  lines += ["", f"Paired t over seeds (n - 1 df) of the {_what(key)} differences; {family}."]
   return "\n".join(lines)
