@@ -1,6 +1,7 @@
 """The training-budget axis of a results page: each model's gap to a reference model at each
 sweep's budget, and the training loss beside the validation loss (where repeated data
-starts to be fitted). A sweep here is (rows of moe.research.sweep_results.collect, workdir)."""
+starts to be fitted). A sweep here is (rows of moe.research.sweep_results.collect, its
+training tokens: `tokens`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from moe.research.stats import paired_t
 from moe.research.sweep_results import seed_summary
 from moe.train.run_files import RUN_CONFIG, read_run_configs
 
-Sweep = tuple[list[dict[str, Any]], str]
+Sweep = tuple[list[dict[str, Any]], int]
 
 
 def tokens(rows: list[dict[str, Any]], workdir: str) -> int:
@@ -39,10 +40,8 @@ def gap_to(sweeps: list[Sweep], ref: str, plot_path: str | None = None) -> str:
   sweeps' comparison tables decide)."""
   points: dict[str, list[tuple[float, float, float | None, float | None]]] = {}
   cells: dict[str, dict[int, str]] = {}
-  budgets = []
-  for rows, workdir in sweeps:
-    n = tokens(rows, workdir)
-    budgets.append(n)
+  budgets = [n for _, n in sweeps]
+  for rows, n in sweeps:
     runs = compare.runs_by_model(rows)
     if ref not in runs:
       raise ValueError(f"budget: no finished run of {ref!r} in a sweep of {n:,} tokens")
@@ -67,9 +66,9 @@ def gap_to(sweeps: list[Sweep], ref: str, plot_path: str | None = None) -> str:
 def train_and_validation(sweeps: list[Sweep]) -> str:
   """Per model at each sweep's budget: the training batches' loss over the last tenth of the
   steps, the final validation loss, and their difference (means over seeds)."""
-  budgets = [tokens(rows, workdir) for rows, workdir in sweeps]
+  budgets = [n for _, n in sweeps]
   cells: dict[str, dict[int, str]] = {}
-  for n, (rows, _) in zip(budgets, sweeps):
+  for rows, n in sweeps:
     for r in seed_summary(rows):
       train = r["late_train_lm_loss"]
       if train is not None:

@@ -78,6 +78,16 @@ class SweepSource:
     return lr_search.collected(self.spec.variants, self.spec.lr_grid,
                                os.path.join(self.workdir, lr_search.PILOT_DIR))
 
+  @functools.cached_property
+  def tokens(self) -> int:
+    """The training budget of the sweep's finished runs, read once per page."""
+    return budgets.tokens(self.rows, self.workdir)
+
+  @functools.cached_property
+  def sizes(self) -> dict[str, dict[str, Any]]:
+    """{model: a row of it with a run config}: its activated parameters and FLOPs per token."""
+    return {model_of(r["variant"])[0]: r for r in self.rows if r["activated_params"] is not None}
+
 
 def _sources(header: str, root: str) -> tuple[dict[str, SweepSource], dict[str, list[str]]]:
   sweeps, analyses = {}, {}
@@ -108,9 +118,8 @@ def _f(x: float | None, digits: int = 3) -> str:
 def table(src: SweepSource) -> str:
   lines = ["| model | activated params | train FLOPs/token | learning rate | seeds | validation loss per seed | "
            "mean | routed gate mass | max/mean load (validation) |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-  sizes = {model_of(r["variant"])[0]: r for r in src.rows if r["activated_params"] is not None}
   for r in seed_summary(src.rows):
-    size = sizes.get(r["model"], {})
+    size = src.sizes.get(r["model"], {})
     params, flops = size.get("activated_params"), size.get("train_flops_per_token")
     lines.append(f"| {r['model']} | {'-' if params is None else f'{params:,}'} | "
                  f"{'-' if flops is None else f'{flops / 1e6:.2f}M'} | {r['learning_rate'] or '-'} | {r['seeds']} | "
@@ -121,12 +130,10 @@ def table(src: SweepSource) -> str:
 
 def flops(src: SweepSource, a: str, b: str) -> str:
   """Inline: model a's training FLOPs per token over model b's, e.g. '0.76x'."""
-  per_token = {model_of(r["variant"])[0]: r["train_flops_per_token"] for r in src.rows
-               if r["train_flops_per_token"] is not None}
   for m in (a, b):
-    if m not in per_token:
+    if m not in src.sizes:
       raise PageError(f"model {m!r} has no run config in the sweep")
-  return f"{per_token[a] / per_token[b]:.2f}x"
+  return f"{src.sizes[a]['train_flops_per_token'] / src.sizes[b]['train_flops_per_token']:.2f}x"
 
 
 def _comparison(src: SweepSource, a: str, b: str, metric: str = compare.LOSS) -> compare.Comparison:
@@ -219,6 +226,9 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
     raise PageError(f"{template_path}: the template must start with a '<!-- sources ... -->' header")
   sweeps, analyses = _sources(m.group(1), root)
 
+  def budget_axis(keys: list[str]) -> list[budgets.Sweep]:
+    return [(sweeps[k].rows, sweeps[k].tokens) for k in keys]
+
   def expand(match: re.Match) -> str:
     name, args = match.group(1), match.group(2).split()
     try:
@@ -244,11 +254,11 @@ def render(template_path: str, root: str = ".", plots: bool = False, page_dir: s
       if name == "budget":
         opts = dict(a.split("=", 1) for a in args if "=" in a)
         plot = os.path.join(root, opts["plot"])
-        table_ = budgets.gap_to([(sweeps[k].rows, sweeps[k].workdir) for k in args if "=" not in k],
-                                opts["ref"], plot if plots else None)
+        table_ = budgets.gap_to(budget_axis([k for k in args if "=" not in k]), opts["ref"],
+                                plot if plots else None)
         return table_ + f"\n\n![gap to {opts['ref']} against tokens]({os.path.relpath(plot, page_dir)})"
       if name == "gaps":
-        return budgets.train_and_validation([(sweeps[k].rows, sweeps[k].workdir) for k in args])
+        return budgets.train_and_validation(budget_axis(args))
       if name == "include":
         with open(os.path.join(root, args[0])) as f:
           return f.read().rstrip("\n")
