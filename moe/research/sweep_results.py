@@ -35,7 +35,11 @@ def _metrics(run_dir: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+  # A resumed run logs again the steps after its last checkpoint: keep each step's last
+  # record of each kind (training or evaluation), in step order.
+  last = {(r["step"], "eval_loss" in r): r for r in records}
+  return sorted(last.values(), key=lambda r: (r["step"], "eval_loss" in r))
 
 
 def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
