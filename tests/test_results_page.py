@@ -43,6 +43,16 @@ def test_directives_give_the_tools_numbers(tmp_path):
   assert f"GShard 2.392; {int(tokens):,} scored targets in 30 documents." in page
 
 
+def test_a_one_seed_difference_is_shown_and_untested(tmp_path):
+  _page(tmp_path, "{{diff s ds gs}}")
+  for seed in (1, 2):
+    (tmp_path / "w" / f"ds,SEED={seed}" / "result.json").unlink()
+  page = results_page.render(str(tmp_path / "page.md.in"), str(tmp_path))
+  d = LOSSES["ds"][0] - LOSSES["gs"][0]
+  assert f"{d:+.3f} (seed 0 only; documents' 95% interval [" in page
+  assert page.rstrip().endswith("; untested: one seed)")
+
+
 def test_rises_from_unrounded_analysis_losses(tmp_path):
   for seed, (a, b) in enumerate([(3.4996, 2.8268), (3.3304, 2.9441), (3.2610, 2.5878)]):
     d = tmp_path / f"a{seed}"

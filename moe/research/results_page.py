@@ -148,14 +148,15 @@ def diff(src: SweepSource, a: str, b: str, metric: str = compare.LOSS) -> str:
   """'+0.035 (seeds +0.047 / +0.018 / +0.039; t interval at the Holm level 99.2%: [-0.05, +0.12];
   documents' 95% interval [+0.03, +0.04]; not real)'."""
   c = _comparison(src, a, b, metric)
-  if c.paired is None or c.paired.p is None:
-    return f"untested ({c.boot_note or 'fewer than two seeds'})"
-  p = c.paired
-  parts = [f"seeds {' / '.join(f'{d:+.3f}' for d in p.diffs)}",
-           f"t interval at its Holm level {100 * c.holm_level:.3g}%: [{c.holm_ci[0]:+.3f}, {c.holm_ci[1]:+.3f}]"]
+  if c.paired is None:
+    return f"untested ({c.boot_note})"
+  p, tested = c.paired, c.paired.p is not None
+  parts = [f"seeds {' / '.join(f'{d:+.3f}' for d in p.diffs)}" if tested else f"seed {c.seeds[0]} only"]
+  if tested:
+    parts.append(f"t interval at its Holm level {100 * c.holm_level:.3g}%: [{c.holm_ci[0]:+.3f}, {c.holm_ci[1]:+.3f}]")
   if c.boot is not None:
     parts.append(f"documents' 95% interval [{c.boot.ci[0]:+.3f}, {c.boot.ci[1]:+.3f}]")
-  verdict = "real" if c.called else "not real"
+  verdict = ("real" if c.called else "not real") if tested else "untested: one seed"
   return f"{p.mean:+.3f} ({'; '.join(parts)}; {verdict})"
 
 
