@@ -217,8 +217,9 @@ def test_seed_summary_and_bias_curves(tmp_path):
 
   loads = [{"step": s, "loss": 2.0, "layers": {"max_over_mean_load": [m, m + 2.0]}}
            for s, m in ((10, 5.0), (20, 3.0), (30, 1.0), (40, 1.0))]
-  resumed = [{"step": 30, "loss": 2.0, "layers": {"max_over_mean_load": [9.0, 9.0]}}] + loads[2:]  # from step 20's checkpoint
-  (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in loads + [{"step": 40, "eval_loss": 2.5}] + resumed))
+  # Killed after logging step 30, resumed from step 20's checkpoint: the resumed run's records count, once.
+  killed = loads[:2] + [{"step": 30, "loss": 2.0, "layers": {"max_over_mean_load": [9.0, 9.0]}}]
+  (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in killed + loads[2:] + [{"step": 40, "eval_loss": 2.5}]))
   assert sweep_results.load_curve(str(run)) == [(10, 6.0), (20, 4.0), (30, 2.0), (40, 2.0)]
   row = sweep_results.collect([sweep.Variant("run", (), ())], str(tmp_path))[0]
   assert row["train_max_over_mean_load"] == pytest.approx(3.5)
