@@ -158,3 +158,13 @@ def test_grid_directives(tmp_path):
   template.write_text("<!-- sources\nsweep s = s.json @ w\n-->\n{{pilot s a 0.02}}\n")
   with pytest.raises(results_page.PageError, match="no finished grid runs of 'a' at rate 0.02"):
     results_page.render(str(template), str(tmp_path))
+
+
+def test_a_sweep_whose_finished_runs_disagree_on_the_budget_is_refused():
+  from moe.research import budgets
+  rows = [{"variant": "a,SEED=0", "status": "finished", "train_tokens": 64},
+          {"variant": "a,SEED=1", "status": "finished", "train_tokens": 256},
+          {"variant": "b,SEED=0", "status": "started", "train_tokens": 128}]
+  with pytest.raises(ValueError, match=r"trained on \[64, 256\] tokens"):
+    budgets.tokens(rows)
+  assert budgets.tokens(rows[:1] + rows[2:]) == 64  # an unfinished run's budget does not count

@@ -5,26 +5,19 @@ training tokens: `tokens`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from moe.research import comparisons as compare
 from moe.research.plots import plot_intervals
 from moe.research.stats import paired_t
 from moe.research.sweep_results import seed_summary
-from moe.train.run_files import RUN_CONFIG, read_run_configs
 
 Sweep = tuple[list[dict[str, Any]], int]
 
 
-def tokens(rows: list[dict[str, Any]], workdir: str) -> int:
+def tokens(rows: list[dict[str, Any]]) -> int:
   """Training tokens of the sweep's finished runs (steps x batch x sequence length; they must agree)."""
-  seen = set()
-  for r in rows:
-    path = os.path.join(workdir, r["variant"])
-    if r["status"] == "finished" and os.path.exists(os.path.join(path, RUN_CONFIG)):
-      c = read_run_configs(path)
-      seen.add(c.train.steps * c.data.batch_size * c.data.seq_len)
+  seen = {r["train_tokens"] for r in rows if r["status"] == "finished" and r.get("train_tokens") is not None}
   if len(seen) != 1:
     raise ValueError(f"the sweep's finished runs trained on {sorted(seen)} tokens: expected one budget")
   return seen.pop()

@@ -81,7 +81,7 @@ class SweepSource:
   @functools.cached_property
   def tokens(self) -> int:
     """The training budget of the sweep's finished runs, read once per page."""
-    return budgets.tokens(self.rows, self.workdir)
+    return budgets.tokens(self.rows)
 
   @functools.cached_property
   def sizes(self) -> dict[str, dict[str, Any]]:

@@ -43,7 +43,8 @@ def _metrics(run_dir: str) -> list[dict[str, Any]]:
 
 
 def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
-  """One row per variant from its run_config.json and result.json (missing: status 'not run')."""
+  """One row per variant from its run_config.json and result.json (missing: status 'not run');
+  rows with a run config also hold its training tokens (`train_tokens`, not a column)."""
   rows = []
   for v in variants:
     run_dir = os.path.join(workdir, v.name)
@@ -55,7 +56,9 @@ def collect(variants: list[Variant], workdir: str) -> list[dict[str, Any]]:
       c = count_params(configs.model, configs.data.seq_len)
       row.update(total_params=c.total, activated_params=c.activated,
                  train_flops_per_token=c.train_flops_per_token, status="started",
-                 learning_rate=configs.train.learning_rate)
+                 learning_rate=configs.train.learning_rate,
+                 # Not a column: the budget axis of results pages (moe.research.budgets).
+                 train_tokens=configs.train.steps * configs.data.batch_size * configs.data.seq_len)
     if os.path.exists(result_path):
       with open(result_path) as f:
         result = json.load(f)
@@ -220,7 +223,7 @@ def write_results(rows: list[dict[str, Any]], workdir: str, out_dir: str,
   with open(md, "w") as f:
     f.write(markdown(rows) + "\n")
   with open(csv_path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
   return md, csv_path
