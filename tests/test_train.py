@@ -282,6 +282,12 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay_loadable(straight_run
                                            rf"--step={latest - 4};"):
     evaluate_checkpoint(str(workdir))
   assert os.path.isdir(ckpts / str(latest))  # nothing deleted
+  for entry in (ckpts / str(latest) / "state").iterdir():  # the arrays gone, the commit marker kept
+    if entry.name != "commit_success.txt":
+      shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+  with pytest.raises(CheckpointError, match=rf"checkpoints/{latest}'.*cannot be restored "
+                                           rf"\(FileNotFoundError: state/_METADATA is missing"):
+    evaluate_checkpoint(str(workdir))
   out = evaluate_checkpoint(str(workdir), step=latest - 4)
   assert np.isfinite(out["eval_loss"])
   with pytest.raises(CheckpointError, match="no checkpoint for step 3"):

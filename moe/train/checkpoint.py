@@ -68,6 +68,11 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory!r}; "
                             f"available steps: {steps}")
     try:
+      # orbax reads a state directory whose files are gone (deleted, partly copied) as an
+      # empty tree and reports a pytree mismatch; name the missing file instead.
+      if not os.path.exists(os.path.join(self.path(step), "state", "_METADATA")):
+        raise FileNotFoundError("state/_METADATA is missing: the checkpoint's arrays were "
+                                "deleted or only partly copied")
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for unreadable files
       earlier = [s for s in steps if s < step]
