@@ -3,6 +3,8 @@ read either with random access (ArrayRecord files) or as a stream in stored orde
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 from typing import Any, Iterator, Sequence
@@ -27,6 +29,25 @@ def dataset_key(cfg: DataConfig) -> str:
 def builder(cfg: DataConfig):
   """The prepared tfds builder (the embedded corpus prepares offline). A dataset not yet
   prepared is written in cfg.file_format; one already prepared keeps its format."""
+  # Runs started side by side on a fresh cache would each prepare the dataset and all but one
+  # fail renaming its output into place; one lock per data root lets the first prepare it
+  # and the others find it prepared.
+  with _lock(os.path.join(cfg.root, ".prepare.lock")):
+    return _prepared_builder(cfg)
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepared_builder(cfg: DataConfig):
   import tensorflow_datasets as tfds  # heavy: import only when data is read
 
   if cfg.dataset == EMBEDDED:

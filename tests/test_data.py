@@ -25,6 +25,29 @@ def test_builder_prepares_offline_with_metadata(small_corpus):
   assert len(paths) == N_VALID
 
 
+def test_runs_started_together_on_a_fresh_cache_all_get_the_dataset(small_corpus, tmp_path):
+  # A sweep's parallel runs each prepare the dataset on a new machine; unserialised, all but
+  # one fail to rename their output into place.
+  import threading
+  cfg = small_data_config((small_corpus[0], str(tmp_path / "tfds")))
+  start, errors, infos = threading.Barrier(3), [], []
+
+  def prepare():
+    start.wait()
+    try:
+      infos.append(documents.builder(cfg).info.splits["train"].num_examples)
+    except Exception as e:  # noqa: BLE001 -- the failure is what is asserted on
+      errors.append(e)
+
+  threads = [threading.Thread(target=prepare) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  assert infos == [N_TRAIN] * 3
+
+
 def test_split_is_a_fixed_hash_of_the_path():
   assert split_of("json/decoder.py") == split_of("json/decoder.py")
   splits = [split_of(f"pkg/mod{i}.py") for i in range(2000)]
