@@ -162,6 +162,8 @@ def test_sweep_runs_skips_finished_and_tabulates(tmp_path, small_corpus):
   assert os.path.getsize(out / "load.png") > 1000
   assert os.path.getsize(out / "bias_n_activated_experts=3.png") > 1000  # topk_bias runs
   assert float(rows[0]["gate_mass"]) > 0 and float(rows[0]["train_max_over_mean_load"]) >= 1.0
+  # No zero-compute experts: every routed choice is a real expert.
+  assert [float(r["real_experts_per_token"]) for r in rows] == [1.0, 3.0]
   # Every run keeps its final parameters and each held-out document's loss, which add up to
   # its validation loss; two different models see one list of documents (the bootstrap's pairs).
   docs = [read_eval_docs(str(workdir / r["variant"])) for r in rows]

@@ -25,8 +25,9 @@ from moe.train.run_files import EVAL_DOCS, RESULT, RUN_CONFIG, read_run_configs
 
 COLUMNS = ["variant", "status", "step", "total_params", "activated_params", "train_flops_per_token",
            "learning_rate", "eval_loss", "max_over_mean_load", "train_max_over_mean_load", "late_train_max_over_mean_load",
-           "late_train_lm_loss", "dropped_fraction", "router_entropy", "gate_mass"]
-STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass")
+           "late_train_lm_loss", "dropped_fraction", "router_entropy", "gate_mass", "real_experts_per_token"]
+# real_experts_per_token: of a token's routed choices, those not sent to a zero-compute expert.
+STATS = ("max_over_mean_load", "dropped_fraction", "router_entropy", "gate_mass", "real_experts_per_token")
 TRAIN_STATS = ("train_max_over_mean_load", "late_train_max_over_mean_load", "late_train_lm_loss")
 
 
