@@ -57,7 +57,9 @@ def test_cached_logits_equal_recomputation_at_every_step(kind, scan):
   rows = np.arange(3)
   for step in range(10):
     ref = np.asarray(full(params, tokens))[rows, lengths - 1]
-    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+    # f32 with other matmul shapes (chunks, one token) sums in another order: 2e-5 seen on
+    # one CPU type; a cache bug (wrong slot or position) moves logits by far more than 1e-4.
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
     nxt = np.argmax(ref, axis=-1).astype(np.int32)
     tokens[rows, lengths] = nxt
     logits, cache = dec.step(dec.params, cache, nxt, lengths)
