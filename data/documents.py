@@ -3,13 +3,12 @@ read either with random access (ArrayRecord files) or as a stream in stored orde
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 from typing import Any, Iterator, Sequence
 
 from data.config import EMBEDDED, DataConfig
+from data.file_lock import file_lock
 
 
 def source_dir(cfg: DataConfig) -> tuple[str, str] | None:
@@ -32,19 +31,8 @@ def builder(cfg: DataConfig):
   # Runs started side by side on a fresh cache would each prepare the dataset and all but one
   # fail renaming its output into place; one lock per data root lets the first prepare it
   # and the others find it prepared.
-  with _lock(os.path.join(cfg.root, ".prepare.lock")):
+  with file_lock(os.path.join(cfg.root, ".prepare.lock")):
     return _prepared_builder(cfg)
-
-
-@contextlib.contextmanager
-def _lock(path: str):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _prepared_builder(cfg: DataConfig):

@@ -30,6 +30,7 @@ from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDatas
 from data import packing
 from data.config import DataConfig
 from data.documents import dataset_key, documents, random_access, text_of
+from data.file_lock import file_lock
 from data.stream import StreamDataset
 from data.text_tokenizer import TextTokenizer, load_tokenizer
 from data.tokenizer import check_token_ids, train_tokenizer
@@ -50,9 +51,11 @@ def tokenizer_for(cfg: DataConfig) -> TextTokenizer:
   if cfg.tokenizer_path:
     return load_tokenizer(cfg.tokenizer_path)
   path = trained_tokenizer_path(cfg)
-  if os.path.exists(path):
-    return load_tokenizer(path)
-  return train_tokenizer(documents(cfg, cfg.train_split), path, cfg.vocab_size, cfg.tokenizer_lines)
+  # Runs started together on a fresh cache: the first trains it, the others then load it.
+  with file_lock(path + ".lock"):
+    if os.path.exists(path):
+      return load_tokenizer(path)
+    return train_tokenizer(documents(cfg, cfg.train_split), path, cfg.vocab_size, cfg.tokenizer_lines)
 
 
 def to_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> Batch:

@@ -26,8 +26,8 @@ def test_builder_prepares_offline_with_metadata(small_corpus):
 
 
 def test_runs_started_together_on_a_fresh_cache_all_get_the_dataset(small_corpus, tmp_path):
-  # A sweep's parallel runs each prepare the dataset on a new machine; unserialised, all but
-  # one fail to rename their output into place.
+  # A sweep's parallel runs each prepare the dataset (and then the tokenizer) on a new
+  # machine; unserialised, all but one fail to rename the dataset into place.
   import threading
   cfg = small_data_config((small_corpus[0], str(tmp_path / "tfds")))
   start, errors, infos = threading.Barrier(3), [], []
@@ -35,7 +35,8 @@ def test_runs_started_together_on_a_fresh_cache_all_get_the_dataset(small_corpus
   def prepare():
     start.wait()
     try:
-      infos.append(documents.builder(cfg).info.splits["train"].num_examples)
+      examples = documents.builder(cfg).info.splits["train"].num_examples
+      infos.append((examples, input_pipeline.tokenizer_for(cfg).vocab_size))
     except Exception as e:  # noqa: BLE001 -- the failure is what is asserted on
       errors.append(e)
 
@@ -45,7 +46,7 @@ def test_runs_started_together_on_a_fresh_cache_all_get_the_dataset(small_corpus
   for t in threads:
     t.join()
   assert not errors, errors
-  assert infos == [N_TRAIN] * 3
+  assert infos == [(N_TRAIN, 512)] * 3
 
 
 def test_split_is_a_fixed_hash_of_the_path():
